@@ -1,0 +1,30 @@
+"""Native Sparse Attention (DeepSeek, arXiv 2502.11089) for PyTorch.
+
+Public API (version ``API_VERSION``; see docs/api.md): :class:`NSAConfig`, :class:`NSAAttention`
+(prefill, training, decode caches), :func:`settings`, :func:`backends`, :func:`workspace_stats`,
+:func:`reset_workspaces`, and :mod:`nsa.models` for training benchmarks.
+"""
+
+from .attention import NSAAttention, NSACache
+from .backends import backends
+from .config import NSAConfig
+from .ops.workspace import reset_workspaces, workspace_stats
+from .settings import Settings, SettingsError, reload_settings, settings
+
+__version__ = "0.1.0"
+API_VERSION = 1
+
+__all__ = [
+    "API_VERSION",
+    "NSAAttention",
+    "NSACache",
+    "NSAConfig",
+    "Settings",
+    "SettingsError",
+    "backends",
+    "reload_settings",
+    "reset_workspaces",
+    "settings",
+    "workspace_stats",
+    "__version__",
+]

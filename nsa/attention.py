@@ -1,0 +1,251 @@
+"""The NSA attention layer: three branches, sigmoid gates, one output projection.
+
+    o_t = g_cmp * Attn(q_t, phi(K, V)) + g_slc * Attn(q_t, selected blocks) + g_win * Attn(q_t, last w)
+
+Read top to bottom: projections, the three branches (prefill), the decode step with its caches.
+The how of each branch lives in :mod:`nsa.ops`; which kernel runs lives in :mod:`nsa.backends`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+
+from . import backends
+from .config import NSAConfig
+from .ops import naive
+from .ops.compressed import compress_tokens, compressed_attention, masked_softmax
+from .ops.rope import apply_rope
+from .ops.selection import select_blocks, selection_attention, selection_scores
+from .ops.window import sliding_window_attention
+from .settings import settings
+
+
+@dataclasses.dataclass
+class NSACache:
+    """Preallocated decode caches of one layer (spec "Decode"); every shape is fixed at creation.
+
+    ``pos`` is the next position as a device tensor, so ``decode_step`` never reads it on the host.
+    """
+
+    k_slc: torch.Tensor  # [B, max_len, G, d_k] raw selection keys (RoPE applied), all tokens
+    v_slc: torch.Tensor  # [B, max_len, G, d_v]
+    k_win: torch.Tensor  # [B, W, G, d_k] ring of the last W = min(w, max_len) window keys
+    v_win: torch.Tensor  # [B, W, G, d_v]
+    k_raw: torch.Tensor  # [B, l, G, d_k] ring of the last l raw compression-branch keys
+    v_raw: torch.Tensor  # [B, l, G, d_v]
+    k_cmp: torch.Tensor  # [B, N + 1, G, d_k] compressed keys; slot N is scratch for non-emitting steps
+    v_cmp: torch.Tensor  # [B, N + 1, G, d_v]
+    pos: torch.Tensor  # [1] long: tokens held
+    max_len: int
+    prefilled: bool = False
+    steps: int = 0  # decode steps issued from Python (graph replays do not count)
+
+    def reset(self) -> None:
+        self.pos.zero_()
+        self.prefilled, self.steps = False, 0
+
+
+class NSAAttention(nn.Module):
+    def __init__(self, cfg: NSAConfig):
+        super().__init__()
+        if not isinstance(cfg, NSAConfig):
+            raise TypeError(f"NSAAttention takes an NSAConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        H, G, dk, dv, l = cfg.num_heads, cfg.groups, cfg.d_k, cfg.d_v, cfg.block_len
+        # One matmul for every projection; each branch still has its own K/V weights (paper §3.3).
+        self.split = [H * dk] + [G * dk, G * dv] * 3
+        gate_in_proj = cfg.gate_hidden == 0
+        self.proj = nn.Linear(cfg.dim, sum(self.split) + (3 * H if gate_in_proj else 0), bias=False)
+        self.gate_mlp = None if gate_in_proj else nn.Sequential(
+            nn.Linear(cfg.dim, cfg.gate_hidden), nn.SiLU(), nn.Linear(cfg.gate_hidden, 3 * H))
+        self.out = nn.Linear(H * dv, cfg.dim, bias=False)
+        # phi: intra-block position embedding plus a linear map of the flattened block.
+        self.pos_k = nn.Parameter(torch.zeros(l, dk))
+        self.pos_v = nn.Parameter(torch.zeros(l, dv))
+        self.phi_k = nn.Parameter(torch.empty(l * dk, dk))
+        self.phi_v = nn.Parameter(torch.empty(l * dv, dv))
+        self.phi_k_bias = nn.Parameter(torch.zeros(dk))
+        self.phi_v_bias = nn.Parameter(torch.zeros(dv))
+        self.reset_phi()
+
+    def reset_phi(self):
+        """Start phi near mean pooling, so early training sees sensible compressed tokens."""
+        l = self.cfg.block_len
+        for w, d in ((self.phi_k, self.cfg.d_k), (self.phi_v, self.cfg.d_v)):
+            with torch.no_grad():
+                w.copy_(torch.eye(d).repeat(l, 1) / l + torch.randn(l * d, d) / math.sqrt(l * d) * 0.1)
+
+    # --- projections ------------------------------------------------------------------------------
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, G = cfg.num_heads, cfg.groups
+        y = self.proj(x)
+        parts = torch.split(y, self.split + ([3 * H] if self.gate_mlp is None else []), dim=-1)
+        q = parts[0].view(B, T, H, cfg.d_k)
+        kc, vc, ks, vs, kw, vw = (p.reshape(B, T, G, -1) for p in parts[1:7])
+        gate_logits = parts[7] if self.gate_mlp is None else self.gate_mlp(x)
+        gates = torch.sigmoid(gate_logits).view(B, T, H, 3)
+        # RoPE for the slc and win branches; compressed keys carry positions through phi instead.
+        q_rope = apply_rope(q, positions, cfg.rope_theta)
+        ks, kw = apply_rope(ks, positions, cfg.rope_theta), apply_rope(kw, positions, cfg.rope_theta)
+        return q, q_rope, kc, vc, ks, vs, kw, vw, gates
+
+    def _compress(self, kc, vc, naive_ops=False):
+        cfg = self.cfg
+        fn = naive.compress_tokens if naive_ops else compress_tokens
+        args = (cfg.block_len, cfg.block_stride, cfg.compress)
+        return (fn(kc, self.phi_k, self.phi_k_bias, self.pos_k, *args),
+                fn(vc, self.phi_v, self.phi_v_bias, self.pos_v, *args))
+
+    def _combine(self, gates, o_cmp, o_slc, o_win):
+        B, T = gates.shape[:2]
+        o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win
+        return self.out(o.reshape(B, T, -1))
+
+    # --- prefill / training -----------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, dim] -> [B, T, dim]``, causal; differentiable through every branch."""
+        return self._prefill(x)[0]
+
+    def _prefill(self, x: torch.Tensor):
+        cfg = self.cfg
+        if x.dim() != 3 or x.shape[-1] != cfg.dim:
+            raise ValueError(f"expected x of shape [B, T, {cfg.dim}], got {list(x.shape)}")
+        T = x.shape[1]
+        positions = torch.arange(T, device=x.device)
+        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x, positions)
+        sequential = not settings().prefill_batched
+        k_cmp, v_cmp = self._compress(kc, vc, naive_ops=sequential)
+        nb = cfg.num_sel_blocks(T)
+        args = (cfg.block_len, cfg.block_stride)
+        if sequential:
+            # The per-token reference route: the spec, one query at a time.
+            o_cmp, p = naive.compressed_attention(q, k_cmp, v_cmp, *args)
+            scores = naive.selection_scores(p, cfg.groups, *args, cfg.sel_block_len, nb)
+            idx = naive.select_blocks(scores, cfg.sel_block_len, cfg.n_sel)
+            o_slc = naive.selection_attention(q_rope, ks, vs, idx, cfg.sel_block_len)
+            o_win = naive.sliding_window_attention(q_rope, kw, vw, cfg.window)
+        else:
+            o_cmp, p = compressed_attention(q, k_cmp, v_cmp, *args)
+            cmp_route = backends.route_cmp(x.device, x.dtype, cfg.d_k, cfg.d_v)
+            if cmp_route.fn is not None:
+                o_cmp = cmp_route.fn(q, k_cmp, v_cmp, *args)
+            scores = selection_scores(p, cfg.groups, *args, cfg.sel_block_len, nb)
+            idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel)
+            o_slc = selection_attention(q_rope, ks, vs, idx, cfg.sel_block_len)
+            win_route = backends.route_win(x.device, x.dtype, cfg.d_k, cfg.d_v)
+            if win_route.fn is not None:
+                o_win = win_route.fn(q_rope, kw, vw, cfg.window)
+            else:
+                o_win = sliding_window_attention(q_rope, kw, vw, cfg.window)
+        y = self._combine(gates, o_cmp, o_slc, o_win)
+        return y, (kc, vc, ks, vs, kw, vw, k_cmp, v_cmp)
+
+    # --- decode -----------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> NSACache:
+        """Preallocate the caches for ``batch`` sequences of up to ``max_len`` tokens."""
+        cfg = self.cfg
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ValueError(f"batch={batch!r} is invalid; accepted: an integer >= 1")
+        if not (isinstance(max_len, int) and max_len >= 1):
+            raise ValueError(f"max_len={max_len!r} is invalid; accepted: an integer >= 1")
+        ref = self.proj.weight
+        device = ref.device if device is None else torch.device(device)
+        dtype = ref.dtype if dtype is None else dtype
+        G, dk, dv = cfg.groups, cfg.d_k, cfg.d_v
+        W, n_cmp = min(cfg.window, max_len), cfg.num_cmp(max_len - 1)
+
+        def z(n, d):
+            return torch.zeros(batch, n, G, d, device=device, dtype=dtype)
+
+        return NSACache(z(max_len, dk), z(max_len, dv), z(W, dk), z(W, dv), z(cfg.block_len, dk),
+                        z(cfg.block_len, dv), z(n_cmp + 1, dk), z(n_cmp + 1, dv),
+                        torch.zeros(1, dtype=torch.long, device=device), max_len)
+
+    def prefill(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        """Prefill output for ``x [B, T, dim]`` (as ``forward``), and fill ``cache`` with its tokens."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        if cache.prefilled or cache.steps:
+            raise ValueError("cache already holds tokens; prefill takes a fresh cache (cache.reset())")
+        if T > cache.max_len or B != cache.k_slc.shape[0]:
+            raise ValueError(f"x of shape {list(x.shape)} does not fit the cache "
+                             f"(batch {cache.k_slc.shape[0]}, max_len {cache.max_len})")
+        y, (kc, vc, ks, vs, kw, vw, k_cmp, v_cmp) = self._prefill(x)
+        with torch.no_grad():
+            cache.k_slc[:, :T], cache.v_slc[:, :T] = ks, vs
+            W, l = cache.k_win.shape[1], cfg.block_len
+            tail = torch.arange(max(0, T - W), T, device=x.device)
+            cache.k_win[:, tail % W], cache.v_win[:, tail % W] = kw[:, tail], vw[:, tail]
+            tail = torch.arange(max(0, T - l), T, device=x.device)
+            cache.k_raw[:, tail % l], cache.v_raw[:, tail % l] = kc[:, tail], vc[:, tail]
+            n = k_cmp.shape[1]
+            cache.k_cmp[:, :n], cache.v_cmp[:, :n] = k_cmp, v_cmp
+            cache.pos.fill_(T)
+        cache.prefilled = True
+        return y
+
+    @torch.no_grad()
+    def decode_step(self, x_t: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        """Output for one new token ``x_t [B, 1, dim]`` at position ``cache.pos``; appends it.
+
+        No host synchronisation and static shapes: capturable in a CUDA graph.
+        """
+        cfg = self.cfg
+        squeeze = x_t.dim() == 2
+        if squeeze:
+            x_t = x_t[:, None]
+        if cache.steps >= cache.max_len:
+            raise ValueError(f"cache is full (max_len={cache.max_len}); allocate a longer one")
+        cache.steps += 1
+        pos = cache.pos
+        l, d, W = cfg.block_len, cfg.block_stride, cache.k_win.shape[1]
+        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x_t, pos)
+        cache.k_slc.index_copy_(1, pos, ks)
+        cache.v_slc.index_copy_(1, pos, vs)
+        cache.k_win.index_copy_(1, pos % W, kw)
+        cache.v_win.index_copy_(1, pos % W, vw)
+        cache.k_raw.index_copy_(1, pos % l, kc)
+        cache.v_raw.index_copy_(1, pos % l, vc)
+
+        # Every d tokens (once a whole block exists) phi emits a compressed token; otherwise the
+        # new token goes to the scratch slot, so the step has the same shape either way.
+        n_cmp = cache.k_cmp.shape[1] - 1
+        emit = (pos + 1 >= l) & ((pos + 1 - l) % d == 0)
+        slot = torch.where(emit, (pos + 1 - l).div(d, rounding_mode="floor"), torch.full_like(pos, n_cmp))
+        ring = (pos + 1 + torch.arange(l, device=pos.device)) % l  # raw ring slots, oldest first
+        k_new, v_new = self._compress(cache.k_raw.index_select(1, ring), cache.v_raw.index_select(1, ring))
+        cache.k_cmp.index_copy_(1, slot, k_new)
+        cache.v_cmp.index_copy_(1, slot, v_new)
+
+        k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
+        o_cmp, p = compressed_attention(q, k_cmp, v_cmp, l, d, positions=pos)
+        nb = cfg.num_sel_blocks(cache.max_len)
+        scores = selection_scores(p, cfg.groups, l, d, cfg.sel_block_len, nb)
+        idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel, positions=pos)
+        o_slc = selection_attention(q_rope, cache.k_slc, cache.v_slc, idx, cfg.sel_block_len, positions=pos)
+        o_win = _ring_attention(q_rope, cache.k_win, cache.v_win, pos)
+        cache.pos.add_(1)
+        y = self._combine(gates, o_cmp, o_slc, o_win)
+        return y[:, 0] if squeeze else y
+
+
+def _ring_attention(q, k_ring, v_ring, pos):
+    """Window attention of one query over a ring of the last ``W`` keys (slots ``> pos`` unused)."""
+    B, _, H, Dk = q.shape
+    W, G = k_ring.shape[1], k_ring.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(B, G, H // G, Dk).to(acc)
+    s = torch.einsum("bghd,bwgd->bghw", qg, k_ring.to(acc)) / math.sqrt(Dk)
+    keep = torch.arange(W, device=q.device) <= pos
+    o = torch.einsum("bghw,bwgd->bghd", masked_softmax(s, keep), v_ring.to(acc))
+    return o.reshape(B, 1, H, -1).to(q.dtype)
+

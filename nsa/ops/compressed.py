@@ -1,0 +1,92 @@
+"""Compressed branch: phi (block compression) and attention over compressed tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def num_cmp(positions: torch.Tensor, block_len: int, block_stride: int) -> torch.Tensor:
+    """Compressed tokens visible at each position: whole blocks in the past (spec)."""
+    return ((positions + 1 - block_len).div(block_stride, rounding_mode="floor") + 1).clamp_min(0)
+
+
+def compress_tokens(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    pos_emb: torch.Tensor, block_len: int, block_stride: int, mode: str = "linear") -> torch.Tensor:
+    """phi: ``x [B, S, G, d] -> [B, N, G, d_out]`` with ``N = num_cmp(S - 1)``.
+
+    Token ``i`` summarises positions ``[i*d, i*d + l)`` plus a learned intra-block position embedding
+    ``pos_emb [l, d]``; ``weight [l*d, d_out]`` maps the flattened block (``mode="linear"``), or the
+    block is mean-pooled (``mode="mean"``).
+    """
+    B, S, G, D = x.shape
+    if S < block_len:
+        d_out = D if mode == "mean" else weight.shape[1]
+        return x.new_zeros(B, 0, G, d_out)
+    blocks = x.unfold(1, block_len, block_stride)  # [B, N, G, D, l]
+    blocks = blocks.permute(0, 1, 2, 4, 3) + pos_emb  # [B, N, G, l, D]
+    if mode == "mean":
+        return blocks.mean(dim=3)
+    y = blocks.reshape(*blocks.shape[:3], block_len * D) @ weight
+    return y + bias if bias is not None else y
+
+
+def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_len: int,
+                         block_stride: int, positions: torch.Tensor | None = None,
+                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the visible compressed tokens.
+
+    Shapes: ``q [B, T, H, d_k]``, ``k_cmp [B, N, G, d_k]``, ``v_cmp [B, N, G, d_v]``, ``positions [T]``
+    (default ``arange(T)``). Returns ``o [B, T, H, d_v]`` (zero where nothing is visible) and the
+    probabilities ``p [B, T, H, N]`` in float32 (float64 for float64 inputs), which score selection.
+    """
+    B, T, H, Dk = q.shape
+    N, G = k_cmp.shape[1], k_cmp.shape[2]
+    h = H // G
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    if positions is None:
+        positions = torch.arange(T, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(B, T, G, h, Dk).to(acc)
+    s = torch.einsum("btghd,bngd->bgthn", qg, k_cmp.to(acc)) * scale  # [B, G, T, h, N]
+    visible = torch.arange(N, device=q.device) < num_cmp(positions, block_len, block_stride)[:, None]  # [T, N]
+    p = masked_softmax(s, visible[:, None, :])
+    o = torch.einsum("bgthn,bngd->btghd", p, v_cmp.to(acc)).reshape(B, T, H, -1).to(q.dtype)
+    return o, p.permute(0, 2, 1, 3, 4).reshape(B, T, H, N)
+
+
+def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where ``keep``; rows with nothing kept give zeros, never NaN."""
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s - m)
+    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+def compressed_attention_fa2(q, k_cmp, v_cmp, block_len, block_stride, attn_fn):
+    """Compressed-branch output through a FlashAttention-2 style causal kernel (prefill only).
+
+    Queries that see the same number of compressed tokens form segments of ``d`` positions; segment
+    ``m`` (positions ``l-1 + m*d ...``) sees tokens ``0..m``. Folding each segment's ``d`` positions into
+    the head dimension turns the branch into plain causal attention with ``N`` queries over ``N``
+    keys, which the kernel runs without any mask tensor. ``attn_fn(q, k, v)`` takes ``[B, heads, N, d]``
+    tensors with GQA (``k, v`` have ``G`` heads) and is causal.
+    """
+    B, T, H, Dk = q.shape
+    N, G = k_cmp.shape[1], k_cmp.shape[2]
+    h = H // G
+    d = block_stride
+    first = block_len - 1  # first position that sees a compressed token
+    if N == 0:
+        return q.new_zeros(B, T, H, v_cmp.shape[-1])
+    # [B, T', H, Dk] for positions first..first+N*d-1, zero-padded past T.
+    tail = q[:, first:]
+    tail = F.pad(tail, (0, 0, 0, 0, 0, N * d - tail.shape[1]))
+    qs = tail.reshape(B, N, d, G, h, Dk).permute(0, 3, 2, 4, 1, 5).reshape(B, G * d * h, N, Dk)
+    o = attn_fn(qs, k_cmp.transpose(1, 2), v_cmp.transpose(1, 2))  # [B, G*d*h, N, Dv]
+    o = o.reshape(B, G, d, h, N, -1).permute(0, 4, 2, 1, 3, 5).reshape(B, N * d, H, -1)
+    out = torch.cat([o.new_zeros(B, first, H, o.shape[-1]), o], dim=1)
+    return out[:, :T]

@@ -1,0 +1,120 @@
+"""Reusable workspaces with counters, pre-sized by the ``NSA_*_RESERVE_*`` knobs.
+
+A workspace is one flat buffer per (device, dtype) that hands out contiguous views of exactly the
+requested shape. Because a view of the same shape has the same layout whatever the capacity behind
+it, pre-sizing never changes an output bit; it only changes how often the buffer grows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from ..settings import SettingsError, settings
+
+
+@dataclasses.dataclass
+class _Counters:
+    allocations: int = 0  # buffers allocated (first sizing included)
+    growth_events: int = 0  # re-allocations because a call needed more than the capacity
+    bytes_reserved: int = 0  # bytes currently held across this workspace's buffers
+    high_water_rows: int = 0  # most rows one call asked for
+    high_water_keys: int = 0  # most keys (per row, or in total for varlen) one call asked for
+    capacity_rows: int = 0
+    capacity_keys: int = 0
+    requests: int = 0
+
+
+def _device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic hosts
+        return 2**62
+
+
+class Workspace:
+    """Rows x keys capacity; ``buffer(tag, numel, dtype, device)`` returns a flat view."""
+
+    def __init__(self, name: str, rows_var: str, keys_var: str):
+        self.name = name
+        self.rows_var, self.keys_var = rows_var, keys_var
+        self.counters = _Counters()
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._capacity: dict[tuple, tuple[int, int]] = {}
+
+    def _reserve(self) -> tuple[int, int]:
+        s = settings()
+        fields = {"NSA_SEL_PACK_RESERVE_N": s.sel_pack_reserve_n, "NSA_SEL_PACK_RESERVE_L": s.sel_pack_reserve_l,
+                  "NSA_VARLEN_RESERVE_N": s.varlen_reserve_n, "NSA_VARLEN_RESERVE_K": s.varlen_reserve_k}
+        return fields[self.rows_var], fields[self.keys_var]
+
+    def buffer(self, tag: str, rows: int | None, keys: int | None, width: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        """A contiguous ``[rows * keys * width]`` view; grows the backing buffer when needed.
+
+        Pass ``None`` for a dimension the buffer does not have (the varlen workspace keeps query
+        rows and packed keys in separate buffers); its reserve then does not apply.
+        """
+        c = self.counters
+        c.requests += 1
+        if rows is not None:
+            c.high_water_rows = max(c.high_water_rows, rows)
+        if keys is not None:
+            c.high_water_keys = max(c.high_water_keys, keys)
+        rows_, keys_ = (1 if rows is None else rows), (1 if keys is None else keys)
+        key = (tag, device, dtype, width)
+        cap_rows, cap_keys = self._capacity.get(key, (0, 0))
+        if rows_ > cap_rows or keys_ > cap_keys:
+            reserve_rows, reserve_keys = self._reserve() if key not in self._buffers else (0, 0)
+            new_rows = max(rows_, cap_rows, reserve_rows if rows is not None else 0)
+            new_keys = max(keys_, cap_keys, reserve_keys if keys is not None else 0)
+            nbytes = new_rows * new_keys * width * torch.empty((), dtype=dtype).element_size()
+            limit = _device_memory_bytes(device)
+            if nbytes > limit:
+                raise SettingsError(
+                    f"workspace {self.name!r} would need {nbytes} bytes ({self.rows_var}={new_rows} rows x "
+                    f"{self.keys_var}={new_keys} keys x {width} values), more than the {device} has "
+                    f"({limit} bytes); lower {self.rows_var} / {self.keys_var}"
+                )
+            old = self._buffers.pop(key, None)
+            if old is not None:
+                c.growth_events += 1
+                c.bytes_reserved -= old.numel() * old.element_size()
+                del old
+            self._buffers[key] = torch.empty(new_rows * new_keys * width, dtype=dtype, device=device)
+            self._capacity[key] = (new_rows, new_keys)
+            c.allocations += 1
+            c.bytes_reserved += nbytes
+            if rows is not None:
+                c.capacity_rows = max(c.capacity_rows, new_rows)
+            if keys is not None:
+                c.capacity_keys = max(c.capacity_keys, new_keys)
+        return self._buffers[key][: rows_ * keys_ * width]
+
+    def reset(self):
+        self._buffers.clear()
+        self._capacity.clear()
+        self.counters = _Counters()
+
+    def stats(self) -> dict:
+        return dataclasses.asdict(self.counters)
+
+
+SEL_PACK = Workspace("sel_pack", "NSA_SEL_PACK_RESERVE_N", "NSA_SEL_PACK_RESERVE_L")
+VARLEN = Workspace("varlen", "NSA_VARLEN_RESERVE_N", "NSA_VARLEN_RESERVE_K")
+_ALL = (SEL_PACK, VARLEN)
+
+
+def workspace_stats() -> dict[str, dict]:
+    """Counters per workspace: allocations, growth events, bytes reserved, high-water marks."""
+    return {ws.name: ws.stats() for ws in _ALL}
+
+
+def reset_workspaces() -> None:
+    """Free every workspace buffer and zero the counters."""
+    for ws in _ALL:
+        ws.reset()
