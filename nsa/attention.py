@@ -19,7 +19,7 @@ from .config import NSAConfig
 from .ops import naive
 from .ops.compressed import compress_tokens, compressed_attention, masked_softmax
 from .ops.rope import apply_rope
-from .ops.selection import select_blocks, selection_attention, selection_scores
+from .ops.selection import overlap_matrix, select_blocks, selection_attention, selection_scores
 from .ops.window import sliding_window_attention
 from .settings import settings
 
@@ -40,6 +40,7 @@ class NSACache:
     k_cmp: torch.Tensor  # [B, N + 1, G, d_k] compressed keys; slot N is scratch for non-emitting steps
     v_cmp: torch.Tensor  # [B, N + 1, G, d_v]
     pos: torch.Tensor  # [1] long: tokens held
+    overlap: torch.Tensor  # [N, nb] selection-score overlap matrix for max_len (float32)
     max_len: int
     prefilled: bool = False
     steps: int = 0  # decode steps issued from Python (graph replays do not count)
@@ -57,12 +58,14 @@ class NSAAttention(nn.Module):
         self.cfg = cfg
         H, G, dk, dv, l = cfg.num_heads, cfg.groups, cfg.d_k, cfg.d_v, cfg.block_len
         # One matmul for every projection; each branch still has its own K/V weights (paper §3.3).
-        self.split = [H * dk] + [G * dk, G * dv] * 3
+        # Order: queries and the two RoPE'd keys first (one rotation covers them), then the rest.
+        self.split = [H * dk, G * dk, G * dk, G * dk, G * dv, G * dv, G * dv]
         gate_in_proj = cfg.gate_hidden == 0
         self.proj = nn.Linear(cfg.dim, sum(self.split) + (3 * H if gate_in_proj else 0), bias=False)
         self.gate_mlp = None if gate_in_proj else nn.Sequential(
             nn.Linear(cfg.dim, cfg.gate_hidden), nn.SiLU(), nn.Linear(cfg.gate_hidden, 3 * H))
         self.out = nn.Linear(H * dv, cfg.dim, bias=False)
+        self._compiled_decode = None
         # phi: intra-block position embedding plus a linear map of the flattened block.
         self.pos_k = nn.Parameter(torch.zeros(l, dk))
         self.pos_v = nn.Parameter(torch.zeros(l, dv))
@@ -87,13 +90,15 @@ class NSAAttention(nn.Module):
         H, G = cfg.num_heads, cfg.groups
         y = self.proj(x)
         parts = torch.split(y, self.split + ([3 * H] if self.gate_mlp is None else []), dim=-1)
-        q = parts[0].view(B, T, H, cfg.d_k)
-        kc, vc, ks, vs, kw, vw = (p.reshape(B, T, G, -1) for p in parts[1:7])
+        q, _, _, kc, vc, vs, vw = parts[:7]
+        q = q.view(B, T, H, cfg.d_k)
+        kc, vc, vs, vw = (p.view(B, T, G, -1) for p in (kc, vc, vs, vw))
         gate_logits = parts[7] if self.gate_mlp is None else self.gate_mlp(x)
         gates = torch.sigmoid(gate_logits).view(B, T, H, 3)
         # RoPE for the slc and win branches; compressed keys carry positions through phi instead.
-        q_rope = apply_rope(q, positions, cfg.rope_theta)
-        ks, kw = apply_rope(ks, positions, cfg.rope_theta), apply_rope(kw, positions, cfg.rope_theta)
+        rotated = apply_rope(y[..., : (H + 2 * G) * cfg.d_k].view(B, T, H + 2 * G, cfg.d_k), positions,
+                             cfg.rope_theta)
+        q_rope, ks, kw = rotated.split([H, G, G], dim=2)
         return q, q_rope, kc, vc, ks, vs, kw, vw, gates
 
     def _compress(self, kc, vc, naive_ops=False):
@@ -168,7 +173,10 @@ class NSAAttention(nn.Module):
 
         return NSACache(z(max_len, dk), z(max_len, dv), z(W, dk), z(W, dv), z(cfg.block_len, dk),
                         z(cfg.block_len, dv), z(n_cmp + 1, dk), z(n_cmp + 1, dv),
-                        torch.zeros(1, dtype=torch.long, device=device), max_len)
+                        torch.zeros(1, dtype=torch.long, device=device),
+                        overlap_matrix(n_cmp, cfg.num_sel_blocks(max_len), cfg.block_len, cfg.block_stride,
+                                       cfg.sel_block_len, device, torch.float32),
+                        max_len)
 
     def prefill(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """Prefill output for ``x [B, T, dim]`` (as ``forward``), and fill ``cache`` with its tokens."""
@@ -206,6 +214,18 @@ class NSAAttention(nn.Module):
         if cache.steps >= cache.max_len:
             raise ValueError(f"cache is full (max_len={cache.max_len}); allocate a longer one")
         cache.steps += 1
+        y = (self._compiled_decode or self._decode)(x_t, cache)
+        return y[:, 0] if squeeze else y
+
+    def compile_decode(self, **compile_kwargs) -> "NSAAttention":
+        """Fuse the decode step's small ops with ``torch.compile`` (first call compiles; then use
+        ``decode_step`` as usual, eagerly or inside a CUDA graph). Outputs match the eager step."""
+        compile_kwargs.setdefault("dynamic", False)
+        self._compiled_decode = torch.compile(self._decode, **compile_kwargs)
+        return self
+
+    def _decode(self, x_t: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        cfg = self.cfg
         pos = cache.pos
         l, d, W = cfg.block_len, cfg.block_stride, cache.k_win.shape[1]
         q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x_t, pos)
@@ -229,13 +249,12 @@ class NSAAttention(nn.Module):
         k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
         o_cmp, p = compressed_attention(q, k_cmp, v_cmp, l, d, positions=pos)
         nb = cfg.num_sel_blocks(cache.max_len)
-        scores = selection_scores(p, cfg.groups, l, d, cfg.sel_block_len, nb)
+        scores = selection_scores(p, cfg.groups, l, d, cfg.sel_block_len, nb, overlap=cache.overlap)
         idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel, positions=pos)
         o_slc = selection_attention(q_rope, cache.k_slc, cache.v_slc, idx, cfg.sel_block_len, positions=pos)
         o_win = _ring_attention(q_rope, cache.k_win, cache.v_win, pos)
         cache.pos.add_(1)
-        y = self._combine(gates, o_cmp, o_slc, o_win)
-        return y[:, 0] if squeeze else y
+        return self._combine(gates, o_cmp, o_slc, o_win)
 
 
 def _ring_attention(q, k_ring, v_ring, pos):

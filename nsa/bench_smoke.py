@@ -90,37 +90,41 @@ class DenseDecode(torch.nn.Module):
         return self.out(o.transpose(1, 2).reshape(1, 1, -1))
 
 
-def time_decode(layer, make_cache, prefill, context, steps, warmup, device, dtype, graph: bool):
+def time_decode(layer, make_cache, prefill, context, steps, warmup, device, dtype, graph: bool, step_fn=None):
     """Per-step times of ``steps`` decode steps after ``context`` prefilled tokens."""
     timer = _Timer(device)
+    step = step_fn or layer.decode_step
     cache = make_cache(context + warmup + steps + 8)
     x = torch.randn(1, context, layer.cfg.dim, device=device, dtype=dtype)
     prefill(x, cache)
     x_t = torch.randn(1, 1, layer.cfg.dim, device=device, dtype=dtype)
     if not graph:
         for _ in range(warmup):
-            layer.decode_step(x_t, cache)
-        return [timer(lambda: layer.decode_step(x_t, cache)) for _ in range(steps)]
+            step(x_t, cache)
+        return [timer(lambda: step(x_t, cache)) for _ in range(steps)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            layer.decode_step(x_t, cache)
+            step(x_t, cache)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        layer.decode_step(x_t, cache)
+        step(x_t, cache)
     for _ in range(warmup):
         g.replay()
     return [timer(g.replay) for _ in range(steps)]
 
 
-def bench_decode(device, dtype, contexts, steps, warmup):
+def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False):
     torch.manual_seed(0)
     cfg = NSAConfig(**SEED_CFG)
     nsa_layer = NSAAttention(cfg).to(device=device, dtype=dtype).eval()
     dense = DenseDecode(cfg).to(device=device, dtype=dtype).eval()
     modes = ["eager", "graph"] if device.type == "cuda" else ["eager"]
+    if compile_modes:
+        modes += ["compiled", "compiled+graph"] if device.type == "cuda" else ["compiled"]
+    compiled = {}
     rows = []
     for context in contexts:
         for name, layer, make, pre in (
@@ -130,8 +134,16 @@ def bench_decode(device, dtype, contexts, steps, warmup):
              lambda x, c: dense.prefill(x, c)),
         ):
             for mode in modes:
+                step_fn = None
+                if mode.startswith("compiled"):
+                    # torch.compile fuses the step's ~200 small ops; the graph then removes launch gaps.
+                    if name not in compiled:
+                        compiled[name] = (layer.compile_decode().decode_step if name == "nsa"
+                                          else torch.compile(layer.decode_step, dynamic=False))
+                    step_fn = compiled[name]
                 with torch.no_grad():
-                    samples = time_decode(layer, make, pre, context, steps, warmup, device, dtype, mode == "graph")
+                    samples = time_decode(layer, make, pre, context, steps, warmup, device, dtype,
+                                          mode.endswith("graph"), step_fn)
                 rows.append({"layer": name, "context": context, "mode": mode, **summarise(samples)})
                 print(f"decode {name:5s} ctx={context:5d} {mode:5s} median {rows[-1]['median_ms']:.4f} ms "
                       f"(IQR {rows[-1]['q25_ms']:.4f}-{rows[-1]['q75_ms']:.4f}, n={len(samples)})", flush=True)
@@ -173,6 +185,7 @@ def main(argv=None):
     ap.add_argument("--prefill-T", type=int, default=None, help="default 8192 on GPU, 1024 on CPU")
     ap.add_argument("--prefill-repeats", type=int, default=None)
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd decode steps")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -183,7 +196,7 @@ def main(argv=None):
     print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}; torch {torch.__version__}; dtype {dtype}")
     print("routes:", json.dumps({k: v["route"] for k, v in backends(device, dtype, 32, 32).items()
                                  if isinstance(v, dict) and "route" in v}))
-    result = {"device": str(device), "decode": bench_decode(device, dtype, contexts, steps, args.warmup)}
+    result = {"device": str(device), "decode": bench_decode(device, dtype, contexts, steps, args.warmup, args.compile)}
     if not args.skip_prefill:
         T = args.prefill_T or (8192 if gpu else 1024)
         result["prefill"] = bench_prefill(device, dtype, T, args.prefill_repeats or (20 if gpu else 2))

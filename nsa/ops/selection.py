@@ -16,28 +16,30 @@ from .compressed import masked_softmax
 
 
 @functools.lru_cache(maxsize=64)
-def _overlap_cpu(num_cmp_tokens: int, num_blocks: int, block_len: int, block_stride: int,
-                 sel_block_len: int) -> torch.Tensor:
-    i = torch.arange(num_cmp_tokens)[:, None]
-    j = torch.arange(num_blocks)[None, :]
+def overlap_matrix(num_cmp_tokens: int, num_blocks: int, block_len: int, block_stride: int,
+                   sel_block_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, nb]``: shared raw positions of compressed block ``i`` and selection block ``j``, over ``l``.
+
+    Built on the device and cached, so decode steps (and CUDA-graph capture) never copy from the host.
+    """
+    i = torch.arange(num_cmp_tokens, device=device)[:, None]
+    j = torch.arange(num_blocks, device=device)[None, :]
     lo = torch.maximum(i * block_stride, j * sel_block_len)
     hi = torch.minimum(i * block_stride + block_len, (j + 1) * sel_block_len)
-    return (hi - lo).clamp_min(0).double() / block_len
-
-
-def overlap_matrix(num_cmp_tokens, num_blocks, block_len, block_stride, sel_block_len, device, dtype):
-    """``[N, nb]``: shared raw positions of compressed block ``i`` and selection block ``j``, over ``l``."""
-    m = _overlap_cpu(num_cmp_tokens, num_blocks, block_len, block_stride, sel_block_len)
-    return m.to(device=device, dtype=dtype)
+    return ((hi - lo).clamp_min(0).to(torch.float64) / block_len).to(dtype)
 
 
 def selection_scores(p_cmp: torch.Tensor, groups: int, block_len: int, block_stride: int,
-                     sel_block_len: int, num_blocks: int) -> torch.Tensor:
-    """``p_cmp [B, T, H, N] -> [B, T, G, nb]``: overlap-weighted, summed over each group's heads."""
+                     sel_block_len: int, num_blocks: int, overlap: torch.Tensor | None = None) -> torch.Tensor:
+    """``p_cmp [B, T, H, N] -> [B, T, G, nb]``: overlap-weighted, summed over each group's heads.
+
+    ``overlap`` may pass a precomputed :func:`overlap_matrix` (decode caches keep one).
+    """
     B, T, H, N = p_cmp.shape
     per_group = p_cmp.reshape(B, T, groups, H // groups, N).sum(dim=3)
-    m = overlap_matrix(N, num_blocks, block_len, block_stride, sel_block_len, p_cmp.device, p_cmp.dtype)
-    return per_group @ m
+    if overlap is None:
+        overlap = overlap_matrix(N, num_blocks, block_len, block_stride, sel_block_len, p_cmp.device, p_cmp.dtype)
+    return per_group @ overlap.to(per_group.dtype)
 
 
 def select_blocks(scores: torch.Tensor, sel_block_len: int, n_sel: int,
