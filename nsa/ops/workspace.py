@@ -60,11 +60,14 @@ class Workspace:
         rows and packed keys in separate buffers); its reserve then does not apply.
         """
         c = self.counters
-        c.requests += 1
-        if rows is not None:
-            c.high_water_rows = max(c.high_water_rows, rows)
-        if keys is not None:
-            c.high_water_keys = max(c.high_water_keys, keys)
+        # Inside torch.compile the request counters are left alone: reading them would make every
+        # count a new guard (a recompile per step). Sizes and growth are still tracked below.
+        if not torch.compiler.is_compiling():
+            c.requests += 1
+            if rows is not None:
+                c.high_water_rows = max(c.high_water_rows, rows)
+            if keys is not None:
+                c.high_water_keys = max(c.high_water_keys, keys)
         rows_, keys_ = (1 if rows is None else rows), (1 if keys is None else keys)
         key = (tag, device, dtype, width)
         cap_rows, cap_keys = self._capacity.get(key, (0, 0))
