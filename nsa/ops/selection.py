@@ -146,7 +146,10 @@ def _gather_rows(x, b_idx, tok, g_idx, ws_tag, width_rows, keys_per_row):
     return src.index_select(0, flat).view(width_rows, keys_per_row, D)
 
 
-def _chunk_len(T: int, per_token_elems: int, budget: int = 1 << 26) -> int:
+def _chunk_len(T: int, per_token_elems: int, device: torch.device) -> int:
+    # Fewer, larger chunks on a GPU: each chunk costs ~40 kernel launches, so small chunks make a
+    # long prefill launch-bound. 2**28 gathered elements is ~0.5 GB in bf16 plus its float32 scores.
+    budget = 1 << 28 if device.type == "cuda" else 1 << 24
     return max(1, min(T, budget // max(1, per_token_elems)))
 
 
@@ -177,7 +180,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     if positions is None:
         positions = torch.arange(T, device=q.device)
     chunk = chunk_rows or s.sel_pack_chunk_rows
-    chunk = min(T, max(1, chunk // (B * G))) if chunk else _chunk_len(T, B * G * width * (Dk + v.shape[-1] + 2))
+    chunk = min(T, max(1, chunk // (B * G))) if chunk else _chunk_len(T, B * G * width * (Dk + v.shape[-1] + 2), q.device)
     outs = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)

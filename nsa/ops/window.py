@@ -21,7 +21,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     G = k.shape[2]
     h = H // G
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
-    chunk = chunk or max(1, min(T, 256))
+    chunk = chunk or max(1, min(T, 1024 if q.is_cuda else 256))
     acc = torch.promote_types(q.dtype, torch.float32)
     outs = []
     for t0 in range(0, T, chunk):
