@@ -2,7 +2,7 @@
 
 Decode: ms per ``decode_step`` on the seed report's layer (B=1, dim 256, 8 heads in 2 groups,
 d_k=d_v=32, l=32, d=16, l_sel=64, n_sel=16, w=512) after prefilling 512 / 1024 / 2048 tokens,
-eager and replayed as a CUDA graph, next to a dense GQA decode layer of the same size. Each step is
+eager and replayed as a CUDA graph (``--compile`` adds ``compile_decode()`` rows), next to a dense GQA decode layer of the same size. Each step is
 timed on its own with CUDA events after warm-up (perf_counter on CPU); medians and quartiles.
 Prefill: ms for T=8192 at the paper's config (G=4, h=16, d_k=192, d_v=128, bf16) next to dense
 ``scaled_dot_product_attention`` over the same heads, in the same run.
@@ -11,6 +11,7 @@ Prefill: ms for T=8192 at the paper's config (G=4, h=16, d_k=192, d_v=128, bf16)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -137,9 +138,10 @@ def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False):
                 step_fn = None
                 if mode.startswith("compiled"):
                     # torch.compile fuses the step's ~200 small ops; the graph then removes launch gaps.
-                    if name not in compiled:
-                        compiled[name] = (layer.compile_decode().decode_step if name == "nsa"
-                                          else torch.compile(layer.decode_step, dynamic=False))
+                    if name not in compiled:  # a copy, so the eager rows keep timing the eager step
+                        twin = copy.deepcopy(layer)
+                        compiled[name] = (twin.compile_decode().decode_step if name == "nsa"
+                                          else torch.compile(twin.decode_step, dynamic=False))
                     step_fn = compiled[name]
                 with torch.no_grad():
                     samples = time_decode(layer, make, pre, context, steps, warmup, device, dtype,
