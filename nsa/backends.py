@@ -119,8 +119,12 @@ def _win_torch_varlen(q, k, v, cu, max_len, window_len):
     if "enable_gqa" in params:
         extra = {"enable_gqa": True}
     else:
+        # This torch has no GQA in varlen_attn: expand K/V to every query head, in the varlen
+        # workspace (packed keys) when autograd is off.
         h = q.shape[1] // k.shape[1]
-        k, v, extra = k.repeat_interleave(h, dim=1), v.repeat_interleave(h, dim=1), {}
+        extra = {}
+        k = compressed.pack_varlen(k[:, :, None].expand(-1, -1, h, -1).flatten(1, 2), "k_win", None, k.shape[0])
+        v = compressed.pack_varlen(v[:, :, None].expand(-1, -1, h, -1).flatten(1, 2), "v_win", None, v.shape[0])
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(window_len - 1, 0), **extra)
 
 

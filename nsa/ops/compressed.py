@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import workspace
+
 
 def num_cmp(positions: torch.Tensor, block_len: int, block_stride: int) -> torch.Tensor:
     """Compressed tokens visible at each position: whole blocks in the past (spec)."""
@@ -85,8 +87,23 @@ def compressed_attention_fa2(q, k_cmp, v_cmp, block_len, block_stride, attn_fn):
     # [B, T', H, Dk] for positions first..first+N*d-1, zero-padded past T.
     tail = q[:, first:]
     tail = F.pad(tail, (0, 0, 0, 0, 0, N * d - tail.shape[1]))
-    qs = tail.reshape(B, N, d, G, h, Dk).permute(0, 3, 2, 4, 1, 5).reshape(B, G * d * h, N, Dk)
-    o = attn_fn(qs, k_cmp.transpose(1, 2), v_cmp.transpose(1, 2))  # [B, G*d*h, N, Dv]
+    folded = tail.reshape(B, N, d, G, h, Dk).permute(0, 3, 2, 4, 1, 5)  # [B, G, d, h, N, Dk]
+    # The packed, segment-folded queries (B*N*d rows) and keys/values (B*N) live in the varlen
+    # workspace when autograd is off; under autograd they are fresh tensors the graph can keep.
+    qs = pack_varlen(folded, "q", rows=B * N * d, keys=None).view(B, G * d * h, N, Dk)
+    ks = pack_varlen(k_cmp.transpose(1, 2), "k", rows=None, keys=B * N)
+    vs = pack_varlen(v_cmp.transpose(1, 2), "v", rows=None, keys=B * N)
+    o = attn_fn(qs, ks, vs)  # [B, G*d*h, N, Dv]
     o = o.reshape(B, G, d, h, N, -1).permute(0, 4, 2, 1, 3, 5).reshape(B, N * d, H, -1)
     out = torch.cat([o.new_zeros(B, first, H, o.shape[-1]), o], dim=1)
     return out[:, :T]
+
+
+def pack_varlen(x: torch.Tensor, tag: str, rows: int | None, keys: int | None) -> torch.Tensor:
+    """A contiguous copy of ``x``, written into the varlen workspace when autograd is off."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.contiguous()
+    width = x.numel() // ((rows or 1) * (keys or 1))
+    out = workspace.VARLEN.buffer(tag, rows, keys, width, x.dtype, x.device).view(x.shape)
+    out.copy_(x)
+    return out
