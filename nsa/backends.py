@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed, window
+from .ops import compressed, flex, window
 from .settings import settings
 
 
@@ -146,9 +146,14 @@ def route_win(device, dtype, d_k, d_v) -> Route:
 # --- selection branch ----------------------------------------------------------------------------
 
 
-def route_slc() -> Route:
+def route_slc(device=None) -> Route:
+    """Selection route for prefill/training on ``device`` (decode always takes packed or gather)."""
     s = settings()
     ranges = "v2 vectorised ranges" if s.sel_ranges_v2 else "v1 reference ranges (host loop)"
+    if device is not None and torch.device(device).type == "cuda":
+        if s.sel_flex:
+            return Route("flex-block-sparse", "NSA_SEL_FLEX=1 on CUDA: one FlexAttention kernel over the "
+                         "selected blocks (forward and backward)", flex.selection_attention_flex)
     if s.use_sel_pack:
         return Route("packed", f"NSA_USE_SEL_PACK=1: merged ranges packed into the workspace, {ranges}")
     return Route("gather", "NSA_USE_SEL_PACK=0: per-block gather with a causal mask")
@@ -164,12 +169,12 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64) -> dict:
     provider, why = fa2_provider()
     s = settings()
     out = {}
-    for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc()),
+    for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device)),
                           ("win", route_win(device, dtype, d_k, d_v))):
         out[branch] = {"route": route.name, "reason": route.reason}
     out["prefill"] = {"route": "batched" if s.prefill_batched else "sequential",
                       "reason": f"NSA_PREFILL_BATCHED={int(s.prefill_batched)}"}
-    out["decode"] = {"route": "cached-masked-matmul",
+    out["decode"] = {"route": "cached-masked-matmul, selection " + ("packed" if s.use_sel_pack else "gather"),
                      "reason": "static shapes, device-side positions: CUDA-graph capturable"}
     out["fa2"] = {"available": provider != "none", "provider": provider, "reason": why}
     out["query"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "d_k": d_k, "d_v": d_v}

@@ -1,0 +1,53 @@
+"""Selection attention as one block-sparse kernel through PyTorch's FlexAttention (GPU prefill).
+
+The per-token block choice becomes a ``BlockMask``: for each tile of ``q_block`` queries, the
+union of the selection blocks its queries chose; inside a tile, ``mask_mod`` keeps exactly each
+query's own blocks and ``key <= t``. Forward and backward are compiled Triton kernels, and only
+selected tiles are computed, so the cost follows the selected tokens rather than ``T^2``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=1)
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def selection_attention_flex(q, k, v, block_idx, block_size, scale=None, q_block: int = 128, compiled=True):
+    """Same contract as :func:`nsa.ops.selection_attention` for prefill (``positions = arange(T)``)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    B, T, H, Dk = q.shape
+    S, G = k.shape[1], k.shape[2]
+    h = H // G
+    nb = -(-S // block_size)
+    t_pad, s_pad = -(-T // q_block) * q_block, nb * block_size
+    # sel[b, g, t, j]: query t of group g selected block j.
+    idx = block_idx.permute(0, 2, 1, 3)
+    sel = torch.zeros(B, G, t_pad, nb + 1, dtype=torch.bool, device=q.device)
+    sel[:, :, :T].scatter_(-1, torch.where(idx >= 0, idx, nb), True)
+    sel = sel[..., :nb].contiguous()
+    union = sel.view(B, G, t_pad // q_block, q_block, nb).any(dim=3)  # [B, G, q tiles, nb]
+    kv_num = union.sum(-1, dtype=torch.int32).repeat_interleave(h, dim=1)
+    kv_idx = torch.argsort((~union).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    kv_idx = kv_idx.repeat_interleave(h, dim=1)
+
+    def mask_mod(b, head, q_idx, kv_idx_):
+        return sel[b, head // h, q_idx, kv_idx_ // block_size] & (kv_idx_ <= q_idx)
+
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(q_block, block_size), mask_mod=mask_mod,
+                                    seq_lengths=(t_pad, s_pad))
+    qp = F.pad(q, (0, 0, 0, 0, 0, t_pad - T)).transpose(1, 2)
+    kp = F.pad(k, (0, 0, 0, 0, 0, s_pad - S)).transpose(1, 2)
+    vp = F.pad(v, (0, 0, 0, 0, 0, s_pad - S)).transpose(1, 2)
+    fn = _flex() if compiled else flex_attention
+    o = fn(qp, kp, vp, block_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)[:, :T]
