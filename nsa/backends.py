@@ -146,20 +146,23 @@ def route_win(device, dtype, d_k, d_v) -> Route:
 # --- selection branch ----------------------------------------------------------------------------
 
 
-def route_slc(device=None) -> Route:
+def route_slc(device=None, sel_block_len: int = 64, d_k: int = 64, d_v: int = 64) -> Route:
     """Selection route for prefill/training on ``device`` (decode always takes packed or gather)."""
     s = settings()
     ranges = "v2 vectorised ranges" if s.sel_ranges_v2 else "v1 reference ranges (host loop)"
-    if device is not None and torch.device(device).type == "cuda":
-        if s.sel_flex:
+    note = ""
+    if device is not None and torch.device(device).type == "cuda" and s.sel_flex:
+        # FlexAttention's kernels tile keys by 64 and need head dims of at least 16.
+        if sel_block_len % 64 == 0 and min(d_k, d_v) >= 16:
             return Route("flex-block-sparse", "NSA_SEL_FLEX=1 on CUDA: one FlexAttention kernel over the "
                          "selected blocks (forward and backward)", flex.selection_attention_flex)
+        note = f"; flex not taken: needs sel_block_len % 64 == 0 and head dims >= 16 (got {sel_block_len}, {d_k}/{d_v})"
     if s.use_sel_pack:
-        return Route("packed", f"NSA_USE_SEL_PACK=1: merged ranges packed into the workspace, {ranges}")
-    return Route("gather", "NSA_USE_SEL_PACK=0: per-block gather with a causal mask")
+        return Route("packed", f"NSA_USE_SEL_PACK=1: merged ranges packed into the workspace, {ranges}{note}")
+    return Route("gather", f"NSA_USE_SEL_PACK=0: per-block gather with a causal mask{note}")
 
 
-def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64) -> dict:
+def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_len: int = 64) -> dict:
     """Routes each branch takes for a layer on ``device``/``dtype`` (defaults: CUDA if present, bf16)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,7 +172,7 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64) -> dict:
     provider, why = fa2_provider()
     s = settings()
     out = {}
-    for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device)),
+    for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device, sel_block_len, d_k, d_v)),
                           ("win", route_win(device, dtype, d_k, d_v))):
         out[branch] = {"route": route.name, "reason": route.reason}
     out["prefill"] = {"route": "batched" if s.prefill_batched else "sequential",

@@ -10,7 +10,7 @@ from nsa.settings import override
 
 dev = torch.device("cuda")
 torch.manual_seed(0)
-for (B, T, G, h, dk, dv, bs, n) in [(2, 1000, 2, 4, 32, 32, 64, 16), (1, 3000, 4, 16, 192, 128, 64, 16), (1, 77, 1, 1, 16, 8, 16, 3)]:
+for (B, T, G, h, dk, dv, bs, n) in [(2, 1000, 2, 4, 32, 32, 64, 16), (1, 3000, 4, 16, 192, 128, 64, 16), (1, 77, 1, 1, 16, 16, 64, 3)]:
     q = torch.randn(B, T, G * h, dk, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, G, dk, device=dev, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, T, G, dv, device=dev, dtype=torch.bfloat16, requires_grad=True)
