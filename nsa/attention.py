@@ -17,7 +17,8 @@ import torch.nn as nn
 from . import backends
 from .config import NSAConfig
 from .ops import naive
-from .ops.compressed import compress_tokens, compressed_attention, masked_softmax
+from .ops.common import masked_softmax, scores_einsum, values_einsum
+from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope
 from .ops.selection import overlap_matrix, select_blocks, selection_attention, selection_scores
 from .ops.window import sliding_window_attention
@@ -262,10 +263,8 @@ def _ring_attention(q, k_ring, v_ring, pos):
     """Window attention of one query over a ring of the last ``W`` keys (slots ``> pos`` unused)."""
     B, _, H, Dk = q.shape
     W, G = k_ring.shape[1], k_ring.shape[2]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(B, G, H // G, Dk).to(acc)
-    s = torch.einsum("bghd,bwgd->bghw", qg, k_ring.to(acc)) / math.sqrt(Dk)
+    s = scores_einsum("bghd,bwgd->bghw", q.reshape(B, G, H // G, Dk), k_ring) / math.sqrt(Dk)
     keep = torch.arange(W, device=q.device) <= pos
-    o = torch.einsum("bghw,bwgd->bghd", masked_softmax(s, keep), v_ring.to(acc))
-    return o.reshape(B, 1, H, -1).to(q.dtype)
+    o = values_einsum("bghw,bwgd->bghd", masked_softmax(s, keep), v_ring)
+    return o.reshape(B, 1, H, -1)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import workspace
+from .common import masked_softmax, scores_einsum, values_einsum
 
 
 def num_cmp(positions: torch.Tensor, block_len: int, block_stride: int) -> torch.Tensor:
@@ -50,22 +51,11 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     if positions is None:
         positions = torch.arange(T, device=q.device)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(B, T, G, h, Dk).to(acc)
-    s = torch.einsum("btghd,bngd->bgthn", qg, k_cmp.to(acc)) * scale  # [B, G, T, h, N]
+    s = scores_einsum("btghd,bngd->bgthn", q.reshape(B, T, G, h, Dk), k_cmp) * scale  # [B, G, T, h, N]
     visible = torch.arange(N, device=q.device) < num_cmp(positions, block_len, block_stride)[:, None]  # [T, N]
     p = masked_softmax(s, visible[:, None, :])
-    o = torch.einsum("bgthn,bngd->btghd", p, v_cmp.to(acc)).reshape(B, T, H, -1).to(q.dtype)
+    o = values_einsum("bgthn,bngd->btghd", p, v_cmp).reshape(B, T, H, -1)
     return o, p.permute(0, 2, 1, 3, 4).reshape(B, T, H, N)
-
-
-def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim where ``keep``; rows with nothing kept give zeros, never NaN."""
-    s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    e = torch.exp(s - m)
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
 def compressed_attention_fa2(q, k_cmp, v_cmp, block_len, block_stride, attn_fn):

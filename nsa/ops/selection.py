@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import workspace
-from .compressed import masked_softmax
+from .common import masked_softmax, scores_einsum, values_einsum
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,10 +127,9 @@ def _token_index_from_ranges(starts, ends, width):
 
 def _attend_rows(q, k_rows, v_rows, valid, scale):
     """``q [R, h, dk]``, ``k_rows [R, L, dk]``, ``v_rows [R, L, dv]``, ``valid [R, L]`` -> ``[R, h, dv]``."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    s = torch.bmm(q.to(acc), k_rows.to(acc).transpose(1, 2)) * scale
+    s = scores_einsum("rhd,rld->rhl", q, k_rows) * scale
     p = masked_softmax(s, valid[:, None, :])
-    return torch.bmm(p, v_rows.to(acc)).to(q.dtype)
+    return values_einsum("rhl,rld->rhd", p, v_rows)
 
 
 def _gather_rows(x, b_idx, tok, g_idx, ws_tag, width_rows, keys_per_row):

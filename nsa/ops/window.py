@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .compressed import masked_softmax
+from .common import masked_softmax, scores_einsum, values_einsum
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
@@ -22,20 +22,18 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     h = H // G
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     chunk = chunk or max(1, min(T, 1024 if q.is_cuda else 256))
-    acc = torch.promote_types(q.dtype, torch.float32)
     outs = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         k0 = max(0, t0 - window + 1)
-        qc = q[:, t0:t1].reshape(B, t1 - t0, G, h, Dk).to(acc)
-        kc, vc = k[:, k0:t1].to(acc), v[:, k0:t1].to(acc)
-        s = torch.einsum("btghd,bsgd->bgths", qc, kc) * scale
+        qc = q[:, t0:t1].reshape(B, t1 - t0, G, h, Dk)
+        s = scores_einsum("btghd,bsgd->bgths", qc, k[:, k0:t1]) * scale
         tq = torch.arange(t0, t1, device=q.device)[:, None]
         tk = torch.arange(k0, t1, device=q.device)[None, :]
         keep = (tk <= tq) & (tk > tq - window)  # [Tc, Sc]
         p = masked_softmax(s, keep[:, None, :])
-        o = torch.einsum("bgths,bsgd->btghd", p, vc)
-        outs.append(o.reshape(B, t1 - t0, H, -1).to(q.dtype))
+        o = values_einsum("bgths,bsgd->btghd", p, v[:, k0:t1])
+        outs.append(o.reshape(B, t1 - t0, H, -1))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
