@@ -140,6 +140,10 @@ def route_win(device, dtype, d_k, d_v) -> Route:
             return Route("fa2-torch-varlen", "torch varlen_attn with window (w-1, 0)",
                          lambda q, k, v, w: window.sliding_window_attention_fa2(q, k, v, w, _win_torch_varlen))
         blocker = f"torch {torch.__version__} varlen_attn has no window_size"
+    device = torch.device(device)
+    if device.type == "cuda" and settings().use_flex and min(d_k, d_v) >= 16:
+        return Route("flex-sliding-window", f"NSA_USE_FLEX=1 on CUDA: FlexAttention over the band's tiles "
+                     f"(FA-2 not taken: {blocker})", flex.sliding_window_attention_flex)
     return Route("reference", f"chunked band attention ({blocker})", None)
 
 
@@ -151,10 +155,10 @@ def route_slc(device=None, sel_block_len: int = 64, d_k: int = 64, d_v: int = 64
     s = settings()
     ranges = "v2 vectorised ranges" if s.sel_ranges_v2 else "v1 reference ranges (host loop)"
     note = ""
-    if device is not None and torch.device(device).type == "cuda" and s.sel_flex:
+    if device is not None and torch.device(device).type == "cuda" and s.use_flex:
         # FlexAttention's kernels tile keys by 64 and need head dims of at least 16.
         if sel_block_len % 64 == 0 and min(d_k, d_v) >= 16:
-            return Route("flex-block-sparse", "NSA_SEL_FLEX=1 on CUDA: one FlexAttention kernel over the "
+            return Route("flex-block-sparse", "NSA_USE_FLEX=1 on CUDA: one FlexAttention kernel over the "
                          "selected blocks (forward and backward)", flex.selection_attention_flex)
         note = f"; flex not taken: needs sel_block_len % 64 == 0 and head dims >= 16 (got {sel_block_len}, {d_k}/{d_v})"
     if s.use_sel_pack:

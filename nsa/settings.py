@@ -32,7 +32,7 @@ class Settings:
     use_fa2: bool = False  # NSA_USE_FA2: master switch for the FlashAttention-2 routes
     use_fa2_cmp: bool = True  # NSA_USE_FA2_CMP: compressed branch through FA-2 (needs NSA_USE_FA2)
     use_fa2_win: bool = True  # NSA_USE_FA2_WIN: window branch through FA-2 (needs NSA_USE_FA2)
-    sel_flex: bool = True  # NSA_SEL_FLEX: GPU prefill selection as one block-sparse FlexAttention kernel
+    use_flex: bool = True  # NSA_USE_FLEX: GPU prefill/training selection and window via FlexAttention
     # Workspace reserves (0 = grow on demand).
     sel_pack_reserve_n: int = 0  # NSA_SEL_PACK_RESERVE_N: packed-selection rows
     sel_pack_reserve_l: int = 0  # NSA_SEL_PACK_RESERVE_L: keys per packed-selection row
@@ -60,7 +60,7 @@ _ENV_NAMES = {
     "use_fa2": "NSA_USE_FA2",
     "use_fa2_cmp": "NSA_USE_FA2_CMP",
     "use_fa2_win": "NSA_USE_FA2_WIN",
-    "sel_flex": "NSA_SEL_FLEX",
+    "use_flex": "NSA_USE_FLEX",
     "sel_pack_reserve_n": "NSA_SEL_PACK_RESERVE_N",
     "sel_pack_reserve_l": "NSA_SEL_PACK_RESERVE_L",
     "varlen_reserve_n": "NSA_VARLEN_RESERVE_N",

@@ -27,7 +27,7 @@ timer = _Timer(dev)
 cfg = NSAConfig(**PAPER_CFG)
 layer = NSAAttention(cfg).to(dev, torch.bfloat16)
 x = torch.randn(1, 8192, cfg.dim, device=dev, dtype=torch.bfloat16)
-for flags in (dict(), dict(use_fa2=True), dict(sel_flex=False)):
+for flags in (dict(), dict(use_fa2=True), dict(use_flex=False)):
     with override(**flags), torch.no_grad():
         layer(x)
         s = [timer(lambda: layer(x)) for _ in range(5)]

@@ -1,4 +1,4 @@
-"""Selection attention as one block-sparse kernel through PyTorch's FlexAttention (GPU prefill).
+"""Selection and window attention as block-sparse FlexAttention kernels (GPU prefill/training).
 
 The per-token block choice becomes a ``BlockMask``: for each tile of ``q_block`` queries, the
 union of the selection blocks its queries chose; inside a tile, ``mask_mod`` keeps exactly each
@@ -50,4 +50,25 @@ def selection_attention_flex(q, k, v, block_idx, block_size, scale=None, q_block
     vp = F.pad(v, (0, 0, 0, 0, 0, s_pad - S)).transpose(1, 2)
     fn = _flex() if compiled else flex_attention
     o = fn(qp, kp, vp, block_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)[:, :T]
+
+
+@functools.lru_cache(maxsize=16)
+def _window_mask(length: int, window: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, head, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(mask_mod, None, None, length, length, device=device)
+
+
+def sliding_window_attention_flex(q, k, v, window, scale=None):
+    """Same contract as :func:`nsa.ops.sliding_window_attention`; only tiles touching the band run."""
+    B, T, H, _ = q.shape
+    t_pad = -(-T // 128) * 128
+    mask = _window_mask(t_pad, window, q.device)
+    pad = (0, 0, 0, 0, 0, t_pad - T)
+    o = _flex()(F.pad(q, pad).transpose(1, 2), F.pad(k, pad).transpose(1, 2), F.pad(v, pad).transpose(1, 2),
+                block_mask=mask, scale=scale, enable_gqa=True)
     return o.transpose(1, 2)[:, :T]
