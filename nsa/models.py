@@ -56,6 +56,7 @@ class TinyLM(nn.Module):
         if cfg.dim != dim:
             raise ValueError(f"cfg.dim={cfg.dim} must equal dim={dim}")
         self.embed = nn.Embedding(vocab, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # tied head: unit-variance rows would start the loss far above ln(vocab)
         self.blocks = nn.ModuleList(Block(dim, cfg, attention, mlp_ratio) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
