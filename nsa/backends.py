@@ -140,8 +140,7 @@ def route_win(device, dtype, d_k, d_v) -> Route:
             return Route("fa2-torch-varlen", "torch varlen_attn with window (w-1, 0)",
                          lambda q, k, v, w: window.sliding_window_attention_fa2(q, k, v, w, _win_torch_varlen))
         blocker = f"torch {torch.__version__} varlen_attn has no window_size"
-    device = torch.device(device)
-    if device.type == "cuda" and settings().use_flex and min(d_k, d_v) >= 16:
+    if _flex_blocker(device, dtype, d_k, d_v) is None:
         return Route("flex-sliding-window", f"NSA_USE_FLEX=1 on CUDA: FlexAttention over the band's tiles "
                      f"(FA-2 not taken: {blocker})", flex.sliding_window_attention_flex)
     return Route("reference", f"chunked band attention ({blocker})", None)
@@ -150,17 +149,31 @@ def route_win(device, dtype, d_k, d_v) -> Route:
 # --- selection branch ----------------------------------------------------------------------------
 
 
-def route_slc(device=None, sel_block_len: int = 64, d_k: int = 64, d_v: int = 64) -> Route:
-    """Selection route for prefill/training on ``device`` (decode always takes packed or gather)."""
+def _flex_blocker(device, dtype, d_k, d_v) -> str | None:
+    """Why the FlexAttention routes cannot be taken, or None when they can."""
+    if not settings().use_flex:
+        return "NSA_USE_FLEX=0"
+    if torch.device(device).type != "cuda":
+        return "not on CUDA"
+    if dtype not in (torch.float16, torch.bfloat16):
+        # Its float32 dots may run as TF32; float32 callers get the exact routes.
+        return f"dtype {dtype} (flex routes take float16/bfloat16)"
+    if min(d_k, d_v) < 16:
+        return f"head dims {d_k}/{d_v} (flex needs >= 16)"
+    return None
+
+
+def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: int = 64, d_v: int = 64) -> Route:
+    """Selection route for prefill/training (decode always takes packed or gather)."""
     s = settings()
     ranges = "v2 vectorised ranges" if s.sel_ranges_v2 else "v1 reference ranges (host loop)"
-    note = ""
-    if device is not None and torch.device(device).type == "cuda" and s.use_flex:
-        # FlexAttention's kernels tile keys by 64 and need head dims of at least 16.
-        if sel_block_len % 64 == 0 and min(d_k, d_v) >= 16:
-            return Route("flex-block-sparse", "NSA_USE_FLEX=1 on CUDA: one FlexAttention kernel over the "
-                         "selected blocks (forward and backward)", flex.selection_attention_flex)
-        note = f"; flex not taken: needs sel_block_len % 64 == 0 and head dims >= 16 (got {sel_block_len}, {d_k}/{d_v})"
+    blocker = _flex_blocker(device, dtype, d_k, d_v)
+    if blocker is None and sel_block_len % 64:
+        blocker = f"sel_block_len={sel_block_len} (flex tiles keys by 64)"
+    if blocker is None:
+        return Route("flex-block-sparse", "NSA_USE_FLEX=1 on CUDA: one FlexAttention kernel over the "
+                     "selected blocks (forward and backward)", flex.selection_attention_flex)
+    note = "" if blocker in ("NSA_USE_FLEX=0", "not on CUDA") else f"; flex not taken: {blocker}"
     if s.use_sel_pack:
         return Route("packed", f"NSA_USE_SEL_PACK=1: merged ranges packed into the workspace, {ranges}{note}")
     return Route("gather", f"NSA_USE_SEL_PACK=0: per-block gather with a causal mask{note}")
@@ -176,7 +189,7 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
     provider, why = fa2_provider()
     s = settings()
     out = {}
-    for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device, sel_block_len, d_k, d_v)),
+    for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device, dtype, sel_block_len, d_k, d_v)),
                           ("win", route_win(device, dtype, d_k, d_v))):
         out[branch] = {"route": route.name, "reason": route.reason}
     out["prefill"] = {"route": "batched" if s.prefill_batched else "sequential",
