@@ -18,6 +18,12 @@ import torch.nn.functional as F
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Each layer shape (and each mask's constants) compiles once. Past dynamo's default limit of 8
+    # compiles a function silently runs eagerly, and eager flex materialises the full T x S mask
+    # (tens of GB at T=8192), so allow more shapes per process than a model normally has.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
