@@ -21,10 +21,10 @@ __all__ = [
     "NSAConfig",
     "Settings",
     "SettingsError",
+    "__version__",
     "backends",
     "reload_settings",
     "reset_workspaces",
     "settings",
     "workspace_stats",
-    "__version__",
 ]

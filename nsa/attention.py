@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import backends
 from .config import NSAConfig
@@ -213,13 +213,16 @@ class NSAAttention(nn.Module):
         squeeze = x_t.dim() == 2
         if squeeze:
             x_t = x_t[:, None]
+        if x_t.dim() != 3 or tuple(x_t.shape) != (cache.k_slc.shape[0], 1, cfg.dim):
+            raise ValueError(f"expected x_t of shape [{cache.k_slc.shape[0]}, 1, {cfg.dim}] (or without the 1), "
+                             f"got {list(x_t.shape)}")
         if cache.steps >= cache.max_len:
             raise ValueError(f"cache is full (max_len={cache.max_len}); allocate a longer one")
         cache.steps += 1
         y = (self._compiled_decode or self._decode)(x_t, cache)
         return y[:, 0] if squeeze else y
 
-    def compile_decode(self, **compile_kwargs) -> "NSAAttention":
+    def compile_decode(self, **compile_kwargs) -> NSAAttention:
         """Fuse the decode step's small ops with ``torch.compile`` (first call compiles; then use
         ``decode_step`` as usual, eagerly or inside a CUDA graph). Outputs match the eager step."""
         compile_kwargs.setdefault("dynamic", False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class Route:
 def _flash_attn_func():
     try:
         from flash_attn import flash_attn_func  # optional extra "fa2"
-    except Exception:  # ImportError, or a build that does not match this torch
+    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch/CUDA
         return None
     return flash_attn_func
 
@@ -43,7 +43,7 @@ def _torch_varlen():
     """PyTorch's varlen FlashAttention and which keyword arguments this version takes."""
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except Exception:
+    except ImportError:
         return None, frozenset()
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 

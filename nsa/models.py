@@ -7,11 +7,11 @@ window branch's keys and values, so the two can be timed side by side with the s
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .attention import NSAAttention
 from .config import NSAConfig

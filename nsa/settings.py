@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 # Upper bound on any reserve value, whatever the device: a typo such as an extra three zeros
 # should fail here with a clear message, not as an out-of-memory error deep inside a kernel.

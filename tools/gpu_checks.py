@@ -51,7 +51,7 @@ def decode_vs_prefill(dtype, T=1500, split=700, compiled=False, graph=False):
 for dtype in (torch.float32, torch.bfloat16):
     for compiled, graph in ((False, False), (False, True), (True, True)):
         mx, r = decode_vs_prefill(dtype, compiled=compiled, graph=graph)
-        print(f"decode==prefill {str(dtype):15s} compiled={compiled} graph={graph}: max abs {mx:.2e}, rel {r:.2e}")
+        print(f"decode==prefill {dtype!s:15s} compiled={compiled} graph={graph}: max abs {mx:.2e}, rel {r:.2e}")
 
 torch.manual_seed(0)
 for (B, T, G, h, dk, dv, bs, n) in [(2, 1000, 2, 4, 32, 32, 64, 16), (1, 3000, 4, 16, 192, 128, 64, 16)]:

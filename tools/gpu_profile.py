@@ -1,6 +1,7 @@
 """Profile one prefill of the paper config at T=8192 (GPU): top kernels by CUDA time."""
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
+
 from nsa import NSAAttention, NSAConfig
 from nsa.bench_smoke import PAPER_CFG
 

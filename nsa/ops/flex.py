@@ -16,12 +16,11 @@ import torch.nn.functional as F
 
 @functools.lru_cache(maxsize=1)
 def _flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
     # Each layer shape (and each mask's constants) compiles once. Past dynamo's default limit of 8
     # compiles a function silently runs eagerly, and eager flex materialises the full T x S mask
     # (tens of GB at T=8192), so allow more shapes per process than a model normally has.
     import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
@@ -31,7 +30,7 @@ def selection_attention_flex(q, k, v, block_idx, block_size, scale=None, q_block
     """Same contract as :func:`nsa.ops.selection_attention` for prefill (``positions = arange(T)``)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    B, T, H, Dk = q.shape
+    B, T, H, _ = q.shape
     S, G = k.shape[1], k.shape[2]
     h = H // G
     nb = -(-S // block_size)
@@ -71,7 +70,7 @@ def _window_mask(length: int, window: int, device: torch.device):
 
 def sliding_window_attention_flex(q, k, v, window, scale=None):
     """Same contract as :func:`nsa.ops.sliding_window_attention`; only tiles touching the band run."""
-    B, T, H, _ = q.shape
+    T = q.shape[1]
     t_pad = -(-T // 128) * 128
     mask = _window_mask(t_pad, window, q.device)
     pad = (0, 0, 0, 0, 0, t_pad - T)
