@@ -34,6 +34,8 @@ def values_einsum(equation: str, p: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim where ``keep``; rows with nothing kept give zeros, never NaN."""
+    if s.shape[-1] == 0:  # no keys at all (e.g. no compressed token yet): nothing to normalise
+        return s
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
