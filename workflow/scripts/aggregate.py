@@ -349,9 +349,14 @@ def memory_section(decode: dict, training: dict, variants: dict, reserves: list,
     sources += [("train", key, rec) for key, rec in training.get("_records", {}).items()]
     high = {}  # (workload, workspace) -> [max rows, max keys]
     workloads = {}
+    seen_train = set()
     for source, (name, reserve), rec in sources:
         if rec.get("status") != OK or name not in variants:
             continue
+        if source == "train":  # training results are per commit: an A/A twin would repeat them
+            if (variants[name].get("sha"), reserve) in seen_train:
+                continue
+            seen_train.add((variants[name].get("sha"), reserve))
         for ws, counters in (rec.get("workspace_stats") or {}).items():
             if not isinstance(counters, dict):
                 continue
@@ -382,10 +387,12 @@ def memory_section(decode: dict, training: dict, variants: dict, reserves: list,
                                 "workspace": ws, "dimension": dim, "variable": names[dim],
                                 "high_water": int(hw), "recommended": stats.pow2_ceil(hw),
                                 "configured": {k: val for k, val in configured.items() if val is not None}})
-    # One value per variable covering every measured workload (what a user would export).
+    # One value per variable covering every measured workload (what a user would export); a
+    # workspace the workload never touched gets no variable (0 = grow on demand is the default).
     combined = {}
     for r in recommended:
-        combined[r["variable"]] = max(combined.get(r["variable"], 0), r["recommended"] or 0)
+        if r["recommended"]:
+            combined[r["variable"]] = max(combined.get(r["variable"], 0), r["recommended"])
     return {"workspace_rows": ws_rows, "allocator_rows": alloc_rows, "recommended": recommended,
             "recommended_env": combined}
 
@@ -792,7 +799,8 @@ def build_tables(s: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
          + [fmt_bytes(r.get(k)) if "bytes" in k else fmt_num(r.get(k)) for k in keys] for r in m["allocator_rows"]])
     t["reserves"] = (
         ["workload", "workspace", "variable", "high-water mark", "recommended (next power of two)", "configured"],
-        [[r["workload"], r["workspace"], r["variable"], fmt_num(r["high_water"]), fmt_num(r["recommended"]),
+        [[r["workload"], r["workspace"], r["variable"], fmt_num(r["high_water"]),
+          fmt_num(r["recommended"]) if r["recommended"] else "unset (workspace not used)",
           ", ".join(f"{k}={val}" for k, val in r["configured"].items())] for r in m["recommended"]])
     t["equivalence"] = (
         ["variant", "reserve", "status", "max abs diff vs baseline", "per output", "within tolerance",
