@@ -112,6 +112,8 @@ def build_results(root: Path, *, evil=True, feature_slowdown=1.0, feature_loss_r
             t = np.arange(steps)
             loss = (5.5 + 0.02 * t) if rises else (3.0 + 2.5 * np.exp(-t / 6.0))
             loss = loss + rng.normal(0, 0.01, steps)
+            if rises and reserve == "presized":
+                loss[-1] = np.nan  # diverged at the end
             _dump(res / "train" / sha / f"{reserve}.json", {
                 "status": "ok", "device": "cpu", "steps": steps, "warmup": 3, "batch": 4, "seq_len": 256,
                 "nsa": {"tokens_per_s": rng.normal(1000, 10, steps - 3).tolist(), "loss": loss.tolist(),
@@ -231,7 +233,8 @@ def test_regression_and_broken_training_fail(tmp_path):
     slower = [r for r in s["decode"]["rows"] if r["variant"] == "feature"]
     assert all(r["call"] == "slower" and 8 < r["delta_pct"] < 12 for r in slower)
     assert all(r["p_value"] < 0.01 and r["ci_low_pct"] > 5 for r in slower)
-    for prefix in ("All correctness", "Decode: no significant", "Training loss falls", "Reserve configs"):
+    for prefix in ("All correctness", "Decode: no significant", "Training loss falls", "Training: no NaN",
+                   "Reserve configs"):
         assert _criterion(s, prefix)["pass"] is False, prefix
     assert _criterion(s, "Decode A/A")["pass"] is True  # the baseline twin is still within noise
     assert _criterion(s, "Outputs of every commit")["pass"] is True  # nextafter is << 1e-5
@@ -279,3 +282,59 @@ def test_gate_script_cli(tmp_path):
 def test_markdown_cells_are_escaped():
     md = aggregate.markdown_table(["a|b"], [["<x>|y\nz"]])
     assert "&lt;x&gt;\\|y z" in md and "a\\|b" in md
+
+
+def test_acceptance_overrides_aliases_and_bad_values():
+    acc = aggregate.effective_acceptance(
+        {"decode_tolerance_pct": 3, "atol": 1e-4, "alpha": None, "cpu": {"decode_tolerance_pct": 10},
+         "cuda": {"decode_tolerance_pct": 1}}, "cpu")
+    assert acc["decode_tolerance_pct"] == 10.0  # the device's own override wins
+    assert acc["equiv_atol"] == 1e-4  # alias
+    assert acc["alpha"] == aggregate.DEFAULT_ACCEPTANCE["alpha"]  # null falls back, no crash
+    assert aggregate.effective_acceptance(None, None) == aggregate.DEFAULT_ACCEPTANCE
+
+
+def test_read_record_statuses(tmp_path):
+    assert aggregate.read_record(tmp_path / "nope.json")["status"] == "MISSING"
+    (tmp_path / "half.json").write_text('{"status": "ok", "nsa": {')
+    assert aggregate.read_record(tmp_path / "half.json")["status"] == "FAILED"
+    (tmp_path / "f.json").write_text(json.dumps({"status": "failed", "log_tail": ["a", "b"]}))
+    rec = aggregate.read_record(tmp_path / "f.json")
+    assert rec["status"] == "FAILED" and rec["log_tail"] == "a\nb"
+    (tmp_path / "ok.json").write_text(json.dumps({"status": "ok"}))
+    assert aggregate.read_record(tmp_path / "ok.json")["status"] == "ok"
+
+
+def test_verdict_precedence():
+    c = aggregate.criterion
+    passing = [c("a", "1", "1", True), c("info", "x", "y", False, on_fail="info")]
+    assert aggregate.verdict(passing, [])[0] == "PASS"
+    assert aggregate.verdict(passing + [c("aa", "3%", "2%", False, on_fail="incomplete")], [])[0] == "INCOMPLETE"
+    assert aggregate.verdict(passing + [c("n", "?", "?", None)], [])[0] == "INCOMPLETE"
+    job = {"stage": "train", "variant": "v", "reserve": "none", "status": "FAILED", "error": "OOM"}
+    v, reasons = aggregate.verdict(passing + [c("t", "2 failed", "0", False)], [job])
+    assert v == "FAIL" and any("OOM" in r for r in reasons)
+
+
+def test_suite_failed_without_failing_test_is_incomplete(tmp_path):
+    res = build_results(tmp_path, evil=False)
+    path = res / "tests" / SHA_FEAT / "none" / "summary.json"
+    data = json.loads(path.read_text())
+    data["suites"]["window"].update(passed=0, skipped=0, status="failed")
+    data["log_tail"] = "ERROR: usage: pytest: 'window' not found in markers"
+    path.write_text(json.dumps(data))
+    s = aggregate.build_summary(res)
+    assert s["verdict"] == "INCOMPLETE"
+    assert any(j["stage"] == "tests" and "window" in j["error"] for j in s["jobs"])
+
+
+def test_csv_tables_hold_raw_numbers(tmp_path):
+    import csv
+
+    res = build_results(tmp_path, evil=False, feature_slowdown=1.10)
+    s = aggregate.build_summary(res)
+    aggregate.write_outputs(s, res / "summary.json", res / "tables")
+    rows = list(csv.DictReader((res / "tables" / "decode.csv").open()))
+    feat = [r for r in rows if r["variant"] == "feature"]
+    assert len(feat) == 12 and all(8 < float(r["delta_pct"]) < 12 for r in feat)
+    assert all(r["call"] == "slower" for r in feat)

@@ -108,6 +108,13 @@ def effective_acceptance(acceptance: dict | None, device: str | None) -> dict:
                 continue  # another device's overrides
             canonical = next((k for k, al in ACCEPTANCE_ALIASES.items() if key in al), key)
             acc[canonical] = value
+    # The config schema validates these; still, a null or a string here must not crash the report.
+    for key, default in DEFAULT_ACCEPTANCE.items():
+        cast = int if isinstance(default, int) else float
+        try:
+            acc[key] = cast(acc[key])
+        except (TypeError, ValueError):
+            acc[key] = default
     return acc
 
 
@@ -165,10 +172,17 @@ def correctness_rows(results: Path, variants: dict, reserves: list, suites: dict
             for suite in list(suites) + [s for s in got if s not in suites]:
                 s = got.get(suite)
                 if isinstance(s, dict):
-                    counts = {k: int(s.get(k) or 0) for k in ("passed", "failed", "skipped", "errors")}
+                    counts = {k: int(_num(s.get(k)) or 0) for k in ("passed", "failed", "skipped", "errors")}
                     status = OK if str(s.get("status", "ok")).lower() == "ok" else FAILED
                     if counts["failed"] or counts["errors"]:
                         status = FAILED
+                    elif status != OK and (sha, reserve, suite) not in seen:
+                        # Failed with no failing test: pytest could not run it (usage/collection
+                        # problem). That is a broken job, not evidence either way.
+                        jobs.append(job("tests", {"status": FAILED, "log_tail": rec.get("log_tail"),
+                                                  "error": f"suite {suite} failed without a failing test"},
+                                        variant=name, sha=sha, reserve=reserve))
+                    seen.add((sha, reserve, suite))
                     rows.append({"suite": suite, "marker": s.get("marker", suites.get(suite)), "variant": name,
                                  "sha": sha, "reserve": reserve, "status": status, **counts,
                                  "junit": s.get("junit"),
@@ -836,14 +850,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_text(header: list[str], rows: list[list[str]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same directory and rename: readers never see half a file."""
     path = Path(path)
@@ -882,10 +888,47 @@ def _json_clean(x):
     return x
 
 
+def _flat(row: dict, prefix: str = "") -> dict:
+    """One CSV row: nested dicts become dotted columns, lists JSON; log tails stay in the JSON/report."""
+    out = {}
+    for k, v in row.items():
+        if k in ("log_tail", "pip_freeze", "backend_reasons"):
+            continue
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (list, tuple)):
+            out[prefix + k] = json.dumps(v)
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def raw_tables(s: dict) -> dict[str, list[dict]]:
+    """Machine-readable rows (unformatted numbers) for the CSV files."""
+    m = s["memory"]
+    return {"environment": s["environment"], "correctness": s["correctness"], "decode": s["decode"]["rows"],
+            "aa": s["decode"]["aa"], "training": s["training"]["rows"], "workspaces": m["workspace_rows"],
+            "allocator": m["allocator_rows"], "reserves": m["recommended"], "equivalence": s["equivalence"]["rows"],
+            "acceptance": s["acceptance"], "jobs": s["jobs"]}
+
+
+def csv_rows(rows: list[dict]) -> str:
+    flat = [_flat(r) for r in rows]
+    header = []
+    for r in flat:
+        header += [k for k in r if k not in header]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    w.writeheader()
+    w.writerows(_json_clean(flat))
+    return buf.getvalue()
+
+
 def write_outputs(s: dict, out: Path, tables_dir: Path) -> None:
-    tables = build_tables(s)
-    for name, (header, rows) in tables.items():
-        write_atomic(tables_dir / f"{name}.csv", csv_text(header, rows))
+    # CSV: raw values for further analysis; markdown: the formatted tables of the report.
+    for name, rows in raw_tables(s).items():
+        write_atomic(tables_dir / f"{name}.csv", csv_rows(rows))
+    for name, (header, rows) in build_tables(s).items():
         write_atomic(tables_dir / f"{name}.md", markdown_table(header, rows))
     # The summary last: a rule that waits for it then finds the tables complete too.
     write_atomic(out, json.dumps(_json_clean(s), indent=1, default=_json_default, allow_nan=False) + "\n")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate import build_tables, fmt_pct, markdown_table, md_cell, short, write_atomic  # noqa: E402
+from aggregate import build_tables, fmt_num, fmt_pct, markdown_table, md_cell, short, write_atomic  # noqa: E402
 
 VERDICT_COLORS = {"PASS": "#1e7b34", "FAIL": "#b3261e", "INCOMPLETE": "#9a6700"}
 BAD = ("FAILED", "MISSING", "FAIL", "slower", "NOT TRUSTWORTHY")
@@ -149,7 +149,7 @@ def headline(s: dict) -> list[str]:
             lines.append(f"Training {r['variant']} / {r['reserve']}: {r['tokens_per_s']:.4g} tokens/s"
                          + (f" ({ratio:.2f}× dense)" if ratio else "")
                          + (f", {fmt_pct(r.get('delta_pct'))} vs baseline ({r.get('call')})" if r.get("delta_pct") is not None else "")
-                         + f"; loss {r['loss_first']:.4g} → {r['loss_last']:.4g}"
+                         + f"; loss {fmt_num(r['loss_first'])} → {fmt_num(r['loss_last'])}"
                          + ("" if r["loss_fell"] else " (did NOT fall)") + (" NaN!" if r["nan"] else ""))
     env = s["memory"].get("recommended_env") or {}
     if env:
