@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import nsa
-from nsa import backends, ops
+from nsa import ops
+from nsa.backends import route_cmp, route_win
 from nsa.ops import compressed as compressed_mod
 from nsa.ops import naive
 
@@ -179,7 +180,7 @@ def test_decode_from_empty_cache_finite_every_dtype(dtype, make_cfg, gen):
 @pytest.mark.parametrize("T,w", [(1, 1), (1, 512), (5, 1), (7, 100), (300, 4), (300, 256)])
 def test_fa2_window_route_finite(dtype, T, w, cuda, override, gen, qkv):
     with override(use_fa2=True, use_fa2_win=True):
-        route = backends.route_win(cuda, dtype, 64, 64)
+        route = route_win(cuda, dtype, 64, 64)
         if route.fn is None or not route.name.startswith("fa2"):
             pytest.skip(f"FA-2 window route not taken here: {route.reason}")
         q, k, v = qkv(2, T, T, 2, 2, 64, 64, dtype=dtype, device=cuda, generator=gen, scale=4.0)
@@ -193,7 +194,7 @@ def test_fa2_window_route_finite(dtype, T, w, cuda, override, gen, qkv):
 @pytest.mark.parametrize("T", [5, 31, 32, 200])
 def test_fa2_cmp_route_blind_rows_zero(dtype, T, cuda, override, gen, qkv):
     with override(use_fa2=True, use_fa2_cmp=True):
-        route = backends.route_cmp(cuda, dtype, 64, 64)
+        route = route_cmp(cuda, dtype, 64, 64)
         if route.fn is None:
             pytest.skip(f"FA-2 compressed route not taken here: {route.reason}")
         N = naive.num_cmp(T - 1, 32, 16)
