@@ -18,10 +18,10 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-import aggregate  # noqa: E402
-import gate  # noqa: E402
-import plots  # noqa: E402
-import report  # noqa: E402
+import aggregate
+import gate
+import plots
+import report
 
 torch = pytest.importorskip("torch")
 
@@ -228,7 +228,7 @@ def test_failed_jobs_and_hostile_names(tmp_path):
 def test_regression_and_broken_training_fail(tmp_path):
     res = build_results(tmp_path, evil=False, feature_slowdown=1.10, feature_loss_rises=True,
                         presized_changes_output=True, feature_test_failures=2)
-    s, html, md = run_pipeline(res)
+    s, html, _ = run_pipeline(res)
     assert s["verdict"] == "FAIL"
     slower = [r for r in s["decode"]["rows"] if r["variant"] == "feature"]
     assert all(r["call"] == "slower" and 8 < r["delta_pct"] < 12 for r in slower)
@@ -247,7 +247,7 @@ def test_regression_and_broken_training_fail(tmp_path):
 def test_missing_everything_is_incomplete_not_a_crash(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
-    s, html, md = run_pipeline(res)
+    s, html, _ = run_pipeline(res)
     assert s["verdict"] == "INCOMPLETE"
     assert "variants.json" in " ".join(s["reasons"])
     assert "INCOMPLETE" in html
@@ -275,7 +275,7 @@ def test_gate_script_cli(tmp_path):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"verdict": "FAIL", "reasons": ["x"]}))
     r = subprocess.run([sys.executable, str(SCRIPTS / "gate.py"), "--summary", str(summary)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 1 and "FAIL" in r.stdout + r.stderr
 
 

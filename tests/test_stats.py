@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
-import stats  # noqa: E402
+import stats
 
 
 def test_rankdata_averages_ties():

@@ -17,10 +17,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display on CI or GPU hosts
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate import write_atomic  # noqa: E402
+from aggregate import write_atomic
 
 OK = "ok"
 CALL_COLORS = {"faster": "#2a9d3f", "slower": "#d1362f", "no significant change": "#7f7f7f"}
@@ -224,7 +224,7 @@ def make_plots(s: dict, out: Path) -> dict:
         path = out / name
         try:
             index[name] = fn(s, path)
-        except Exception as e:  # one bad plot must not cost the whole report
+        except Exception as e:  # noqa: BLE001 - one bad plot must not cost the whole report
             plt.close("all")
             index[name] = f"plot failed: {type(e).__name__}: {e}"
         if index[name] is not None and path.exists():

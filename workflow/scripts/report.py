@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate import build_tables, fmt_num, fmt_pct, markdown_table, md_cell, short, write_atomic  # noqa: E402
+from aggregate import build_tables, fmt_num, fmt_pct, markdown_table, md_cell, short, write_atomic
 
 VERDICT_COLORS = {"PASS": "#1e7b34", "FAIL": "#b3261e", "INCOMPLETE": "#9a6700"}
 BAD = ("FAILED", "MISSING", "FAIL", "slower", "NOT TRUSTWORTHY")
@@ -175,8 +175,8 @@ def sections(s: dict) -> list[dict]:
     out.append({"id": "summary", "title": "Summary",
                 "verdict": s["verdict"],
                 "items": s["reasons"],
-                "paras": [f"Baseline: {base['variant']} / {base['reserve']} ({short(base['sha'])}). "
-                          f"Device: {s.get('device')}. Repository: {s.get('repo')}."],
+                "paras": [(f"Baseline: {base['variant']} / {base['reserve']} ({short(base['sha'])}). "
+                          f"Device: {s.get('device')}. Repository: {s.get('repo')}.")],
                 "list2": headline(s)})
     if s["jobs"]:
         out.append({"id": "failed", "title": "Failed or missing jobs", "tables": [("", t["jobs"])],
@@ -185,49 +185,58 @@ def sections(s: dict) -> list[dict]:
     common = ", ".join(f"{k}={v}" for k, v in (s.get("common_env") or {}).items()) or "(none)"
     reserves = [[name, ", ".join(f"{k}={v}" for k, v in (cfg or {}).items()) or "(no variables: grow on demand)"]
                 for name, cfg in (s.get("reserve_configs") or {}).items()]
+    # Which implementation each branch dispatched to, and why, per commit (nsa.backends()).
+    routes, seen = [], set()
+    for r in s["environment"]:
+        if r["sha"] in seen:
+            continue
+        seen.add(r["sha"])
+        routes += [[r["variant"], short(r["sha"]), b, str(route), str(r["backend_reasons"].get(b) or "")]
+                   for b, route in r["backends"].items()]
     out.append({"id": "environment", "title": "Environment",
                 "tables": [("Variants", t["variants"]), ("Per commit", t["environment"]),
+                           ("Backend routes (nsa.backends())", (["variant", "sha", "branch", "route", "reason"], routes)),
                            ("Reserve configurations", (["name", "variables"], reserves))],
                 "paras": [f"Common environment for every job: {common}"],
                 "logs": env_logs,
                 "freeze": [(r["variant"], r["pip_freeze"]) for r in s["environment"] if r["pip_freeze"]]})
     out.append({"id": "correctness", "title": "Correctness",
-                "paras": ["Each commit's own test suites, run in its environment with each reserve "
-                          "configuration's variables (counts from the JUnit XML)."],
+                "paras": [("Each commit's own test suites, run in its environment with each reserve "
+                          "configuration's variables (counts from the JUnit XML).")],
                 "tables": [("", t["correctness"])],
                 "logs": failure_logs(s["correctness"], lambda r: f"{r['suite']} {_describe_run(r)}")})
     out.append({"id": "decode", "title": "Decode microbenchmark",
-                "paras": [f"Timer: {timer_note}; rounds: {dec.get('rounds')}. Medians of raw per-step samples; "
+                "paras": [(f"Timer: {timer_note}; rounds: {dec.get('rounds')}. Medians of raw per-step samples; "
                           f"delta = median / baseline median − 1; {int(acc.get('ci_level', .99) * 100)}% CI of the "
                           f"delta by seeded bootstrap of both samples; p from a two-sided Mann-Whitney U test. "
                           f"A change is called only when p < {acc.get('alpha')} and |delta| > "
-                          f"{acc.get('decode_tolerance_pct')}% (as asv does)."],
+                          f"{acc.get('decode_tolerance_pct')}% (as asv does).")],
                 "tables": [("", t["decode"]),
                            ("A/A: the same commit measured as two variants (any difference is noise)", t["aa"])],
                 "logs": failure_logs(dec["rows"], _describe_run),
                 "plots": SECTION_PLOTS["decode"]})
     out.append({"id": "training", "title": "Training",
-                "paras": [f"TinyLM on synthetic data, NSA and its dense-attention twin in the same job. Tokens/s "
+                "paras": [(f"TinyLM on synthetic data, NSA and its dense-attention twin in the same job. Tokens/s "
                           f"after warm-up (median, CI of the median); loss compared as the mean of the first and "
-                          f"last windows; it must fall by ≥ {acc.get('min_loss_drop_pct')}% and never be NaN."],
+                          f"last windows; it must fall by ≥ {acc.get('min_loss_drop_pct')}% and never be NaN.")],
                 "tables": [("", t["training"])],
                 "logs": failure_logs(s["training"]["rows"], _describe_run),
                 "plots": SECTION_PLOTS["training"]})
     env_lines = " ".join(f"{k}={v}" for k, v in (s["memory"].get("recommended_env") or {}).items())
     out.append({"id": "memory", "title": "Memory",
-                "paras": ["Workspace counters (nsa.workspace_stats()) and allocator counters over steady-state "
+                "paras": [("Workspace counters (nsa.workspace_stats()) and allocator counters over steady-state "
                           "decode and training. Recommended reserves: each high-water mark rounded up to a power "
-                          "of two, for the workload named in the row; they hold only for that workload."]
+                          "of two, for the workload named in the row; they hold only for that workload.")]
                 + ([f"To pre-size for every measured workload: {env_lines}"] if env_lines else []),
                 "tables": [("Recommended reserves", t["reserves"]), ("Workspaces", t["workspaces"]),
                            ("Allocator", t["allocator"])],
                 "plots": SECTION_PLOTS["memory"]})
     ref = s["equivalence"]["reference"]
     out.append({"id": "equivalence", "title": "Equivalence",
-                "paras": [f"Identical weights and inputs through every commit × reserve config; max abs diff of "
+                "paras": [(f"Identical weights and inputs through every commit × reserve config; max abs diff of "
                           f"the outputs against {ref['variant']} / {ref['reserve']} ({short(ref['sha'])}). Reserve "
                           f"configs must match their commit's first config bit for bit; commits must be within "
-                          f"{acc.get('equiv_atol')}."],
+                          f"{acc.get('equiv_atol')}.")],
                 "tables": [("", t["equivalence"])],
                 "logs": failure_logs(s["equivalence"]["rows"], _describe_run)})
     out.append({"id": "acceptance", "title": "Acceptance checklist",
@@ -245,7 +254,7 @@ def render_html(s: dict, plots_dir: Path | None) -> str:
             skipped = {}
     secs = sections(s)
     color = VERDICT_COLORS.get(s["verdict"], "#555")
-    body = [f"<h1>NSA validation report</h1>",
+    body = ["<h1>NSA validation report</h1>",
             f'<p class="note">Generated {esc(s.get("generated"))} · '
             + " · ".join(f'<a href="#{esc(sec["id"])}">{esc(sec["title"])}</a>' for sec in secs) + "</p>"]
     for sec in secs:

@@ -12,7 +12,7 @@ than a tolerance, so that tiny but "significant" differences from drift are not 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -168,11 +168,11 @@ def compare(baseline: Sequence[float], candidate: Sequence[float], *, tolerance_
     return out
 
 
-def pow2_ceil(n: float | int | None) -> int | None:
+def pow2_ceil(n: float | None) -> int | None:
     """Smallest power of two >= n (reserve recommendations; 0 stays 0 = grow on demand)."""
     if n is None:
         return None
-    n = int(math.ceil(n))
+    n = math.ceil(n)
     if n <= 0:
         return 0
     return 1 << (n - 1).bit_length()
