@@ -51,16 +51,19 @@ def _ws_stats(presized: bool, scale: int):
 
 
 def build_results(root: Path, *, evil=True, feature_slowdown=1.0, feature_loss_rises=False,
-                  presized_changes_output=False, feature_test_failures=0, n=60) -> Path:
-    """Write a raw results tree; returns its path."""
+                  presized_changes_output=False, feature_test_failures=0, n=60, single=False) -> Path:
+    """Write a raw results tree; returns its path. ``single``: one variant, one reserve config."""
     res = root / "results"
     variants = {"base": {"ref": "main", "sha": SHA_BASE}, "base-again": {"ref": "main", "sha": SHA_BASE},
                 "feature": {"ref": "perf/presize", "sha": SHA_FEAT}}
     if evil:
         variants[EVIL] = {"ref": "<b>bad</b>&ref", "sha": SHA_EVIL}
+    reserves = {"none": {}} if single else RESERVES
+    if single:
+        variants = {"base": variants["base"]}
     _dump(res / "meta" / "variants.json", {
         "repo": "/tmp/<repo>", "baseline": "base", "device": "cpu", "variants": variants,
-        "reserve_configs": RESERVES, "common_env": {"NSA_USE_FA2": "0"}, "suites": SUITES,
+        "reserve_configs": reserves, "common_env": {"NSA_USE_FA2": "0"}, "suites": SUITES,
         "acceptance": {"decode_tolerance_pct": 5.0, "aa_max_delta_pct": 2.0, "equiv_atol": 1e-5,
                        "bootstrap_resamples": 1000}})
     for sha in (SHA_BASE, SHA_FEAT):
@@ -76,7 +79,7 @@ def build_results(root: Path, *, evil=True, feature_slowdown=1.0, feature_loss_r
             "log_tail": "ERROR: No matching distribution for <torch>\nTAILMARK-ENV"})
     rng = np.random.default_rng(0)
     for sha in (SHA_BASE, SHA_FEAT):
-        for reserve in RESERVES:
+        for reserve in reserves:
             fails = feature_test_failures if sha == SHA_FEAT else 0
             suites = {name: {"marker": m, "passed": 10 - fails, "failed": fails, "skipped": 1, "errors": 0,
                              "junit": f"junit-{name}.xml", "status": "failed" if fails else "ok"}
@@ -87,7 +90,7 @@ def build_results(root: Path, *, evil=True, feature_slowdown=1.0, feature_loss_r
     # Decode: one run per variant x reserve, interleaved in the real harness; here iid draws.
     runs = []
     for name, v in variants.items():
-        for reserve in RESERVES:
+        for reserve in reserves:
             if v["sha"] == SHA_EVIL:
                 runs.append({"variant": name, "sha": v["sha"], "reserve": reserve, "status": "failed",
                              "error": "CUDA out of memory", "log_tail": "Traceback ...\nTAILMARK-DECODE <oom>"})
@@ -107,7 +110,7 @@ def build_results(root: Path, *, evil=True, feature_slowdown=1.0, feature_loss_r
     # Training.
     steps = 24
     for sha in (SHA_BASE, SHA_FEAT):
-        for reserve in RESERVES:
+        for reserve in reserves:
             rises = feature_loss_rises and sha == SHA_FEAT
             t = np.arange(steps)
             loss = (5.5 + 0.02 * t) if rises else (3.0 + 2.5 * np.exp(-t / 6.0))
@@ -126,7 +129,7 @@ def build_results(root: Path, *, evil=True, feature_slowdown=1.0, feature_loss_r
     g = torch.Generator().manual_seed(0)
     ref = {"prefill": torch.randn(2, 16, 32, generator=g), "decode": torch.randn(2, 4, 32, generator=g)}
     for sha in (SHA_BASE, SHA_FEAT):
-        for reserve in RESERVES:
+        for reserve in reserves:
             out = {k: v.clone() for k, v in ref.items()}
             if sha == SHA_FEAT:
                 out = {k: v + 1e-7 for k, v in out.items()}
@@ -277,6 +280,14 @@ def test_gate_script_cli(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPTS / "gate.py"), "--summary", str(summary)],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 1 and "FAIL" in r.stdout + r.stderr
+
+
+def test_single_variant_single_config_passes(tmp_path):
+    res = build_results(tmp_path, evil=False, single=True)
+    s, html, _ = run_pipeline(res)
+    assert s["verdict"] == "PASS", s["reasons"]
+    assert _criterion(s, "Decode A/A")["pass"] is None  # not configured: shown, not decisive
+    assert "PASS" in html
 
 
 def test_markdown_cells_are_escaped():

@@ -613,7 +613,8 @@ def acceptance_checklist(s: dict, acc: dict) -> list[dict]:
         "Training throughput: no significant regression vs the baseline",
         f"worst tokens/s delta {_fmt(tworst, '+.2f')}% over {len(tjudged)} comparisons",
         f"p < {acc['alpha']} and delta < -{acc['train_tolerance_pct']}% counts as a regression",
-        False if tslow else (None if not tjudged else True), missing=len(not_t),
+        # Nothing to compare is fine for a single run; it is "not judged" only when runs are missing.
+        False if tslow else (None if not tjudged and (not_t or len(ok_t) > 1) else True), missing=len(not_t),
         detail="; ".join(f"{r['variant']}/{r['reserve']}: {r['delta_pct']:+.2f}%" for r in tslow) or None))
 
     # Equivalence.
@@ -625,7 +626,8 @@ def acceptance_checklist(s: dict, acc: dict) -> list[dict]:
         "Reserve configs are bit-identical to their commit's first config",
         f"{len(reserve_rows) - len(not_bit) - sum(r.get('bit_identical') is None for r in reserve_rows)} of "
         f"{len(reserve_rows)} identical", "bit for bit",
-        False if not_bit else (None if not any(r.get("bit_identical") for r in reserve_rows) else True),
+        False if not_bit else (None if any(r.get("bit_identical") is None for r in reserve_rows)
+                               or (not reserve_rows and len(s["reserves"]) > 1) else True),
         missing=len(e_missing),
         detail=", ".join(f"{r['variant']}/{r['reserve']}" for r in not_bit) or None))
     judged_e = [r for r in erows if "max_abs_diff_all" in r]
