@@ -121,7 +121,7 @@ def selection_ranges(block_idx, sel_block_len, positions=None):
             limit = int(positions[ti]) + 1
             for g in range(G):
                 ranges: list[list[int]] = []
-                for j in sorted(int(x) for x in block_idx[b, ti, g] if x >= 0):
+                for j in sorted({int(x) for x in block_idx[b, ti, g] if x >= 0}):
                     s, e = j * sel_block_len, min((j + 1) * sel_block_len, limit)
                     if s >= e:
                         continue

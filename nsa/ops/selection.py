@@ -72,6 +72,18 @@ def select_blocks(scores: torch.Tensor, sel_block_len: int, n_sel: int,
     return order
 
 
+def canonical_blocks(block_idx: torch.Tensor) -> torch.Tensor:
+    """Block lists in the form every route expects: ascending, each block once, ``-1`` slots last.
+
+    ``select_blocks`` already returns this; hand-made lists may hold holes, repeats or any order.
+    """
+    big = torch.iinfo(block_idx.dtype).max
+    b = torch.sort(torch.where(block_idx >= 0, block_idx, torch.full_like(block_idx, big)), dim=-1).values
+    repeat = torch.cat([torch.zeros_like(b[..., :1], dtype=torch.bool), b[..., 1:] == b[..., :-1]], dim=-1)
+    b = torch.sort(torch.where(repeat, torch.full_like(b, big), b), dim=-1).values
+    return torch.where(b == big, torch.full_like(b, -1), b)
+
+
 def selection_ranges(block_idx: torch.Tensor, sel_block_len: int, positions: torch.Tensor | None = None,
                      version: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected blocks as sorted, merged ``[start, end)`` ranges clipped to ``t + 1``.
@@ -79,6 +91,7 @@ def selection_ranges(block_idx: torch.Tensor, sel_block_len: int, positions: tor
     ``block_idx [B, T, G, n]`` (ascending, -1 last) -> ``(starts, ends)`` each ``[B, T, G, n]``, merged
     ranges first, unused slots ``0, 0``. ``version=1`` is the plain reference builder.
     """
+    block_idx = canonical_blocks(block_idx)
     if version == 1:
         from . import naive
 
@@ -106,6 +119,7 @@ def selection_ranges(block_idx: torch.Tensor, sel_block_len: int, positions: tor
 
 def _token_index_from_blocks(block_idx, block_size, positions, num_keys):
     """Per ``(b, t, g)``: key positions of the selected blocks (unmerged) and which are valid."""
+    block_idx = canonical_blocks(block_idx)
     offs = torch.arange(block_size, device=block_idx.device)
     tok = (block_idx.clamp_min(0)[..., None] * block_size + offs).flatten(-2)  # [B, T, G, n*bs]
     valid = (block_idx >= 0).repeat_interleave(block_size, dim=-1)
