@@ -66,8 +66,8 @@ def cuda():
 
 def tiny_cfg(**overrides) -> nsa.NSAConfig:
     """A small layer whose branches all do something at T of a few dozen tokens."""
-    base = dict(dim=24, groups=2, heads_per_group=2, d_k=8, d_v=6, block_len=8, block_stride=4,
-                sel_block_len=8, n_sel=3, window=8)
+    base = {"dim": 24, "groups": 2, "heads_per_group": 2, "d_k": 8, "d_v": 6, "block_len": 8, "block_stride": 4,
+            "sel_block_len": 8, "n_sel": 3, "window": 8}
     base.update(overrides)
     return nsa.NSAConfig(**base)
 

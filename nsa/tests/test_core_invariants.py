@@ -5,8 +5,6 @@ says "no output bit")."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
@@ -17,16 +15,16 @@ from nsa.ops import naive
 
 pytestmark = pytest.mark.core_invariants
 
-F32 = dict(atol=1e-5, rtol=0)
-F64 = dict(atol=1e-10, rtol=0)
+F32 = {"atol": 1e-5, "rtol": 0}
+F64 = {"atol": 1e-10, "rtol": 0}
 
 CONFIGS = {
     "base": {},
-    "G1h1": dict(groups=1, heads_per_group=1),
-    "dk_ne_dv": dict(d_k=10, d_v=4, groups=1, heads_per_group=3),
-    "mean_gatemlp": dict(compress="mean", gate_hidden=5, groups=3, heads_per_group=1),
-    "wide": dict(block_len=6, block_stride=2, sel_block_len=4, n_sel=5, window=5),
-    "w_gt_T": dict(window=512, block_len=4, block_stride=4, sel_block_len=4, n_sel=3),
+    "G1h1": {"groups": 1, "heads_per_group": 1},
+    "dk_ne_dv": {"d_k": 10, "d_v": 4, "groups": 1, "heads_per_group": 3},
+    "mean_gatemlp": {"compress": "mean", "gate_hidden": 5, "groups": 3, "heads_per_group": 1},
+    "wide": {"block_len": 6, "block_stride": 2, "sel_block_len": 4, "n_sel": 5, "window": 5},
+    "w_gt_T": {"window": 512, "block_len": 4, "block_stride": 4, "sel_block_len": 4, "n_sel": 3},
 }
 
 
@@ -96,7 +94,7 @@ def test_group_shares_blocks(G, h, gen, qkv):
 @pytest.mark.parametrize("l,d", [(32, 16), (8, 4), (6, 3), (4, 4), (5, 1), (16, 2)])
 def test_num_cmp_counts_whole_past_blocks(l, d, make_cfg):
     cfg = make_cfg(block_len=l, block_stride=d, sel_block_len=l * 2)
-    ts = range(0, 5 * l + 7)
+    ts = range(5 * l + 7)
     brute = [sum(1 for i in range(t + 2) if i * d + l <= t + 1) for t in ts]  # definition: block in the past
     assert [cfg.num_cmp(t) for t in ts] == brute
     assert [naive.num_cmp(t, l, d) for t in ts] == brute
@@ -329,9 +327,9 @@ def test_reserve_beyond_device_memory_names_variable(var, field, override, gen, 
 
 def test_varlen_reserve_beyond_device_memory_names_variable(override, gen, qkv):
     q, k, v = qkv(1, 20, naive.num_cmp(19, 8, 4), 1, 1, 8, 8, generator=gen)
-    with override(varlen_reserve_n=2**40), pytest.raises(nsa.SettingsError, match="NSA_VARLEN_RESERVE_N"):
-        with torch.no_grad():
-            _cmp_fa2_cpu(q, k, v, 8, 4)
+    with override(varlen_reserve_n=2**40), pytest.raises(nsa.SettingsError, match="NSA_VARLEN_RESERVE_N"), \
+            torch.no_grad():
+        _cmp_fa2_cpu(q, k, v, 8, 4)
 
 
 # --- settings validation ----------------------------------------------------------------------------------------
@@ -378,24 +376,23 @@ def test_reload_settings_reads_environment(monkeypatch):
 
 
 def test_override_rejects_unknown_setting(override):
-    with pytest.raises(nsa.SettingsError, match="use_fa3"):
-        with override(use_fa3=True):
-            pass
+    with pytest.raises(nsa.SettingsError, match="use_fa3"), override(use_fa3=True):
+        pass
 
 
 # --- config validation --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field,kwargs", [
-    ("dim", dict(dim=0)), ("dim", dict(dim=2.5)), ("groups", dict(groups=0)), ("groups", dict(groups=True)),
-    ("heads_per_group", dict(heads_per_group=0)), ("d_k", dict(d_k=0)), ("d_k", dict(d_k=7)),
-    ("d_v", dict(d_v=0)), ("block_len", dict(block_len=0)), ("block_stride", dict(block_stride=0)),
-    ("block_stride", dict(block_stride=16, block_len=8)), ("block_len", dict(block_len=10, block_stride=4)),
-    ("sel_block_len", dict(sel_block_len=10, block_stride=4)), ("n_sel", dict(n_sel=2)),
-    ("window", dict(window=0)), ("rope_theta", dict(rope_theta=0.0)), ("compress", dict(compress="max")),
-    ("gate_hidden", dict(gate_hidden=-1)),
+    ("dim", {"dim": 0}), ("dim", {"dim": 2.5}), ("groups", {"groups": 0}), ("groups", {"groups": True}),
+    ("heads_per_group", {"heads_per_group": 0}), ("d_k", {"d_k": 0}), ("d_k", {"d_k": 7}),
+    ("d_v", {"d_v": 0}), ("block_len", {"block_len": 0}), ("block_stride", {"block_stride": 0}),
+    ("block_stride", {"block_stride": 16, "block_len": 8}), ("block_len", {"block_len": 10, "block_stride": 4}),
+    ("sel_block_len", {"sel_block_len": 10, "block_stride": 4}), ("n_sel", {"n_sel": 2}),
+    ("window", {"window": 0}), ("rope_theta", {"rope_theta": 0.0}), ("compress", {"compress": "max"}),
+    ("gate_hidden", {"gate_hidden": -1}),
 ])
 def test_config_validation_names_field(field, kwargs):
-    base = dict(dim=16, d_k=8, d_v=8, block_len=8, block_stride=4, sel_block_len=8, n_sel=3, window=8)
+    base = {"dim": 16, "d_k": 8, "d_v": 8, "block_len": 8, "block_stride": 4, "sel_block_len": 8, "n_sel": 3, "window": 8}
     base.update(kwargs)
     with pytest.raises(ValueError, match=rf"NSAConfig\.{field}="):
         nsa.NSAConfig(**base)

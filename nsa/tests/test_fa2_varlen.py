@@ -22,7 +22,7 @@ from .conftest import max_rel_err
 
 pytestmark = pytest.mark.fa2_varlen
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 BF16_REL = 1e-2
 
 

@@ -15,7 +15,7 @@ from nsa.ops import naive
 
 pytestmark = pytest.mark.gradients
 
-F64 = dict(atol=1e-10, rtol=1e-8)
+F64 = {"atol": 1e-10, "rtol": 1e-8}
 
 
 def _leaves(*xs):
@@ -97,12 +97,12 @@ def test_gradcheck_compressed_fa2_folding(gen):
 
 
 @pytest.mark.parametrize("cfg_kw", [
-    dict(),
-    dict(groups=1, heads_per_group=1, d_k=4, d_v=2, compress="mean", gate_hidden=3),
+    {},
+    {"groups": 1, "heads_per_group": 1, "d_k": 4, "d_v": 2, "compress": "mean", "gate_hidden": 3},
 ])
 def test_gradcheck_module_wrt_input(cfg_kw, make_cfg, gen):
-    base = dict(dim=6, groups=2, heads_per_group=1, d_k=2, d_v=2, block_len=4, block_stride=2, sel_block_len=2,
-                n_sel=3, window=3)
+    base = {"dim": 6, "groups": 2, "heads_per_group": 1, "d_k": 2, "d_v": 2, "block_len": 4, "block_stride": 2, "sel_block_len": 2,
+                "n_sel": 3, "window": 3}
     base.update(cfg_kw)
     attn = nsa.NSAAttention(make_cfg(**base)).double()
     (x,) = _leaves(torch.randn(1, 11, base["dim"], generator=gen))
@@ -176,5 +176,5 @@ def test_grad_module_batched_equals_sequential(make_cfg, override, gen):
         with override(prefill_batched=batched):
             grads.append(torch.autograd.grad((attn(x) * w).sum(), [x, *params]))
     for name, gb, gs in zip(["x"] + [n for n, _ in attn.named_parameters()], *grads):
-        torch.testing.assert_close(gb, gs, **F64, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(gb, gs, **F64, msg=lambda m, name=name: f"{name}: {m}")
     assert all(g.abs().sum() > 0 for g in grads[0])  # every parameter (phi, gates, branch K/V) gets a gradient

@@ -16,7 +16,7 @@ from nsa.ops import naive
 
 pytestmark = pytest.mark.ops
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 # --- compression -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from nsa.ops import naive
 
 pytestmark = pytest.mark.selection_v2
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _shape_cases():
@@ -102,7 +102,7 @@ HOLE_CASES = [(1, 12, 1, 2, 4, 3), (2, 20, 2, 1, 5, 4), (1, 33, 2, 2, 6, 5), (2,
 @pytest.mark.parametrize("holes_inside", [False, True], ids=["holes-last", "holes-inside"])
 @pytest.mark.parametrize("case", HOLE_CASES, ids=[_ids(c) for c in HOLE_CASES])
 def test_ranges_v1_v2_on_hand_made_blocks(case, holes_inside, gen):
-    B, T, G, h, n, l_sel = case
+    B, T, G, _h, n, l_sel = case
     idx = _holey_block_idx(B, T, G, n, l_sel, gen, holes_inside=holes_inside, future=True)
     s1, e1 = ops.selection_ranges(idx, l_sel, version=1)
     s2, e2 = ops.selection_ranges(idx, l_sel, version=2)
@@ -119,7 +119,7 @@ def test_packed_gather_naive_on_hand_made_blocks(case, holes_inside, gen, qkv):
     for packed in (True, False):
         for v2 in (True, False):
             got = ops.selection_attention(q, k, v, idx, l_sel, packed=packed, ranges_v2=v2)
-            torch.testing.assert_close(got, ref, **TOL, msg=lambda m: f"packed={packed} v2={v2}: {m}")
+            torch.testing.assert_close(got, ref, **TOL, msg=lambda m, p=packed, r=v2: f"packed={p} v2={r}: {m}")
     # A row whose blocks are all empty (only -1 or only future blocks) reads nothing: exactly zero.
     empty = ((idx < 0) | (idx * l_sel > torch.arange(T)[:, None, None])).all(-1)  # [B, T, G]
     o = ops.selection_attention(q, k, v, idx, l_sel).reshape(B, T, G, h, -1)
@@ -127,10 +127,10 @@ def test_packed_gather_naive_on_hand_made_blocks(case, holes_inside, gen, qkv):
 
 
 @pytest.mark.parametrize("cfg_kw,T", [
-    (dict(sel_block_len=8, n_sel=3), 5),
-    (dict(sel_block_len=8, n_sel=3), 8),
-    (dict(sel_block_len=4, n_sel=4, groups=1, heads_per_group=3), 29),
-    (dict(sel_block_len=12, n_sel=3, groups=3, heads_per_group=1), 37),
+    ({"sel_block_len": 8, "n_sel": 3}, 5),
+    ({"sel_block_len": 8, "n_sel": 3}, 8),
+    ({"sel_block_len": 4, "n_sel": 4, "groups": 1, "heads_per_group": 3}, 29),
+    ({"sel_block_len": 12, "n_sel": 3, "groups": 3, "heads_per_group": 1}, 37),
 ])
 def test_module_selection_routes_agree(cfg_kw, T, make_cfg, override):
     import nsa
