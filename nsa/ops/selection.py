@@ -106,8 +106,7 @@ def selection_ranges(block_idx: torch.Tensor, sel_block_len: int, positions: tor
     start = block_idx.clamp_min(0) * sel_block_len
     end = torch.minimum((block_idx.clamp_min(0) + 1) * sel_block_len, limit)
     valid = valid & (end > start)
-    last = torch.where(valid, block_idx, -2).cummax(-1).values  # -1 holes neither break nor open a range
-    prev = torch.cat([block_idx.new_full((B, T, G, 1), -2), last[..., :-1]], dim=-1)
+    prev = torch.cat([block_idx.new_full((B, T, G, 1), -2), block_idx[..., :-1]], dim=-1)
     opens = valid & (block_idx != prev + 1)  # a block not adjacent to the previous one opens a range
     rid = torch.cumsum(opens.long(), dim=-1) - 1  # range id of each block
     rid = torch.where(valid, rid, torch.full_like(rid, n))  # invalid slots go to a scratch column
