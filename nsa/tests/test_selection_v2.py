@@ -149,3 +149,27 @@ def test_module_selection_routes_agree(cfg_kw, T, make_cfg, override):
     assert torch.equal(y_v1, y_v2)
     torch.testing.assert_close(y_gather, y_v2, **TOL)
     torch.testing.assert_close(y_v2, y_ref, **TOL)
+
+
+@pytest.mark.parametrize("case", HOLE_CASES, ids=[_ids(c) for c in HOLE_CASES])
+def test_any_order_and_repeats(case, gen, qkv):
+    """Hand-made lists in any order, with repeated blocks and -1 anywhere: every route reads each
+    selected block once, as the sorted, deduplicated list would."""
+    B, T, G, h, n, l_sel = case
+    idx = _holey_block_idx(B, T, G, n, l_sel, gen, holes_inside=True, future=True)
+    # repeat some blocks into -1 slots, then shuffle each list
+    filler = idx.gather(-1, torch.randint(0, n, idx.shape, generator=gen))
+    idx = torch.where((idx < 0) & (torch.rand(idx.shape, generator=gen) < 0.5), filler, idx)
+    idx = idx.gather(-1, torch.argsort(torch.rand(idx.shape, generator=gen), dim=-1))
+    canon = torch.full_like(idx, -1)
+    for pos in torch.cartesian_prod(*(torch.arange(s) for s in idx.shape[:-1])).reshape(-1, 3).tolist():
+        blocks = sorted({j for j in idx[tuple(pos)].tolist() if j >= 0})
+        canon[tuple(pos)][: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+    for v in (1, 2):
+        got, want = ops.selection_ranges(idx, l_sel, version=v), ops.selection_ranges(canon, l_sel, version=v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    q, k, v = qkv(B, T, T, G, h, 4, 4, generator=gen)
+    ref = naive.selection_attention(q, k, v, canon, l_sel)
+    torch.testing.assert_close(naive.selection_attention(q, k, v, idx, l_sel), ref, **TOL)
+    for packed in (True, False):
+        torch.testing.assert_close(ops.selection_attention(q, k, v, idx, l_sel, packed=packed), ref, **TOL)
