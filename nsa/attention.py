@@ -145,7 +145,8 @@ class NSAAttention(nn.Module):
                 o_cmp = cmp_route.fn(q, k_cmp, v_cmp, *args)
             scores = selection_scores(p, cfg.groups, *args, cfg.sel_block_len, nb)
             idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel)
-            slc_route = backends.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v)
+            needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
+            slc_route = backends.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
             o_slc = (slc_route.fn or selection_attention)(q_rope, ks, vs, idx, cfg.sel_block_len)
             win_route = backends.route_win(x.device, x.dtype, cfg.d_k, cfg.d_v)
             if win_route.fn is not None:

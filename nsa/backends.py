@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed, flex, window
+from .ops import compressed, flex, triton_selection, window
 from .settings import settings
 
 
@@ -163,10 +163,17 @@ def _flex_blocker(device, dtype, d_k, d_v) -> str | None:
     return None
 
 
-def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: int = 64, d_v: int = 64) -> Route:
+def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: int = 64, d_v: int = 64,
+              needs_grad: bool = True) -> Route:
     """Selection route for prefill/training (decode always takes packed or gather)."""
     s = settings()
     ranges = "v2 vectorised ranges" if s.sel_ranges_v2 else "v1 reference ranges (host loop)"
+    half = dtype in (torch.float16, torch.bfloat16)
+    pow2 = sel_block_len >= 16 and sel_block_len & (sel_block_len - 1) == 0
+    if (not needs_grad and s.use_triton and torch.device(device).type == "cuda" and half and pow2
+            and triton_selection.available()):
+        return Route("triton-sparse", "NSA_USE_TRITON=1, no autograd: one program per (query, group) over "
+                     "its selected blocks", triton_selection.selection_attention_triton)
     blocker = _flex_blocker(device, dtype, d_k, d_v)
     if blocker is None and sel_block_len % 64:
         blocker = f"sel_block_len={sel_block_len} (flex tiles keys by 64)"
@@ -190,6 +197,7 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
     s = settings()
     out = {}
     for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device, dtype, sel_block_len, d_k, d_v)),
+                          ("slc_inference", route_slc(device, dtype, sel_block_len, d_k, d_v, needs_grad=False)),
                           ("win", route_win(device, dtype, d_k, d_v))):
         out[branch] = {"route": route.name, "reason": route.reason}
     out["prefill"] = {"route": "batched" if s.prefill_batched else "sequential",

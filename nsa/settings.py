@@ -33,6 +33,7 @@ class Settings:
     use_fa2_cmp: bool = True  # NSA_USE_FA2_CMP: compressed branch through FA-2 (needs NSA_USE_FA2)
     use_fa2_win: bool = True  # NSA_USE_FA2_WIN: window branch through FA-2 (needs NSA_USE_FA2)
     use_flex: bool = True  # NSA_USE_FLEX: GPU prefill/training selection and window via FlexAttention
+    use_triton: bool = True  # NSA_USE_TRITON: GPU inference selection through the Triton kernel
     # Workspace reserves (0 = grow on demand).
     sel_pack_reserve_n: int = 0  # NSA_SEL_PACK_RESERVE_N: packed-selection rows
     sel_pack_reserve_l: int = 0  # NSA_SEL_PACK_RESERVE_L: keys per packed-selection row
@@ -61,6 +62,7 @@ _ENV_NAMES = {
     "use_fa2_cmp": "NSA_USE_FA2_CMP",
     "use_fa2_win": "NSA_USE_FA2_WIN",
     "use_flex": "NSA_USE_FLEX",
+    "use_triton": "NSA_USE_TRITON",
     "sel_pack_reserve_n": "NSA_SEL_PACK_RESERVE_N",
     "sel_pack_reserve_l": "NSA_SEL_PACK_RESERVE_L",
     "varlen_reserve_n": "NSA_VARLEN_RESERVE_N",

@@ -1,4 +1,5 @@
-"""GPU checks beside the test suite: decode == prefill across routes, graph replay, flex == packed.
+"""GPU checks beside the test suite: decode == prefill across routes, graph replay, flex == packed,
+prefill timings per selection route (Triton / flex / packed).
 
 Run on a CUDA machine: ``python tools/gpu_checks.py``. Prints one line per check with its number.
 """
@@ -72,7 +73,7 @@ timer = _Timer(torch.device("cuda"))
 cfg = NSAConfig(**PAPER_CFG)
 layer = NSAAttention(cfg).cuda().bfloat16()
 x = torch.randn(1, 8192, cfg.dim, device="cuda", dtype=torch.bfloat16)
-for flags in (dict(), dict(use_flex=False)):
+for flags in ({}, {"use_triton": False}, {"use_triton": False, "use_flex": False}):
     with override(**flags), torch.no_grad():
         layer(x)
         s = [timer(lambda: layer(x)) for _ in range(5)]
