@@ -1,0 +1,85 @@
+# Start-up: which commits, which configurations, which device; and the helpers the rules share.
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import harness
+import resolve_refs
+
+
+SCRIPTS = f"{workflow.basedir}/workflow/scripts"
+RESULTS = "results"
+# The interpreter whose packages (torch, pytest, flash-attn) every commit's environment inherits.
+HOST_PYTHON = config["python"] or sys.executable
+
+
+def detect_device(setting, python):
+    """auto -> cuda when the host interpreter's torch sees a GPU. The cheap checks come first so
+    that start-up (and a rerun with nothing to do) stays fast on machines without a GPU."""
+    if setting != "auto":
+        return setting
+    if not (os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi")):
+        return "cpu"
+    r = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
+                       capture_output=True, text=True)
+    return "cuda" if r.stdout.strip() == "True" else "cpu"
+
+
+DEVICE = detect_device(config["device"], HOST_PYTHON)
+
+# Refs -> full SHAs. Every output below is keyed by SHA: a branch that moved reruns, one that
+# did not is left alone.
+REPO_SPEC = config["repo"] or workflow.basedir
+try:
+    REPO = str(resolve_refs.local_repo(REPO_SPEC, Path(RESULTS) / "repos"))
+    VARIANTS = resolve_refs.resolve_variants(REPO, config["variants"])
+except resolve_refs.RefError as e:
+    raise WorkflowError(str(e)) from None
+SHAS = sorted({v["sha"] for v in VARIANTS.values()})
+RESERVES = list(config["reserve_configs"])
+
+
+wildcard_constraints:
+    sha="[0-9a-f]{40}",
+    reserve="|".join(re.escape(r) for r in RESERVES),
+
+
+def job_vars(reserve):
+    """Environment variables of a job running a commit's code under one reserve configuration."""
+    return {**config["common_env"], **config["reserve_configs"][reserve]}
+
+
+def sizes(stage):
+    """This device's sizes for a stage (decode rounds overridden by `repeats` when set)."""
+    out = dict(config[stage][DEVICE])
+    if stage == "decode" and config["repeats"]:
+        out["rounds"] = config["repeats"]
+    return out
+
+
+def as_json(obj):
+    return json.dumps(obj, sort_keys=True)
+
+
+def env_json(sha):
+    return f"{RESULTS}/env/{sha}/env.json"
+
+
+def per_sha_reserve(pattern):
+    return [pattern.format(sha=s, reserve=r) for s in SHAS for r in RESERVES]
+
+
+META = {
+    "repo": str(REPO_SPEC),
+    "baseline": config["baseline"],
+    "device": DEVICE,
+    "variants": VARIANTS,
+    "reserve_configs": config["reserve_configs"],
+    "common_env": config["common_env"],
+    "suites": config["suites"],
+    "acceptance": config["acceptance"],
+}

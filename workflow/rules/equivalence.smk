@@ -1,0 +1,25 @@
+# Identical weights and inputs through every commit x reserve configuration; outputs saved (.pt)
+# for the report to compare against the baseline's first configuration.
+
+
+rule equivalence:
+    input:
+        env=env_json("{sha}"),
+        script=f"{SCRIPTS}/equivalence.py",
+    output:
+        f"{RESULTS}/equiv/{{sha}}/{{reserve}}.json",
+    params:
+        sizes=as_json(config["equivalence"][DEVICE]),
+        model=as_json(config["model"]),
+        vars=lambda wc: as_json(job_vars(wc.reserve)),
+        device=DEVICE,
+        seed=config["seed"],
+        timeout=config["timeouts"]["equivalence"],
+    log:
+        f"{RESULTS}/logs/equiv/{{sha}}/{{reserve}}.log",
+    conda:
+        "../../envs/workflow.yaml"
+    shell:
+        "{HOST_PYTHON:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
+        " --model {params.model:q} --vars {params.vars:q} --device {params.device} --seed {params.seed}"
+        " --timeout {params.timeout} --out {output:q} --log {log:q}"

@@ -1,0 +1,173 @@
+"""Validate the workflow configuration against its schema and fill in the defaults.
+
+The Snakefile calls :func:`checked_config` at start-up, so a bad value stops the run before any
+job, with one line per problem naming the key (``reserve_configs.presized.NSA_SEL_PACK_RESERVE_N``),
+the value and what is accepted. Usable on its own: ``python config_check.py config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration holds values the workflow does not accept."""
+
+
+def load_yaml(path) -> dict:
+    """A YAML mapping from ``path``; malformed YAML is a ConfigError naming the file and line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_schema(path=SCHEMA) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    """Follow a local ``$ref`` (merging sibling keywords over the target)."""
+    while isinstance(node, dict) and "$ref" in node:
+        target = schema
+        for part in node["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def fill_defaults(schema: dict, node: dict, value):
+    """``value`` with every missing property that has a ``default`` filled in, recursively.
+
+    Mapping defaults replace a missing mapping whole; a given mapping is kept as the user wrote
+    it (listing one variant must not add the default variants), except where the schema says
+    ``x-merge-default`` (the acceptance thresholds: setting one keeps the others).
+    """
+    node = _resolve(schema, node)
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for key, sub in (node.get("properties") or {}).items():
+        sub = _resolve(schema, sub)
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        elif key in out and sub.get("x-merge-default") and isinstance(out[key], dict) \
+                and isinstance(sub.get("default"), dict):
+            out[key] = _deep_merge(sub["default"], out[key])
+        if key in out:
+            out[key] = fill_defaults(schema, sub, out[key])
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _allowed_keys(schema: dict, node: dict) -> list[str]:
+    """Property names a mapping may hold under ``node`` (its own and those of its ``allOf`` parts)."""
+    node = _resolve(schema, node)
+    keys = list((node.get("properties") or {}).keys())
+    for part in node.get("allOf") or []:
+        keys += [k for k in _allowed_keys(schema, part) if k not in keys]
+    return keys
+
+
+def describe_error(err: jsonschema.ValidationError, schema: dict | None = None) -> str:
+    """One line: the config key, the offending value, and what the schema accepts."""
+    path = list(err.absolute_path)
+    if err.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(err.instance, dict):
+        allowed = _allowed_keys(schema or {}, err.schema)
+        extra = [k for k in err.instance if k not in allowed]
+        if allowed and extra:
+            return (f"unknown config key {', '.join(_key(path + [k]) for k in extra)}; "
+                    f"accepted keys here: {', '.join(sorted(allowed))}")
+    if "propertyNames" in err.schema_path:
+        accepted = err.schema.get("description", err.message) if isinstance(err.schema, dict) else err.message
+        return f"config key {_key(path + [err.instance])}: the name {err.instance!r} is not accepted; accepted: {accepted}"
+    accepted = err.schema.get("description") if isinstance(err.schema, dict) else None
+    if err.validator == "enum":
+        accepted = "one of " + ", ".join(map(str, err.validator_value))
+    value = err.instance
+    shown = repr(value) if len(repr(value)) < 80 else type(value).__name__
+    return f"config key {_key(path)} = {shown} is invalid: {err.message}" + (f"; accepted: {accepted}" if accepted else "")
+
+
+def check_semantics(cfg: dict) -> list[str]:
+    """Rules the schema cannot say: cross-references between keys."""
+    problems = []
+    if cfg.get("baseline") not in (cfg.get("variants") or {}):
+        problems.append(f"config key baseline = {cfg.get('baseline')!r} is not a variant; accepted: one of "
+                        + ", ".join(repr(v) for v in cfg.get("variants") or {}))
+    for device, sizes in (cfg.get("decode") or {}).items():
+        if isinstance(sizes, dict) and sizes.get("graph") and device == "cpu":
+            problems.append("config key decode.cpu.graph = true is invalid: CUDA graphs need a GPU; accepted: false")
+    for device, sizes in (cfg.get("train") or {}).items():
+        if isinstance(sizes, dict) and sizes.get("warmup", 0) >= sizes.get("steps", 1):
+            problems.append(f"config key train.{device}.warmup = {sizes.get('warmup')} must be below "
+                            f"train.{device}.steps = {sizes.get('steps')} (no step would be timed)")
+    for device, sizes in (cfg.get("equivalence") or {}).items():
+        if isinstance(sizes, dict) and sizes.get("decode_steps", 0) >= sizes.get("seq_len", 1):
+            problems.append(f"config key equivalence.{device}.decode_steps = {sizes.get('decode_steps')} must be "
+                            f"below equivalence.{device}.seq_len = {sizes.get('seq_len')}")
+    model = cfg.get("model") or {}
+    if model.get("block_stride", 1) > model.get("block_len", 1) or model.get("block_len", 0) % model.get("block_stride", 1):
+        problems.append(f"config key model.block_stride = {model.get('block_stride')} must divide "
+                        f"model.block_len = {model.get('block_len')}")
+    return problems
+
+
+def checked_config(cfg: dict, schema_path=SCHEMA) -> dict:
+    """The configuration with defaults filled in; raises ConfigError listing every problem."""
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"the configuration must be a mapping of keys, got {type(cfg).__name__}")
+    schema = load_schema(schema_path)
+    full = fill_defaults(schema, schema, cfg)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(full), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    problems = [describe_error(e, schema) for e in errors]
+    if not problems:
+        problems = check_semantics(full)
+    if problems:
+        seen = list(dict.fromkeys(problems))
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(seen))
+    return full
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?", default="config.yaml")
+    args = ap.parse_args(argv)
+    try:
+        full = checked_config(load_yaml(args.config))
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(yaml.safe_dump(full, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Helpers shared by the harness scripts (build_env, run_suites, bench_*, equivalence).
+
+Each stage runs in two processes: a *coordinator* under the interpreter that runs Snakemake, and
+a *worker* under the commit's own environment. The worker may crash, hang or be killed for memory;
+the coordinator then still writes a result, ``{"status": "failed", "error", "log_tail"}``, so one
+bad commit never stops the others. Results are written to a temporary file and renamed, so an
+interrupted job never leaves a file that reads as complete.
+
+Only the standard library is imported here: workers import torch themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+API_VERSION = 1  # the nsa public API these scripts are written against (docs/api.md)
+LOG_TAIL_LINES = 40
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_atomic(path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other readers
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _finite(x):
+    """JSON has no NaN/inf: write them as strings, so every JSON reader loads the file."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_json(path, obj) -> None:
+    write_atomic(path, json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def log_tail(text: str | None, lines: int = LOG_TAIL_LINES) -> str:
+    if not text:
+        return ""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def file_tail(path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return log_tail(Path(path).read_text(errors="replace"), lines)
+    except OSError:
+        return ""
+
+
+def failed(error: str, tail: str = "", **extra) -> dict:
+    return {"status": "failed", "error": error, "log_tail": tail, **extra}
+
+
+# ----------------------------------------------------------------------------- environments
+
+def env_record(env_json) -> dict:
+    """The env.json of a commit; a missing or unreadable one counts as a failed environment."""
+    try:
+        rec = read_json(env_json)
+    except (OSError, ValueError) as e:
+        return failed(f"environment record {env_json} unreadable: {e}")
+    return rec if isinstance(rec, dict) else failed(f"environment record {env_json} is not a JSON object")
+
+
+def env_python(env_dir) -> str:
+    return str(Path(env_dir) / "bin" / "python")
+
+
+def child_env(variables: dict | None = None, device: str | None = None, extra_path: str | None = None) -> dict:
+    """The environment a worker runs in: ours, minus anything that would change which ``nsa`` it
+    imports or how it behaves (PYTHONPATH, inherited ``NSA_*``), plus the job's variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSA_") and k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONNOUSERSITE"] = "1"  # the user site, if needed, is named in the env's .pth file
+    env["PYTHONUNBUFFERED"] = "1"
+    for key, value in (variables or {}).items():
+        env[str(key)] = str(int(value)) if isinstance(value, bool) else str(value)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run on a GPU host must not reach the GPU
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
+    return env
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        hint = " (killed: out of memory?)" if -rc == signal.SIGKILL else ""
+        return f"terminated by {name}{hint}"
+    return f"exit status {rc}"
+
+
+def run_logged(cmd: list[str], log_path, env: dict, timeout: float, cwd=None) -> tuple[int, str]:
+    """Run ``cmd``, appending its output to ``log_path``; returns (exit code, description).
+
+    A timeout kills the whole process group and reads as a failure, never as a hang of the job.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return -signal.SIGKILL, f"timed out after {timeout:.0f} s"
+        except BaseException:  # Ctrl-C: take the worker down with us
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    return rc, describe_exit(rc)
+
+
+def worker_command(env_dir, script: str, *args: str) -> list[str]:
+    """``<env python> <this scripts dir>/<script> args``: the harness comes from this checkout,
+    the code under test from the commit's environment."""
+    return [env_python(env_dir), str(Path(__file__).resolve().parent / script), *args]
+
+
+# ----------------------------------------------------------------------------- worker side (torch)
+
+def import_nsa():
+    """``nsa`` from the commit's environment, refusing any other API version."""
+    import nsa
+
+    version = getattr(nsa, "API_VERSION", None)
+    if version != API_VERSION:
+        raise RuntimeError(f"nsa.API_VERSION is {version!r} (from {getattr(nsa, '__file__', '?')}); this harness "
+                           f"drives API version {API_VERSION} (docs/api.md)")
+    return nsa
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def set_determinism(device: str, flush_denormal: bool) -> None:
+    import torch
+
+    if device == "cpu" and flush_denormal:
+        # Denormals make early training steps up to 20x slower on x86; the same setting for every
+        # commit, so comparisons stay fair. Equivalence runs leave it off (it changes numerics).
+        torch.set_flush_denormal(True)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+class Timer:
+    """Times one call in ms: CUDA events on GPU (the device's own clock), perf_counter on CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    @property
+    def name(self) -> str:
+        return "cuda_events" if self.cuda else "perf_counter"
+
+    def __call__(self, fn) -> float:
+        import time
+
+        if self.cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+class MemoryProbe:
+    """Allocator counters over a stretch of steady-state work (several stretches add up).
+
+    GPU: ``torch.cuda.memory_stats()`` deltas (allocations, segment growth) and the peak of
+    allocated bytes. CPU has no such allocator counters: only the process's peak RSS is known.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.allocations = 0
+        self.segment_growth = 0
+        self.peak_bytes = 0
+        self.total = {}
+        self._before = None
+
+    def start(self):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._before = torch.cuda.memory_stats()
+
+    def stop(self):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            after = torch.cuda.memory_stats()
+            b = self._before or {}
+            self.allocations += int(after.get("allocation.all.allocated", 0) - b.get("allocation.all.allocated", 0))
+            self.segment_growth += int(after.get("segment.all.allocated", 0) - b.get("segment.all.allocated", 0))
+            self.peak_bytes = max(self.peak_bytes, int(after.get("allocated_bytes.all.peak", 0)))
+            self.total = after
+
+    def as_dict(self) -> dict:
+        if self.device == "cuda":
+            t = self.total
+            return {"allocations": self.allocations, "segment_growth": self.segment_growth,
+                    "peak_bytes": self.peak_bytes,
+                    "reserved_bytes": int(t.get("reserved_bytes.all.current", 0)),
+                    "num_alloc_retries": int(t.get("num_alloc_retries", 0)),
+                    "num_ooms": int(t.get("num_ooms", 0))}
+        return {"allocations": None, "segment_growth": None, "peak_bytes": peak_rss_bytes()}
+
+
+def peak_rss_bytes() -> int | None:
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(kb * (1 if sys.platform == "darwin" else 1024))
+    except (ImportError, OSError):
+        return None

@@ -1,0 +1,101 @@
+"""Turn the configured git refs into full commit SHAs (start-up of the workflow).
+
+Every output is keyed by the full SHA, so a branch that moved reruns and one that did not is left
+alone. ``repo`` may be a local clone or a URL; a URL is mirrored once under ``results/repos/`` and
+fetched at each start-up. Usage: ``python resolve_refs.py REPO REF [REF ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+class RefError(ValueError):
+    """A ref that cannot be turned into a commit, with what to do about it."""
+
+
+def git(repo, *args, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=check)
+
+
+def is_url(repo: str) -> bool:
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", repo)) or bool(re.match(r"^[\w.-]+@[\w.-]+:", repo))
+
+
+def local_repo(repo: str, mirrors: Path) -> Path:
+    """A local git directory for ``repo``: the path itself, or a mirror of the URL."""
+    if not is_url(repo):
+        path = Path(repo).expanduser()
+        if not path.exists():
+            raise RefError(f"config key repo = {repo!r}: no such directory; accepted: a git clone's path or a URL")
+        top = git(path, "rev-parse", "--git-dir", check=False)
+        if top.returncode != 0:
+            raise RefError(f"config key repo = {repo!r} is not a git repository ({top.stderr.strip()})")
+        return path
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", repo.rstrip("/").rsplit("/", 1)[-1]) or "repo"
+    mirror = Path(mirrors) / f"{slug}-{hashlib.sha1(repo.encode()).hexdigest()[:8]}.git"
+    if mirror.exists():
+        # A failed fetch (offline) keeps the refs we already have: resolution below says if one is missing.
+        git(mirror, "fetch", "--prune", "origin", "+refs/*:refs/*", check=False)
+    else:
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["git", "clone", "--mirror", "--quiet", repo, str(mirror)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RefError(f"config key repo = {repo!r}: git clone failed: {r.stderr.strip()}")
+    return mirror
+
+
+def resolve_ref(repo: Path, ref: str) -> str:
+    """The full SHA of the commit ``ref`` names in ``repo``; RefError says how to get a missing one."""
+    if ref.startswith("-"):
+        raise RefError(f"ref {ref!r} is not a git ref (it starts with '-')")
+    r = git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False)
+    if r.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", r.stdout.strip()):
+        return r.stdout.strip()
+    shallow = git(repo, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true"
+    if shallow:
+        hint = f"{repo} is a shallow clone, which may lack it: run `git -C {repo} fetch --unshallow`"
+        if not re.search(r"[~^@:]", ref):
+            hint += f" (or `git -C {repo} fetch origin {ref}`)"
+    else:
+        hint = (f"check the spelling, or fetch it: `git -C {repo} fetch origin {ref}` "
+                f"(for a branch of a remote: `git -C {repo} fetch origin {ref}:{ref}`)")
+    raise RefError(f"git ref {ref!r} does not name a commit in {repo}; {hint}")
+
+
+def resolve_variants(repo: Path, variants: dict[str, str]) -> dict[str, dict]:
+    """``{name: ref}`` -> ``{name: {"ref", "sha"}}``; every failure in one error naming the variants."""
+    out, problems = {}, []
+    for name, ref in variants.items():
+        try:
+            out[name] = {"ref": str(ref), "sha": resolve_ref(repo, str(ref))}
+        except RefError as e:
+            problems.append(f"config key variants.{name}: {e}")
+    if problems:
+        raise RefError("\n  - ".join(["cannot resolve the variants' refs:"] + problems))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("repo")
+    ap.add_argument("refs", nargs="+")
+    ap.add_argument("--mirrors", default="results/repos")
+    args = ap.parse_args(argv)
+    try:
+        repo = local_repo(args.repo, Path(args.mirrors))
+        print(json.dumps(resolve_variants(repo, {r: r for r in args.refs}), indent=1))
+    except RefError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
