@@ -19,6 +19,10 @@ import nsa
 # from sys.modules: ``override`` and ``from_env`` live there.
 nsa_settings = sys.modules["nsa.settings"]
 
+# Every CPU tensor here is tiny: intra-op threads only add overhead, and when another process holds
+# a core (CI neighbours, a benchmark) spinning OpenMP workers make small ops 30x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def seed(request) -> int:
