@@ -6,10 +6,11 @@ Public API (version ``API_VERSION``; see docs/api.md): :class:`NSAConfig`, :clas
 """
 
 from .attention import NSAAttention, NSACache
-from .backends import backends
 from .config import NSAConfig
+from .flags import Settings, SettingsError, reload_settings, settings
+from .flags import override as override_settings
 from .ops.workspace import reset_workspaces, workspace_stats
-from .settings import Settings, SettingsError, reload_settings, settings
+from .routes import backends
 
 __version__ = "0.1.0"
 API_VERSION = 1
@@ -23,6 +24,8 @@ __all__ = [
     "SettingsError",
     "__version__",
     "backends",
+    "override_settings",
+    "override_settings",
     "reload_settings",
     "reset_workspaces",
     "settings",

@@ -3,7 +3,7 @@
     o_t = g_cmp * Attn(q_t, phi(K, V)) + g_slc * Attn(q_t, selected blocks) + g_win * Attn(q_t, last w)
 
 Read top to bottom: projections, the three branches (prefill), the decode step with its caches.
-The how of each branch lives in :mod:`nsa.ops`; which kernel runs lives in :mod:`nsa.backends`.
+The how of each branch lives in :mod:`nsa.ops`; which kernel runs lives in :mod:`nsa.routes`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from . import backends
+from . import routes
 from .config import NSAConfig
 from .ops import naive
 from .ops.common import masked_softmax, scores_einsum, values_einsum
@@ -22,7 +22,7 @@ from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope
 from .ops.selection import overlap_matrix, select_blocks, selection_attention, selection_scores
 from .ops.window import sliding_window_attention
-from .settings import settings
+from .flags import settings
 
 
 @dataclasses.dataclass
@@ -140,15 +140,15 @@ class NSAAttention(nn.Module):
             o_win = naive.sliding_window_attention(q_rope, kw, vw, cfg.window)
         else:
             o_cmp, p = compressed_attention(q, k_cmp, v_cmp, *args)
-            cmp_route = backends.route_cmp(x.device, x.dtype, cfg.d_k, cfg.d_v)
+            cmp_route = routes.route_cmp(x.device, x.dtype, cfg.d_k, cfg.d_v)
             if cmp_route.fn is not None:
                 o_cmp = cmp_route.fn(q, k_cmp, v_cmp, *args)
             scores = selection_scores(p, cfg.groups, *args, cfg.sel_block_len, nb)
             idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel)
             needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
-            slc_route = backends.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
+            slc_route = routes.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
             o_slc = (slc_route.fn or selection_attention)(q_rope, ks, vs, idx, cfg.sel_block_len)
-            win_route = backends.route_win(x.device, x.dtype, cfg.d_k, cfg.d_v)
+            win_route = routes.route_win(x.device, x.dtype, cfg.d_k, cfg.d_v)
             if win_route.fn is not None:
                 o_win = win_route.fn(q_rope, kw, vw, cfg.window)
             else:

@@ -11,7 +11,7 @@ from nsa import NSAAttention, NSAConfig
 from nsa.bench_smoke import PAPER_CFG, SEED_CFG, _Timer, summarise
 from nsa.ops import select_blocks, selection_attention
 from nsa.ops.flex import selection_attention_flex
-from nsa.settings import override
+from nsa.flags import override
 
 
 def rel(a, b):

@@ -180,7 +180,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     so every row goes through one batched attention call whatever its key count; gather (0): each
     block's tokens are gathered in place and masked.
     """
-    from ..settings import settings
+    from ..flags import settings
 
     s = settings()
     packed = s.use_sel_pack if packed is None else packed

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..settings import SettingsError, settings
+from ..flags import SettingsError, settings
 
 
 @dataclasses.dataclass

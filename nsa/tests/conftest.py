@@ -7,7 +7,6 @@ Markers are registered in pyproject.toml; none are registered here.
 from __future__ import annotations
 
 import random
-import sys
 import zlib
 
 import pytest
@@ -15,9 +14,8 @@ import torch
 
 import nsa
 
-# ``nsa.settings`` is the accessor function (it shadows the submodule), so the module itself comes
-# from sys.modules: ``override`` and ``from_env`` live there.
-nsa_settings = sys.modules["nsa.settings"]
+# The settings module (``override``, ``from_env``, the cached ``_current``).
+nsa_settings = nsa.flags
 
 # Every CPU tensor here is tiny: intra-op threads only add overhead, and when another process holds
 # a core (CI neighbours, a benchmark) spinning OpenMP workers make small ops 30x slower.
@@ -45,7 +43,7 @@ def _clean_state():
 
 @pytest.fixture
 def override():
-    """``with override(use_sel_pack=False): ...`` (nsa.settings.override)."""
+    """``with override(use_sel_pack=False): ...`` (nsa.override_settings)."""
     return nsa_settings.override
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import nsa
 from nsa import ops
-from nsa.backends import route_cmp, route_win
+from nsa.routes import route_cmp, route_win
 from nsa.ops import compressed as compressed_mod
 from nsa.ops import naive
 

@@ -13,7 +13,7 @@ import torch
 
 import nsa
 from nsa import ops
-from nsa.backends import route_cmp, route_win
+from nsa.routes import route_cmp, route_win
 from nsa.ops import compressed as compressed_mod
 from nsa.ops import naive
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import compressed, flex, triton_selection, window
-from .settings import settings
+from .flags import settings
 
 
 @dataclasses.dataclass(frozen=True)

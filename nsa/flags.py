@@ -2,7 +2,7 @@
 
 This is the only module that looks at the environment. The rest of the package asks
 :func:`settings` for a typed :class:`Settings` object. Tests that need other values use
-:func:`override` (a context manager) or :func:`reload_settings` after changing ``os.environ``.
+:func:`override` (a context manager; also ``nsa.override_settings``) or :func:`reload_settings` after changing ``os.environ``.
 """
 
 from __future__ import annotations
@@ -106,9 +106,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     unknown = sorted(k for k in environ if k.startswith("NSA_") and k not in ENV_VARS)
     if unknown:
         # A misspelt flag silently doing nothing is the worst outcome for a benchmark.
-        raise SettingsError(
-            f"unknown NSA_* variable(s): {', '.join(unknown)}; accepted: {', '.join(ENV_VARS)}"
-        )
+        given = ", ".join(f"{k}={environ[k]!r}" for k in unknown)
+        raise SettingsError(f"unknown NSA_* variable(s): {given}; accepted: {', '.join(ENV_VARS)}")
     values = {}
     for f in dataclasses.fields(Settings):
         var = _ENV_NAMES[f.name]
