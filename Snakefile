@@ -4,6 +4,7 @@
 #     snakemake --cores 1 gate     # exit status for CI: non-zero when the verdict is FAIL
 #
 # Stages live in workflow/rules/ (one each), the Python they run in workflow/scripts/.
+import os
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -15,6 +16,15 @@ sys.path.insert(0, f"{workflow.basedir}/workflow/scripts")
 import config_check  # noqa: E402
 
 
+# Snakemake's own message for malformed YAML names neither the file nor the line: check first.
+if os.path.exists("config.yaml"):
+    try:
+        config_check.load_yaml("config.yaml")
+    except config_check.ConfigError as e:
+        raise WorkflowError(str(e)) from None
+
+
+# Values given with --configfile / --config extend this file (--replace-workflow-config: replace it).
 configfile: "config.yaml"
 
 
@@ -36,3 +46,16 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/equivalence.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/gate.smk"
+
+
+# The default target lives here, not in an included file: Snakemake ignores `default_target`
+# in included files (snakemake/snakemake#2773).
+localrules:
+    all,
+
+
+rule all:
+    input:
+        f"{RESULTS}/report.html",
+        f"{RESULTS}/report.md",
+    default_target: True

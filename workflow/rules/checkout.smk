@@ -20,15 +20,18 @@ rule meta:
 
 
 rule checkout:
+    input:
+        script=f"{SCRIPTS}/checkout.py",
     output:
         f"{RESULTS}/checkouts/{{sha}}.json",
     params:
-        repo=REPO,
+        python=HOST_PYTHON,
+        repo=lambda wildcards: REPO,  # a function: a path, but not a file of this workflow
         dest=f"{RESULTS}/checkouts/{{sha}}",
     log:
         f"{RESULTS}/logs/checkout/{{sha}}.log",
     conda:
         "../../envs/workflow.yaml"
     shell:
-        "{HOST_PYTHON:q} {SCRIPTS:q}/checkout.py --repo {params.repo:q} --sha {wildcards.sha}"
+        "{params.python:q} {input.script:q} --repo {params.repo:q} --sha {wildcards.sha}"
         " --dest {params.dest:q} --out {output:q} > {log:q} 2>&1"

@@ -1,9 +1,6 @@
 # Start-up: which commits, which configurations, which device; and the helpers the rules share.
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,19 +14,7 @@ RESULTS = "results"
 HOST_PYTHON = config["python"] or sys.executable
 
 
-def detect_device(setting, python):
-    """auto -> cuda when the host interpreter's torch sees a GPU. The cheap checks come first so
-    that start-up (and a rerun with nothing to do) stays fast on machines without a GPU."""
-    if setting != "auto":
-        return setting
-    if not (os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi")):
-        return "cpu"
-    r = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
-                       capture_output=True, text=True)
-    return "cuda" if r.stdout.strip() == "True" else "cpu"
-
-
-DEVICE = detect_device(config["device"], HOST_PYTHON)
+DEVICE = harness.detect_device(config["device"], HOST_PYTHON)
 
 # Refs -> full SHAs. Every output below is keyed by SHA: a branch that moved reruns, one that
 # did not is left alone.
@@ -67,6 +52,17 @@ def as_json(obj):
 
 def env_json(sha):
     return f"{RESULTS}/env/{sha}/env.json"
+
+
+def checkout_dir(wildcards, input):
+    """The extracted tree beside its marker file (results/checkouts/<sha>.json -> <sha>/)."""
+    return input.checkout[: -len(".json")]
+
+
+def decode_runs():
+    """Every (variant, reserve) run of the interleaved decode benchmark; A/A twins run separately."""
+    return [{"variant": name, "sha": v["sha"], "reserve": r, "env_json": env_json(v["sha"]),
+             "vars": job_vars(r)} for name, v in VARIANTS.items() for r in RESERVES]
 
 
 def per_sha_reserve(pattern):

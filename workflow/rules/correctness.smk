@@ -5,10 +5,13 @@ rule correctness:
     input:
         env=env_json("{sha}"),
         checkout=f"{RESULTS}/checkouts/{{sha}}.json",
+        script=f"{SCRIPTS}/run_suites.py",
     output:
         f"{RESULTS}/tests/{{sha}}/{{reserve}}/summary.json",
     params:
-        checkout=f"{RESULTS}/checkouts/{{sha}}",
+        python=HOST_PYTHON,
+        checkout=checkout_dir,
+        results=lambda wildcards, output: Path(output[0]).parents[3],
         suites=as_json(config["suites"]),
         vars=lambda wc: as_json(job_vars(wc.reserve)),
         test_dir=config["test_dir"],
@@ -19,7 +22,7 @@ rule correctness:
     conda:
         "../../envs/workflow.yaml"
     shell:
-        "{HOST_PYTHON:q} {SCRIPTS:q}/run_suites.py --env-json {input.env:q} --checkout {params.checkout:q}"
+        "{params.python:q} {input.script:q} --env-json {input.env:q} --checkout {params.checkout:q}"
         " --test-dir {params.test_dir:q} --suites {params.suites:q} --vars {params.vars:q}"
-        " --device {params.device} --out {output:q} --results {RESULTS} --log {log:q}"
+        " --device {params.device} --out {output:q} --results {params.results:q} --log {log:q}"
         " --timeout {params.timeout}"

@@ -2,11 +2,6 @@
 # It takes every core, so no other job competes with the timings.
 
 
-def decode_runs():
-    return [{"variant": name, "sha": v["sha"], "reserve": r, "env_json": env_json(v["sha"]),
-             "vars": job_vars(r)} for name, v in VARIANTS.items() for r in RESERVES]
-
-
 rule decode:
     input:
         envs=[env_json(s) for s in SHAS],
@@ -14,6 +9,7 @@ rule decode:
     output:
         f"{RESULTS}/decode/decode.json",
     params:
+        python=HOST_PYTHON,
         runs=as_json(decode_runs()),
         sizes=as_json(sizes("decode")),
         model=as_json(config["model"]),
@@ -28,6 +24,6 @@ rule decode:
     conda:
         "../../envs/workflow.yaml"
     shell:
-        "{HOST_PYTHON:q} {input.script:q} --runs {params.runs:q} --sizes {params.sizes:q}"
+        "{params.python:q} {input.script:q} --runs {params.runs:q} --sizes {params.sizes:q}"
         " --model {params.model:q} --device {params.device} --seed {params.seed} {params.denormal}"
         " --timeout {params.timeout} --out {output:q} --log-dir {params.log_dir:q} > {log:q} 2>&1"

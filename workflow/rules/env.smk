@@ -5,11 +5,13 @@
 
 rule env:
     input:
-        f"{RESULTS}/checkouts/{{sha}}.json",
+        checkout=f"{RESULTS}/checkouts/{{sha}}.json",
+        script=f"{SCRIPTS}/build_env.py",
     output:
         f"{RESULTS}/env/{{sha}}/env.json",
     params:
-        checkout=f"{RESULTS}/checkouts/{{sha}}",
+        python=HOST_PYTHON,
+        checkout=checkout_dir,
         venv=f"{RESULTS}/envs/{{sha}}",
         device=DEVICE,
         timeout=config["timeouts"]["env"],
@@ -18,5 +20,5 @@ rule env:
     conda:
         "../../envs/workflow.yaml"
     shell:
-        "{HOST_PYTHON:q} {SCRIPTS:q}/build_env.py --checkout {params.checkout:q} --env {params.venv:q}"
+        "{params.python:q} {input.script:q} --checkout {params.checkout:q} --env {params.venv:q}"
         " --out {output:q} --log {log:q} --device {params.device} --timeout {params.timeout}"

@@ -9,6 +9,7 @@ rule equivalence:
     output:
         f"{RESULTS}/equiv/{{sha}}/{{reserve}}.json",
     params:
+        python=HOST_PYTHON,
         sizes=as_json(config["equivalence"][DEVICE]),
         model=as_json(config["model"]),
         vars=lambda wc: as_json(job_vars(wc.reserve)),
@@ -20,6 +21,6 @@ rule equivalence:
     conda:
         "../../envs/workflow.yaml"
     shell:
-        "{HOST_PYTHON:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
+        "{params.python:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
         " --model {params.model:q} --vars {params.vars:q} --device {params.device} --seed {params.seed}"
         " --timeout {params.timeout} --out {output:q} --log {log:q}"

@@ -11,10 +11,11 @@ rule gate:
         summary=f"{RESULTS}/summary.json",
         script=f"{SCRIPTS}/gate.py",
     params:
+        python=HOST_PYTHON,
         allow="--allow-incomplete" if config["gate"]["allow_incomplete"] else "",
     log:
         f"{RESULTS}/logs/gate.log",
     conda:
         "../../envs/workflow.yaml"
     shell:
-        "{HOST_PYTHON:q} {input.script:q} --summary {input.summary:q} {params.allow} 2>&1 | tee {log:q}"
+        "{params.python:q} {input.script:q} --summary {input.summary:q} {params.allow} 2>&1 | tee {log:q}"

@@ -9,6 +9,7 @@ rule train:
     output:
         f"{RESULTS}/train/{{sha}}/{{reserve}}.json",
     params:
+        python=HOST_PYTHON,
         sizes=as_json(sizes("train")),
         model=as_json(config["model"]),
         vars=lambda wc: as_json(job_vars(wc.reserve)),
@@ -22,6 +23,6 @@ rule train:
     conda:
         "../../envs/workflow.yaml"
     shell:
-        "{HOST_PYTHON:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
+        "{params.python:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
         " --model {params.model:q} --vars {params.vars:q} --device {params.device} --seed {params.seed}"
         " {params.denormal} --timeout {params.timeout} --out {output:q} --log {log:q}"

@@ -285,6 +285,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.mode == "worker":
         return worker_main(args.spec)
+    harness.exit_on_sigterm()
     sizes = json.loads(args.sizes)
     runs = []
     for run in json.loads(args.runs):

@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker_spec:
         return worker_main(json.loads(args.worker_spec), args.out)
+    harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     args.log.write_text("")
     env = harness.env_record(args.env_json)

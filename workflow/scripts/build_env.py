@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.mode == "probe":
         return probe_main(args.device)
+    harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with open(args.log, "w") as log:
         try:

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker_spec:
         return worker_main(json.loads(args.worker_spec), args.out)
+    harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     args.log.write_text("")
     pt = args.out.with_suffix(".pt")

@@ -96,7 +96,8 @@ def env_record(env_json) -> dict:
 
 
 def env_python(env_dir) -> str:
-    return str(Path(env_dir) / "bin" / "python")
+    # Absolute: suites run with the checkout as working directory.
+    return os.path.abspath(os.path.join(env_dir, "bin", "python"))
 
 
 def child_env(variables: dict | None = None, device: str | None = None, extra_path: str | None = None) -> dict:
@@ -112,6 +113,26 @@ def child_env(variables: dict | None = None, device: str | None = None, extra_pa
     if extra_path:
         env["PYTHONPATH"] = extra_path
     return env
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (how Snakemake stops jobs on Ctrl-C) into SystemExit, so the ``finally`` and
+    ``except BaseException`` blocks kill the workers (they run in their own process groups)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def detect_device(setting: str, python: str) -> str:
+    """``auto`` -> ``cuda`` when ``python``'s torch sees a GPU. The cheap checks come first, so that
+    start-up (and a rerun with nothing to do) stays fast on machines without a GPU."""
+    import shutil
+
+    if setting != "auto":
+        return setting
+    if not (os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi")):
+        return "cpu"
+    r = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
+                       capture_output=True, text=True)
+    return "cuda" if r.stdout.strip() == "True" else "cpu"
 
 
 def describe_exit(rc: int) -> str:

@@ -49,6 +49,8 @@ def suite_result(name: str, marker: str, rc: int, how: str, junit: Path, junit_r
     entry = {"marker": marker, **counts, "junit": junit_rel if junit.exists() else None, "status": "ok"}
     if rc == NO_TESTS_COLLECTED:
         entry["note"] = f"no test carries the marker {marker!r} in this commit"
+    elif not junit.exists():
+        entry.update(status="failed", errors=max(counts["errors"], 1), error=f"pytest {how} and wrote no junit XML")
     elif rc != 0 and not (counts["failed"] or counts["errors"]):
         # pytest stopped without a test failing: internal error, usage error, crash or timeout.
         entry.update(status="failed", errors=max(counts["errors"], 1), error=f"pytest {how}")
@@ -63,7 +65,7 @@ def run_suites(env_dir: Path, checkout: Path, test_dir: str, suites: dict, varia
     tests_path = checkout / test_dir
     failed_tails = []
     for name, marker in suites.items():
-        junit = out_dir / f"{name}.xml"
+        junit = (out_dir / f"{name}.xml").resolve()  # absolute: pytest runs in the checkout
         junit.unlink(missing_ok=True)  # a stale file from an interrupted run must not be counted
         if not tests_path.is_dir():
             out["suites"][name] = {"marker": marker, "passed": 0, "failed": 0, "skipped": 0, "errors": 1,
@@ -74,7 +76,7 @@ def run_suites(env_dir: Path, checkout: Path, test_dir: str, suites: dict, varia
                "-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "junit_family=xunit2"]
         start = log.stat().st_size if log.exists() else 0
         rc, how = harness.run_logged(cmd, log, harness.child_env(variables, device), timeout, cwd=checkout)
-        entry = suite_result(name, marker, rc, how, junit, os.path.relpath(junit, results_root))
+        entry = suite_result(name, marker, rc, how, junit, os.path.relpath(junit, results_root.resolve()))
         out["suites"][name] = entry
         if entry["status"] != "ok":
             with open(log, errors="replace") as f:
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log", type=Path, required=True)
     ap.add_argument("--timeout", type=int, default=3600)
     args = ap.parse_args(argv)
+    harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     args.log.write_text("")
     env = harness.env_record(args.env_json)

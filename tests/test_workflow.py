@@ -1,0 +1,298 @@
+"""The Snakemake workflow on CPU, end to end, against a throwaway repo of a tiny fake ``nsa``.
+
+One full run (module fixture, ~1 minute on 2 cores) covers: a correct commit listed twice (A/A),
+a commit whose decode step is 3 ms slower (a real regression: verdict FAIL), and a commit that
+does not install (FAILED rows with its log, everything else finishes). Then: a rerun does
+nothing, an added variant only adds its own jobs, the gate fails, bad configs stop before any
+job with a message naming the key, and ``snakemake --lint`` is clean. Fast unit tests of the
+harness's pure functions come last.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+import bench_decode  # noqa: E402
+import build_env  # noqa: E402
+import config_check  # noqa: E402
+import harness  # noqa: E402
+import resolve_refs  # noqa: E402
+import run_suites  # noqa: E402
+
+TINY_MODEL = {"dim": 16, "groups": 1, "heads_per_group": 2, "d_k": 8, "d_v": 8, "block_len": 4, "block_stride": 2,
+              "sel_block_len": 4, "n_sel": 3, "window": 8}
+
+
+def tiny_config(fake_repo: dict, **overrides) -> dict:
+    cfg = {
+        "repo": fake_repo["repo"],
+        "variants": {"base": "base", "base-again": "base", "slow": "slow", "broken": "broken"},
+        "baseline": "base",
+        "device": "cpu",
+        "reserve_configs": {"none": {}, "presized": {"NSA_SEL_PACK_RESERVE_N": 64, "NSA_SEL_PACK_RESERVE_L": 128}},
+        "model": TINY_MODEL,
+        "decode": {"cpu": {"contexts": [16, 32], "steps": 10, "warmup": 2, "rounds": 3}},
+        "train": {"cpu": {"steps": 12, "warmup": 2, "batch": 2, "seq_len": 32, "layers": 1, "vocab": 32,
+                          "lr": 0.02}},
+        "equivalence": {"cpu": {"batch": 1, "seq_len": 24, "decode_steps": 3}},
+        "suites": {"core": "core_invariants", "selection": "selection_v2"},
+        "acceptance": {"bootstrap_resamples": 300},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``snakemake`` from this checkout, run in ``workdir`` (which holds config.yaml)."""
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+                           str(workdir), *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def workdir_with(tmp: Path, config) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    (tmp / "config.yaml").write_text(text)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def e2e(fake_repo, tmp_path_factory):
+    work = workdir_with(tmp_path_factory.mktemp("e2e"), tiny_config(fake_repo))
+    t0 = time.monotonic()
+    proc = snakemake(work, "--cores", "2", "all", timeout=600)
+    return {"work": work, "proc": proc, "seconds": time.monotonic() - t0, "repo": fake_repo}
+
+
+def _read(work: Path, rel: str):
+    return json.loads((work / "results" / rel).read_text())
+
+
+@pytest.mark.workflow
+def test_full_run_finishes_despite_a_broken_commit(e2e):
+    proc = e2e["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    work, repo = e2e["work"], e2e["repo"]
+    # The broken commit: a FAILED environment record with the installer's log, and its later
+    # jobs record why they could not run instead of crashing the workflow.
+    env = _read(work, f"env/{repo['broken']}/env.json")
+    assert env["status"] == "failed" and "pip" in env["error"] and env["log_tail"]
+    assert _read(work, f"tests/{repo['broken']}/none/summary.json")["status"] == "failed"
+    assert _read(work, f"train/{repo['broken']}/presized.json")["error"].startswith("environment failed")
+    ok = _read(work, f"env/{repo['base']}/env.json")
+    assert ok["status"] == "ok" and ok["api_version"] == 1 and ok["installer"] in ("pip", "uv")
+    assert ok["nsa_file"].startswith(str(work / "results" / "envs" / repo["base"]))
+    assert ok["torch_file"] == __import__("torch").__file__  # the host's torch, inherited
+    assert ok["pip_freeze"] and ok["backends"]["fa2"]["available"] is False
+
+
+@pytest.mark.workflow
+def test_raw_results_follow_the_contract(e2e):
+    work, repo = e2e["work"], e2e["repo"]
+    meta = _read(work, "meta/variants.json")
+    assert meta["device"] == "cpu" and meta["baseline"] == "base"
+    assert meta["variants"]["base-again"]["sha"] == meta["variants"]["base"]["sha"] == repo["base"]
+    tests = _read(work, f"tests/{repo['base']}/presized/summary.json")
+    assert tests["status"] == "ok"
+    assert {k: tests["suites"]["core"][k] for k in ("passed", "failed", "skipped", "errors")} == \
+        {"passed": 2, "failed": 0, "skipped": 0, "errors": 0}
+    assert {k: tests["suites"]["selection"][k] for k in ("passed", "skipped")} == {"passed": 3, "skipped": 1}
+    assert (work / "results" / tests["suites"]["core"]["junit"]).exists()
+    decode = _read(work, "decode/decode.json")
+    assert decode["timer"] == "perf_counter" and decode["rounds"] == 3
+    runs = {(r["variant"], r["reserve"]): r for r in decode["runs"]}
+    assert set(runs) == {(v, r) for v in ("base", "base-again", "slow", "broken") for r in ("none", "presized")}
+    base = runs[("base", "none")]
+    assert base["status"] == "ok" and len(base["contexts"]["16"]["eager_ms"]) == 30  # steps x rounds
+    assert runs[("broken", "none")]["status"] == "failed"
+    # Pre-sizing shows in the workspace counters: no growth once reserved.
+    assert runs[("base", "presized")]["workspace_stats"]["sel_pack"]["growth_events"] == 0
+    assert base["workspace_stats"]["sel_pack"]["growth_events"] > 0
+    train = _read(work, f"train/{repo['base']}/none.json")
+    assert train["status"] == "ok" and len(train["nsa"]["loss"]) == 12 and len(train["nsa"]["tokens_per_s"]) == 10
+    assert train["nsa"]["loss"][-1] < train["nsa"]["loss"][0] and len(train["dense"]["tokens_per_s"]) == 10
+    assert _read(work, f"equiv/{repo['slow']}/presized.json")["status"] == "ok"
+    assert (work / "results" / "equiv" / repo["slow"] / "presized.pt").exists()
+
+
+@pytest.mark.workflow
+def test_summary_and_report(e2e):
+    work, repo = e2e["work"], e2e["repo"]
+    summary = _read(work, "summary.json")
+    # The slow commit is a real regression, so FAIL (which outranks the broken commit's INCOMPLETE).
+    assert summary["verdict"] == "FAIL", summary["reasons"]
+    slow_rows = [r for r in summary["decode"]["rows"] if r["variant"] == "slow" and r.get("delta_pct") is not None]
+    assert slow_rows and all(r["delta_pct"] > 100 and r["call"] == "slower" for r in slow_rows)
+    assert any(r["variant"] == "broken" and r["status"] == "FAILED" for r in summary["environment"])
+    equiv = {(r["variant"], r["reserve"]): r for r in summary["equivalence"]["rows"]}
+    assert equiv[("slow", "presized")]["bit_identical"] is True
+    assert equiv[("slow", "none")]["max_abs_diff_all"] == 0.0
+    html = (work / "results" / "report.html").read_text()
+    assert "FAILED" in html and "broken" in html and "FAIL" in html
+    assert (work / "results" / "report.md").exists()
+
+
+@pytest.mark.workflow
+def test_rerun_with_nothing_changed_does_nothing(e2e):
+    t0 = time.monotonic()
+    proc = snakemake(e2e["work"], "--cores", "2", "all")
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert seconds < 10, f"no-op rerun took {seconds:.1f} s"
+
+
+@pytest.mark.workflow
+def test_gate_fails_on_a_fail_verdict(e2e):
+    proc = snakemake(e2e["work"], "--cores", "1", "gate")
+    assert proc.returncode != 0
+    assert "verdict: FAIL" in proc.stdout + proc.stderr
+
+
+@pytest.mark.workflow
+def test_adding_a_variant_adds_only_its_own_per_commit_jobs(e2e, fake_repo):
+    repo = Path(fake_repo["repo"])
+    from conftest import git
+
+    git(repo, "checkout", "-q", "-b", "extra", "base")
+    (repo / "README").write_text("another commit\n")
+    git(repo, "add", "README")
+    git(repo, "commit", "-q", "-m", "extra commit")
+    cfg = tiny_config(fake_repo)
+    cfg["variants"]["extra"] = "extra"
+    (e2e["work"] / "config.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        proc = snakemake(e2e["work"], "-n", "--quiet", "rules", "all")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-2000:]
+        counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+                  if len(line.split()) == 2 and line.split()[1].isdigit()}
+        assert counts.get("checkout") == 1 and counts.get("env") == 1, counts
+        assert counts.get("correctness") == 2 and counts.get("train") == 2 and counts.get("equivalence") == 2
+        # The interleaved decode job measures every run together, so it reruns as a whole.
+        assert counts.get("decode") == 1
+    finally:
+        (e2e["work"] / "config.yaml").write_text(yaml.safe_dump(tiny_config(fake_repo)))
+
+
+@pytest.mark.workflow
+def test_lint_is_clean(e2e):
+    proc = snakemake(e2e["work"], "--lint")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+BAD_CONFIGS = [
+    ("unknown key", {"colour": "blue"}, "unknown config key colour"),
+    ("unknown baseline", {"baseline": "nope"}, "config key baseline = 'nope' is not a variant"),
+    ("negative size", {"decode": {"cpu": {"steps": -5}}}, "config key decode.cpu.steps = -5"),
+    ("reserve not an integer", {"reserve_configs": {"big": {"NSA_SEL_PACK_RESERVE_N": "4k"}}},
+     "config key reserve_configs.big.NSA_SEL_PACK_RESERVE_N = '4k'"),
+    ("unknown ref", {"variants": {"base": "no-such-branch"}}, "git ref 'no-such-branch' does not name a commit"),
+]
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("case,override,message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_stops_before_any_job(fake_repo, tmp_path, case, override, message):
+    cfg = tiny_config(fake_repo, **override)
+    work = workdir_with(tmp_path / "w", cfg)
+    proc = snakemake(work, "--cores", "1", "all", timeout=60)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+    assert not (work / "results").exists()
+
+
+@pytest.mark.workflow
+def test_malformed_yaml_stops_before_any_job(fake_repo, tmp_path):
+    work = workdir_with(tmp_path / "w", "variants: {base: base\nbaseline: [\n")
+    proc = snakemake(work, "--cores", "1", "all", timeout=60)
+    assert proc.returncode != 0
+    assert "config.yaml" in proc.stdout + proc.stderr
+    assert not (work / "results").exists()
+
+
+# ----------------------------------------------------------------------------- unit tests (fast)
+
+def test_config_defaults_and_messages():
+    full = config_check.checked_config({})
+    assert full["baseline"] in full["variants"]
+    assert full["reserve_configs"]["presized"]["NSA_VARLEN_RESERVE_K"] == 33554432
+    assert full["common_env"]["NSA_USE_FA2_WIN"] == 0
+    # Setting one tolerance keeps the other defaults (acceptance merges); variants replace.
+    partial = config_check.checked_config({"acceptance": {"alpha": 0.05}, "variants": {"a": "HEAD"}, "baseline": "a"})
+    assert partial["acceptance"]["alpha"] == 0.05 and partial["acceptance"]["aa_max_delta_pct"] == 2.0
+    assert list(partial["variants"]) == ["a"]
+    with pytest.raises(config_check.ConfigError, match=r"train\.cpu\.warmup = 9 must be below"):
+        config_check.checked_config({"train": {"cpu": {"steps": 5, "warmup": 9}}})
+    with pytest.raises(config_check.ConfigError, match="accepted: one of auto, cpu, cuda"):
+        config_check.checked_config({"device": "tpu"})
+
+
+def test_default_config_file_is_valid():
+    cfg = config_check.checked_config(config_check.load_yaml(ROOT / "config.yaml"))
+    assert cfg == config_check.checked_config({})  # config.yaml writes out the schema's defaults
+
+
+def test_shallow_clone_error_says_how_to_fetch(fake_repo, tmp_path):
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{fake_repo['repo']}", str(shallow)], check=True)
+    with pytest.raises(resolve_refs.RefError, match="fetch --unshallow"):
+        resolve_refs.resolve_ref(shallow, "HEAD~2")
+    assert resolve_refs.resolve_ref(Path(fake_repo["repo"]), "base") == fake_repo["base"]
+
+
+def test_junit_counts(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="7" failures="2" errors="1" skipped="1"/></testsuites>')
+    assert run_suites.junit_counts(xml) == {"passed": 3, "failed": 2, "skipped": 1, "errors": 1}
+    entry = run_suites.suite_result("s", "m", 5, "exit status 5", tmp_path / "none.xml", "none.xml")
+    assert entry["status"] == "ok" and "no test carries" in entry["note"]
+    crashed = run_suites.suite_result("s", "m", -9, "terminated by SIGKILL", tmp_path / "none.xml", "none.xml")
+    assert crashed["status"] == "failed" and crashed["errors"] == 1
+
+
+def test_round_order_is_a_fresh_permutation_each_round():
+    orders = [bench_decode.round_order(5, r, seed=0) for r in range(6)]
+    assert all(sorted(o) == list(range(5)) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+    assert orders == [bench_decode.round_order(5, r, seed=0) for r in range(6)]  # reproducible
+
+
+def test_host_site_dirs_never_include_an_nsa_package(tmp_path, monkeypatch):
+    (tmp_path / "with" / "nsa").mkdir(parents=True)
+    (tmp_path / "with" / "nsa" / "__init__.py").write_text("")
+    (tmp_path / "plain").mkdir()
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'with'}:{tmp_path / 'plain'}")
+    dirs = build_env.host_site_dirs()
+    assert str(tmp_path / "plain") in dirs and str(tmp_path / "with") not in dirs
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "r.json"
+
+    class Boom(str):
+        def encode(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        harness.write_atomic(target, Boom("x"))
+    assert list(tmp_path.iterdir()) == []
+    harness.write_json(target, {"x": float("nan")})
+    assert json.loads(target.read_text()) == {"x": "NaN"}
+
+
+def test_child_env_drops_inherited_nsa_flags(monkeypatch):
+    monkeypatch.setenv("NSA_USE_FA2", "1")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    env = harness.child_env({"NSA_SEL_PACK_RESERVE_N": 64, "FLAG": True}, device="cpu")
+    assert "NSA_USE_FA2" not in env and "PYTHONPATH" not in env
+    assert env["NSA_SEL_PACK_RESERVE_N"] == "64" and env["FLAG"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
