@@ -9,8 +9,13 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
-rm -rf /tmp/repo && git clone -q .whl/repo.bundle /tmp/repo && cd /tmp/repo || exit 1
-git checkout -q "${GPU_SESSION_REF:-main}"
+# Keep /tmp/repo between calls on a warm machine, so an interrupted workflow run resumes.
+if [ -d /tmp/repo/.git ]; then
+  git -C /tmp/repo fetch -q "$PWD/.whl/repo.bundle" "+refs/heads/*:refs/heads/*" --update-head-ok || exit 1
+else
+  git clone -q .whl/repo.bundle /tmp/repo || exit 1
+fi
+cd /tmp/repo && git checkout -q -f "${GPU_SESSION_REF:-main}" || exit 1
 export PYTHONPATH=/tmp/repo:/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "${1:-tests}" in
@@ -22,7 +27,9 @@ case "${1:-tests}" in
     sed -n '/^summary/,$p' "$OUT/bench.log"
     ;;
   workflow)
-    snakemake --cores 1 all > "$OUT/snakemake.log" 2>&1; echo "snakemake rc=$?"
+    # Stop short of the 10-minute call limit; a second call resumes (--rerun-incomplete via profile).
+    timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 all > "$OUT/snakemake.log" 2>&1
+    echo "snakemake rc=$?"
     tail -n 30 "$OUT/snakemake.log"
     cp results/report.html results/report.md results/summary.json "$OUT/" 2>/dev/null
     ;;
