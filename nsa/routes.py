@@ -123,8 +123,10 @@ def _win_torch_varlen(q, k, v, cu, max_len, window_len):
         # workspace (packed keys) when autograd is off.
         h = q.shape[1] // k.shape[1]
         extra = {}
-        k = compressed.pack_varlen(k[:, :, None].expand(-1, -1, h, -1).flatten(1, 2), "k_win", None, k.shape[0])
-        v = compressed.pack_varlen(v[:, :, None].expand(-1, -1, h, -1).flatten(1, 2), "v_win", None, v.shape[0])
+        k = k[:, :, None].expand(-1, -1, h, -1).flatten(1, 2)
+        v = v[:, :, None].expand(-1, -1, h, -1).flatten(1, 2)
+        k = compressed.pack_varlen(k, "k_win", None, k.shape[0] * k.shape[1])
+        v = compressed.pack_varlen(v, "v_win", None, v.shape[0] * v.shape[1])
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(window_len - 1, 0), **extra)
 
 

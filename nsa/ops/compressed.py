@@ -78,11 +78,11 @@ def compressed_attention_fa2(q, k_cmp, v_cmp, block_len, block_stride, attn_fn):
     tail = q[:, first:]
     tail = F.pad(tail, (0, 0, 0, 0, 0, N * d - tail.shape[1]))
     folded = tail.reshape(B, N, d, G, h, Dk).permute(0, 3, 2, 4, 1, 5)  # [B, G, d, h, N, Dk]
-    # The packed, segment-folded queries (B*N*d rows) and keys/values (B*N) live in the varlen
-    # workspace when autograd is off; under autograd they are fresh tensors the graph can keep.
-    qs = pack_varlen(folded, "q", rows=B * N * d, keys=None).view(B, G * d * h, N, Dk)
-    ks = pack_varlen(k_cmp.transpose(1, 2), "k", rows=None, keys=B * N)
-    vs = pack_varlen(v_cmp.transpose(1, 2), "v", rows=None, keys=B * N)
+    # The packed, segment-folded query vectors (rows) and key/value vectors (keys), one head each,
+    # live in the varlen workspace when autograd is off; under autograd they are fresh tensors.
+    qs = pack_varlen(folded, "q", rows=B * N * d * H, keys=None).view(B, G * d * h, N, Dk)
+    ks = pack_varlen(k_cmp.transpose(1, 2), "k", rows=None, keys=B * G * N)
+    vs = pack_varlen(v_cmp.transpose(1, 2), "v", rows=None, keys=B * G * N)
     o = attn_fn(qs, ks, vs)  # [B, G*d*h, N, Dv]
     o = o.reshape(B, G, d, h, N, -1).permute(0, 4, 2, 1, 3, 5).reshape(B, N * d, H, -1)
     out = torch.cat([o.new_zeros(B, first, H, o.shape[-1]), o], dim=1)
@@ -90,7 +90,11 @@ def compressed_attention_fa2(q, k_cmp, v_cmp, block_len, block_stride, attn_fn):
 
 
 def pack_varlen(x: torch.Tensor, tag: str, rows: int | None, keys: int | None) -> torch.Tensor:
-    """A contiguous copy of ``x``, written into the varlen workspace when autograd is off."""
+    """A contiguous copy of ``x``, written into the varlen workspace when autograd is off.
+
+    ``rows`` counts query vectors and ``keys`` key/value vectors, one head each (what
+    ``NSA_VARLEN_RESERVE_N`` / ``NSA_VARLEN_RESERVE_K`` pre-size); the width is one head's dim.
+    """
     if torch.is_grad_enabled() and x.requires_grad:
         return x.contiguous()
     width = x.numel() // ((rows or 1) * (keys or 1))
