@@ -15,6 +15,10 @@ rule env:
         venv=f"{RESULTS}/envs/{{sha}}",
         device=DEVICE,
         timeout=config["timeouts"]["env"],
+        # Routes are recorded under the jobs' common flags, for the measured layer and dtype.
+        vars=as_json(config["common_env"]),
+        model=as_json(config["model"]),
+        dtype=sizes("decode")["dtype"],
     log:
         f"{RESULTS}/logs/env/{{sha}}.log",
     conda:
@@ -22,3 +26,4 @@ rule env:
     shell:
         "{params.python:q} {input.script:q} --checkout {params.checkout:q} --env {params.venv:q}"
         " --out {output:q} --log {log:q} --device {params.device} --timeout {params.timeout}"
+        " --vars {params.vars:q} --model {params.model:q} --dtype {params.dtype}"

@@ -137,10 +137,11 @@ def install(py: str, checkout: Path, log, timeout: int) -> str:
     return installer
 
 
-def probe(py: str, device: str, log, timeout: int) -> dict:
-    """Ask the new env what it holds (runs this script's ``probe`` mode there)."""
-    out = run(harness.worker_command(Path(py).parents[1], "build_env.py", "probe", "--device", device), log,
-              env=harness.child_env(device=device), timeout=timeout)
+def probe(py: str, device: str, log, timeout: int, variables=None, model=None, dtype="float32") -> dict:
+    """Ask the new env what it holds (runs this script's ``probe`` mode there), under ``variables``."""
+    cmd = harness.worker_command(Path(py).parents[1], "build_env.py", "probe", "--device", device,
+                                 "--model", json.dumps(model or {}), "--dtype", dtype)
+    out = run(cmd, log, env=harness.child_env(variables, device=device), timeout=timeout)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -154,11 +155,12 @@ def check_torch(info: dict, host_torch: str | None) -> None:
         raise StepFailed("`import torch` fails in the new environment and the host has no torch to inherit")
 
 
-def build(checkout: Path, env_dir: Path, device: str, log, timeout: int) -> dict:
+def build(checkout: Path, env_dir: Path, device: str, log, timeout: int, variables=None, model=None,
+          dtype="float32") -> dict:
     make_venv(env_dir, log)
     py = harness.env_python(env_dir)
     installer = install(py, checkout, log, timeout)
-    info = probe(py, device, log, timeout)
+    info = probe(py, device, log, timeout, variables, model, dtype)
     check_torch(info, host_module_origin("torch"))
     prefix = os.path.realpath(env_dir)
     if not os.path.realpath(info["nsa_file"]).startswith(prefix + os.sep):
@@ -178,7 +180,7 @@ def _driver_version() -> str | None:
         return None
 
 
-def probe_main(device: str) -> int:
+def probe_main(device: str, model: dict, dtype: str) -> int:
     import importlib.metadata as md
     import platform
 
@@ -186,8 +188,15 @@ def probe_main(device: str) -> int:
 
     nsa = harness.import_nsa()
     cuda = device == "cuda" and torch.cuda.is_available()
+    where = torch.device("cuda" if cuda else "cpu")
+    # The routes of the measured layer (dims, dtype) under the jobs' flags; API v1 guarantees
+    # only the device argument, so an implementation without the others is asked that alone.
+    shape = {k: model[k] for k in ("d_k", "d_v", "sel_block_len") if k in model}
     try:
-        backends = nsa.backends(torch.device("cuda" if cuda else "cpu"))
+        try:
+            backends = nsa.backends(where, getattr(torch, dtype), **shape)
+        except TypeError:
+            backends = nsa.backends(where)
     except Exception as e:  # the record says why rather than failing the whole environment
         backends = {"error": f"{type(e).__name__}: {e}"}
     fa2 = backends.get("fa2") if isinstance(backends.get("fa2"), dict) else {}
@@ -217,20 +226,26 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="mode")
     p = sub.add_parser("probe", help="(inside the new env) print what it holds as JSON")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="{}", help="the measured layer's config (JSON)")
+    p.add_argument("--dtype", default="float32")
     ap.add_argument("--checkout", type=Path)
     ap.add_argument("--env", type=Path, help="the venv to (re)create")
     ap.add_argument("--out", type=Path, help="env.json")
     ap.add_argument("--log", type=Path)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--vars", default="{}", help="NSA_* variables the routes are recorded under (JSON)")
+    ap.add_argument("--model", default="{}", help="the measured layer's config (JSON)")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
     if args.mode == "probe":
-        return probe_main(args.device)
+        return probe_main(args.device, json.loads(args.model), args.dtype)
     harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with open(args.log, "w") as log:
         try:
-            record = build(args.checkout, args.env, args.device, log, args.timeout)
+            record = build(args.checkout, args.env, args.device, log, args.timeout, json.loads(args.vars),
+                           json.loads(args.model), args.dtype)
         except (StepFailed, OSError, ValueError, KeyError) as e:
             log.write(f"\nFAILED: {e}\n")
             log.flush()
