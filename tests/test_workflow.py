@@ -126,7 +126,7 @@ def test_raw_results_follow_the_contract(e2e):
 
 @pytest.mark.workflow
 def test_summary_and_report(e2e):
-    work, repo = e2e["work"], e2e["repo"]
+    work = e2e["work"]
     summary = _read(work, "summary.json")
     # The slow commit is a real regression, so FAIL (which outranks the broken commit's INCOMPLETE).
     assert summary["verdict"] == "FAIL", summary["reasons"]

@@ -9,7 +9,8 @@ cfg = NSAConfig(**PAPER_CFG)
 layer = NSAAttention(cfg).cuda().bfloat16()
 x = torch.randn(1, 8192, cfg.dim, device="cuda", dtype=torch.bfloat16)
 with torch.no_grad():
-    layer(x); layer(x)
+    layer(x)
+    layer(x)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         layer(x)
