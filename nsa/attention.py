@@ -147,7 +147,10 @@ class NSAAttention(nn.Module):
             idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel)
             needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
             slc_route = routes.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
-            o_slc = (slc_route.fn or selection_attention)(q_rope, ks, vs, idx, cfg.sel_block_len)
+            if slc_route.fn is not None:
+                o_slc = slc_route.fn(q_rope, ks, vs, idx, cfg.sel_block_len)
+            else:
+                o_slc = selection_attention(q_rope, ks, vs, idx, cfg.sel_block_len, canonical=True)
             win_route = routes.route_win(x.device, x.dtype, cfg.d_k, cfg.d_v)
             if win_route.fn is not None:
                 o_win = win_route.fn(q_rope, kw, vw, cfg.window)
@@ -257,7 +260,8 @@ class NSAAttention(nn.Module):
         nb = cfg.num_sel_blocks(cache.max_len)
         scores = selection_scores(p, cfg.groups, l, d, cfg.sel_block_len, nb, overlap=cache.overlap)
         idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel, positions=pos)
-        o_slc = selection_attention(q_rope, cache.k_slc, cache.v_slc, idx, cfg.sel_block_len, positions=pos)
+        o_slc = selection_attention(q_rope, cache.k_slc, cache.v_slc, idx, cfg.sel_block_len, positions=pos,
+                                    canonical=True)  # select_blocks output: ascending, unique, -1 last
         o_win = _ring_attention(q_rope, cache.k_win, cache.v_win, pos)
         cache.pos.add_(1)
         return self._combine(gates, o_cmp, o_slc, o_win)

@@ -85,13 +85,15 @@ def canonical_blocks(block_idx: torch.Tensor) -> torch.Tensor:
 
 
 def selection_ranges(block_idx: torch.Tensor, sel_block_len: int, positions: torch.Tensor | None = None,
-                     version: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                     version: int = 2, *, canonical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected blocks as sorted, merged ``[start, end)`` ranges clipped to ``t + 1``.
 
-    ``block_idx [B, T, G, n]`` (ascending, -1 last) -> ``(starts, ends)`` each ``[B, T, G, n]``, merged
-    ranges first, unused slots ``0, 0``. ``version=1`` is the plain reference builder.
+    ``block_idx [B, T, G, n]`` (any order; -1 = empty) -> ``(starts, ends)`` each ``[B, T, G, n]``,
+    merged ranges first, unused slots ``0, 0``. ``version=1`` is the plain reference builder.
+    ``canonical=True`` promises the list is already in :func:`canonical_blocks` form.
     """
-    block_idx = canonical_blocks(block_idx)
+    if not canonical:
+        block_idx = canonical_blocks(block_idx)
     if version == 1:
         from . import naive
 
@@ -118,8 +120,7 @@ def selection_ranges(block_idx: torch.Tensor, sel_block_len: int, positions: tor
 
 
 def _token_index_from_blocks(block_idx, block_size, positions, num_keys):
-    """Per ``(b, t, g)``: key positions of the selected blocks (unmerged) and which are valid."""
-    block_idx = canonical_blocks(block_idx)
+    """Per ``(b, t, g)``: key positions of the (canonical) selected blocks and which are valid."""
     offs = torch.arange(block_size, device=block_idx.device)
     tok = (block_idx.clamp_min(0)[..., None] * block_size + offs).flatten(-2)  # [B, T, G, n*bs]
     valid = (block_idx >= 0).repeat_interleave(block_size, dim=-1)
@@ -169,7 +170,7 @@ def _chunk_len(T: int, per_token_elems: int, device: torch.device) -> int:
 def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                         block_size: int, positions: torch.Tensor | None = None, scale: float | None = None,
                         *, packed: bool | None = None, ranges_v2: bool | None = None,
-                        chunk_rows: int = 0) -> torch.Tensor:
+                        chunk_rows: int = 0, canonical: bool = False) -> torch.Tensor:
     """Attention over the tokens of each group's selected blocks, causally masked (``key <= t``).
 
     Shapes: ``q [B, T, H, d_k]``, ``k [B, S, G, d_k]``, ``v [B, S, G, d_v]``, ``block_idx [B, T, G, n]``
@@ -178,9 +179,13 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     Routes (default from ``nsa.settings()``): packed (``NSA_USE_SEL_PACK=1``): the blocks become merged
     ranges whose tokens are packed to the front of fixed-width rows in the packed-selection workspace,
     so every row goes through one batched attention call whatever its key count; gather (0): each
-    block's tokens are gathered in place and masked.
+    block's tokens are gathered in place and masked. Block lists may hold holes, repeats and any
+    order; ``canonical=True`` (``select_blocks`` output) skips normalising them on the hot path.
     """
     from ..flags import settings
+
+    if not canonical:
+        block_idx = canonical_blocks(block_idx)
 
     s = settings()
     packed = s.use_sel_pack if packed is None else packed
@@ -200,7 +205,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         pos, idx = positions[t0:t1], block_idx[:, t0:t1]
         Tc = t1 - t0
         if packed:
-            starts, ends = selection_ranges(idx, block_size, pos, version=2 if ranges_v2 else 1)
+            starts, ends = selection_ranges(idx, block_size, pos, version=2 if ranges_v2 else 1, canonical=True)
             tok, valid = _token_index_from_ranges(starts, ends, width)
             tok = tok.clamp_max(S - 1)
             tag = "rows"
