@@ -139,8 +139,9 @@ class NSAAttention(nn.Module):
             o_slc = naive.selection_attention(q_rope, ks, vs, idx, cfg.sel_block_len)
             o_win = naive.sliding_window_attention(q_rope, kw, vw, cfg.window)
         else:
-            o_cmp, p = compressed_attention(q, k_cmp, v_cmp, *args)
+            # The probabilities always come from the matmul route: they score the selection.
             cmp_route = routes.route_cmp(x.device, x.dtype, cfg.d_k, cfg.d_v)
+            o_cmp, p = compressed_attention(q, k_cmp, v_cmp, *args, with_output=cmp_route.fn is None)
             if cmp_route.fn is not None:
                 o_cmp = cmp_route.fn(q, k_cmp, v_cmp, *args)
             scores = selection_scores(p, cfg.groups, *args, cfg.sel_block_len, nb)

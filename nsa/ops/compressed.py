@@ -38,12 +38,13 @@ def compress_tokens(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_len: int,
                          block_stride: int, positions: torch.Tensor | None = None,
-                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         scale: float | None = None, with_output: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the visible compressed tokens.
 
     Shapes: ``q [B, T, H, d_k]``, ``k_cmp [B, N, G, d_k]``, ``v_cmp [B, N, G, d_v]``, ``positions [T]``
     (default ``arange(T)``). Returns ``o [B, T, H, d_v]`` (zero where nothing is visible) and the
     probabilities ``p [B, T, H, N]`` in float32 (float64 for float64 inputs), which score selection.
+    ``with_output=False`` returns ``(None, p)`` for callers that compute ``o`` another way.
     """
     B, T, H, Dk = q.shape
     N, G = k_cmp.shape[1], k_cmp.shape[2]
@@ -54,7 +55,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     s = scores_einsum("btghd,bngd->bgthn", q.reshape(B, T, G, h, Dk), k_cmp) * scale  # [B, G, T, h, N]
     visible = torch.arange(N, device=q.device) < num_cmp(positions, block_len, block_stride)[:, None]  # [T, N]
     p = masked_softmax(s, visible[:, None, :])
-    o = values_einsum("bgthn,bngd->btghd", p, v_cmp).reshape(B, T, H, -1)
+    o = values_einsum("bgthn,bngd->btghd", p, v_cmp).reshape(B, T, H, -1) if with_output else None
     return o, p.permute(0, 2, 1, 3, 4).reshape(B, T, H, N)
 
 
