@@ -12,7 +12,6 @@ workspace counters and allocator counters come with it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -87,45 +86,20 @@ def worker_main(spec: dict, out: Path) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker-spec", help="(inside the commit's env) run the benchmark described by this JSON")
-    ap.add_argument("--env-json", type=Path)
-    ap.add_argument("--sizes", help="JSON: steps, warmup, batch, seq_len, layers, vocab, lr, dtype")
-    ap.add_argument("--model", default="{}", help="JSON: NSAConfig fields")
-    ap.add_argument("--vars", default="{}")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap = harness.stage_parser(__doc__.splitlines()[0], "run the benchmark described by this JSON",
+                              "steps, warmup, batch, seq_len, layers, vocab, lr, dtype", timeout=3600)
     ap.add_argument("--no-flush-denormal", action="store_true")
-    ap.add_argument("--timeout", type=int, default=3600)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--log", type=Path)
     args = ap.parse_args(argv)
     if args.worker_spec:
         return worker_main(json.loads(args.worker_spec), args.out)
-    harness.exit_on_sigterm()
-    args.log.parent.mkdir(parents=True, exist_ok=True)
-    args.log.write_text("")
-    env = harness.env_record(args.env_json)
-    if env.get("status") != "ok":
-        record = harness.failed(f"environment failed: {env.get('error')}", env.get("log_tail", ""))
-    else:
-        spec = {"device": args.device, "sizes": json.loads(args.sizes), "model": json.loads(args.model),
-                "seed": args.seed, "flush_denormal": not args.no_flush_denormal}
-        tmp = args.out.with_name(f".{args.out.name}.worker")
-        tmp.unlink(missing_ok=True)
-        cmd = harness.worker_command(env["env_dir"], "bench_train.py", "--worker-spec", json.dumps(spec),
-                                     "--out", str(tmp))
-        rc, how = harness.run_logged(cmd, args.log, harness.child_env(json.loads(args.vars), args.device),
-                                     args.timeout)
-        if rc == 0 and tmp.exists():
-            record = harness.read_json(tmp)
-        else:
-            record = harness.failed(f"training benchmark {how}", harness.file_tail(args.log))
-        tmp.unlink(missing_ok=True)
+    spec = {"device": args.device, "sizes": json.loads(args.sizes or "{}"), "model": json.loads(args.model),
+            "seed": args.seed, "flush_denormal": not args.no_flush_denormal}
+    tmp = args.out.with_name(f".{args.out.name}.worker")
+    record = harness.run_stage_worker(args, "bench_train.py", spec, tmp, "training benchmark")
+    tmp.unlink(missing_ok=True)
     harness.write_json(args.out, record)
     print(f"train {args.out}: {record['status']}" + (f" ({record.get('error')})" if record["status"] != "ok" else ""))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

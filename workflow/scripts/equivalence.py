@@ -13,7 +13,6 @@ compares the tensors (max abs diff vs the baseline, bit-identity across reserve 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -70,47 +69,28 @@ def worker_main(spec: dict, out: Path) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker-spec", help="(inside the commit's env) compute and save the outputs")
-    ap.add_argument("--env-json", type=Path)
-    ap.add_argument("--sizes", help="JSON: batch, seq_len, decode_steps")
-    ap.add_argument("--model", default="{}")
-    ap.add_argument("--vars", default="{}")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=int, default=1800)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--log", type=Path)
+    ap = harness.stage_parser(__doc__.splitlines()[0], "compute and save the outputs",
+                              "batch, seq_len, decode_steps", timeout=1800)
     args = ap.parse_args(argv)
     if args.worker_spec:
         return worker_main(json.loads(args.worker_spec), args.out)
-    harness.exit_on_sigterm()
-    args.log.parent.mkdir(parents=True, exist_ok=True)
-    args.log.write_text("")
     pt = args.out.with_suffix(".pt")
     pt.unlink(missing_ok=True)  # never pair a fresh status with an old tensor file
-    env = harness.env_record(args.env_json)
-    if env.get("status") != "ok":
-        record = harness.failed(f"environment failed: {env.get('error')}", env.get("log_tail", ""))
-    else:
-        spec = {"device": args.device, "sizes": json.loads(args.sizes), "model": json.loads(args.model),
-                "seed": args.seed}
-        tmp = args.out.with_name(f".{args.out.stem}.worker.json")
-        cmd = harness.worker_command(env["env_dir"], "equivalence.py", "--worker-spec", json.dumps(spec),
-                                     "--out", str(tmp))
-        rc, how = harness.run_logged(cmd, args.log, harness.child_env(json.loads(args.vars), args.device),
-                                     args.timeout)
-        if rc == 0 and tmp.exists() and tmp.with_suffix(".pt").exists():
-            record = harness.read_json(tmp)
+    spec = {"device": args.device, "sizes": json.loads(args.sizes or "{}"), "model": json.loads(args.model),
+            "seed": args.seed}
+    tmp = args.out.with_name(f".{args.out.stem}.worker.json")
+    tmp.with_suffix(".pt").unlink(missing_ok=True)
+    record = harness.run_stage_worker(args, "equivalence.py", spec, tmp, "equivalence run")
+    if record["status"] == "ok":
+        if tmp.with_suffix(".pt").exists():
             tmp.with_suffix(".pt").replace(pt)
         else:
-            record = harness.failed(f"equivalence run {how}", harness.file_tail(args.log))
-        for leftover in (tmp, tmp.with_suffix(".pt")):
-            leftover.unlink(missing_ok=True)
+            record = harness.failed("equivalence run wrote no tensor file", harness.file_tail(args.log))
+    for leftover in (tmp, tmp.with_suffix(".pt")):
+        leftover.unlink(missing_ok=True)
     harness.write_json(args.out, record)
     print(f"equivalence {args.out}: {record['status']}" + (f" ({record.get('error')})" if record["status"] != "ok" else ""))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

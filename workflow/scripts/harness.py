@@ -11,6 +11,7 @@ Only the standard library is imported here: workers import torch themselves.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -119,6 +120,42 @@ def exit_on_sigterm() -> None:
     """Turn SIGTERM (how Snakemake stops jobs on Ctrl-C) into SystemExit, so the ``finally`` and
     ``except BaseException`` blocks kill the workers (they run in their own process groups)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def stage_parser(description: str, worker_help: str, sizes_help: str, timeout: int) -> argparse.ArgumentParser:
+    """Arguments shared by the per-commit stages that hand their work to a worker in the commit's env."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--worker-spec", help=f"(inside the commit's env) {worker_help}")
+    ap.add_argument("--env-json", type=Path)
+    ap.add_argument("--sizes", help=f"JSON: {sizes_help}")
+    ap.add_argument("--model", default="{}", help="JSON: NSAConfig fields")
+    ap.add_argument("--vars", default="{}", help="JSON: the job's NSA_* variables")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=timeout)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--log", type=Path)
+    return ap
+
+
+def run_stage_worker(args, script: str, spec: dict, tmp: Path, what: str) -> dict:
+    """Coordinator side of a stage: run ``script --worker-spec`` in the commit's env, writing ``tmp``.
+
+    Returns the worker's record, or a failed record (environment failed, crash, timeout, OOM kill)
+    with the log's tail. The caller writes it; ``tmp`` is the caller's to remove.
+    """
+    exit_on_sigterm()
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    args.log.write_text("")
+    env = env_record(args.env_json)
+    if env.get("status") != "ok":
+        return failed(f"environment failed: {env.get('error')}", env.get("log_tail", ""))
+    tmp.unlink(missing_ok=True)
+    cmd = worker_command(env["env_dir"], script, "--worker-spec", json.dumps(spec), "--out", str(tmp))
+    rc, how = run_logged(cmd, args.log, child_env(json.loads(args.vars), args.device), args.timeout)
+    if rc == 0 and tmp.exists():
+        return read_json(tmp)
+    return failed(f"{what} {how}", file_tail(args.log))
 
 
 def detect_device(setting: str, python: str) -> str:
