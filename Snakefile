@@ -24,13 +24,18 @@ if os.path.exists("config.yaml"):
         raise WorkflowError(str(e)) from None
 
 
-# Values given with --configfile / --config extend this file (--replace-workflow-config: replace it).
+# Values given with --configfile / --config extend this file (--replace-workflow-config: replace it),
+# except the mappings in config_check.REPLACED_KEYS (variants, suites, reserve_configs, common_env):
+# a --configfile that defines one replaces it whole.
 configfile: "config.yaml"
 
 
 # Validate before any job: a bad key or value stops the run here, naming the key.
 try:
-    _checked = config_check.checked_config(config)
+    _given = config_check.replace_mappings(
+        config, workflow.config_settings.configfiles, workflow.config_settings.config
+    )
+    _checked = config_check.checked_config(_given)
 except config_check.ConfigError as e:
     raise WorkflowError(str(e)) from None
 config.clear()
@@ -44,6 +49,7 @@ include: "workflow/rules/correctness.smk"
 include: "workflow/rules/decode.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/equivalence.smk"
+include: "workflow/rules/consistency.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/gate.smk"
 

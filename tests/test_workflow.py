@@ -22,10 +22,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-import bench_decode  # noqa: E402
 import build_env  # noqa: E402
 import config_check  # noqa: E402
 import harness  # noqa: E402
+import interleave  # noqa: E402
 import resolve_refs  # noqa: E402
 import run_suites  # noqa: E402
 
@@ -41,10 +41,11 @@ def tiny_config(fake_repo: dict, **overrides) -> dict:
         "device": "cpu",
         "reserve_configs": {"none": {}, "presized": {"NSA_SEL_PACK_RESERVE_N": 64, "NSA_SEL_PACK_RESERVE_L": 128}},
         "model": TINY_MODEL,
-        "decode": {"cpu": {"contexts": [16, 32], "steps": 10, "warmup": 2, "rounds": 3}},
-        "train": {"cpu": {"steps": 12, "warmup": 2, "batch": 2, "seq_len": 32, "layers": 1, "vocab": 32,
-                          "lr": 0.02}},
+        "decode": {"cpu": {"contexts": [16, 32], "steps": 10, "warmup": 2, "rounds": 3, "processes": 2}},
+        "train": {"cpu": {"steps": 9, "warmup": 2, "rounds": 3, "processes": 2, "batch": 2, "seq_len": 32, "layers": 1,
+                          "vocab": 32, "lr": 0.02}},
         "equivalence": {"cpu": {"batch": 1, "seq_len": 24, "decode_steps": 3}},
+        "consistency": {"cpu": {"batch": 1, "seq_len": 24, "prefix": 16, "dtype": "float32"}},
         "suites": {"core": "core_invariants", "selection": "selection_v2"},
         "acceptance": {"bootstrap_resamples": 300},
     }
@@ -89,10 +90,11 @@ def test_full_run_finishes_despite_a_broken_commit(e2e):
     assert _read(work, f"tests/{repo['broken']}/none/summary.json")["status"] == "failed"
     assert _read(work, f"train/{repo['broken']}/presized.json")["error"].startswith("environment failed")
     ok = _read(work, f"env/{repo['base']}/env.json")
-    assert ok["status"] == "ok" and ok["api_version"] == 1 and ok["installer"] in ("pip", "uv")
-    assert ok["nsa_file"].startswith(str(work / "results" / "envs" / repo["base"]))
+    assert ok["status"] == "ok" and ok["adapter"]["name"] == "nsa" and ok["installer"] in ("pip", "uv")
+    assert ok["implementation_version"] == "0.0.1"
+    assert ok["package_files"][0].startswith(str(work / "results" / "envs" / repo["base"]))
     assert ok["torch_file"] == __import__("torch").__file__  # the host's torch, inherited
-    assert ok["pip_freeze"] and ok["backends"]["fa2"]["available"] is False
+    assert ok["pip_freeze"]
 
 
 @pytest.mark.workflow
@@ -101,27 +103,39 @@ def test_raw_results_follow_the_contract(e2e):
     meta = _read(work, "meta/variants.json")
     assert meta["device"] == "cpu" and meta["baseline"] == "base"
     assert meta["variants"]["base-again"]["sha"] == meta["variants"]["base"]["sha"] == repo["base"]
+    assert meta["variants"]["slow"]["subject"] == "slower decode" and meta["reserve_order"] == ["none", "presized"]
+    assert meta["implementation"]["adapter"] == "nsa" and meta["capabilities"]["decode"] is True
     tests = _read(work, f"tests/{repo['base']}/presized/summary.json")
     assert tests["status"] == "ok"
-    assert {k: tests["suites"]["core"][k] for k in ("passed", "failed", "skipped", "errors")} == \
-        {"passed": 2, "failed": 0, "skipped": 0, "errors": 0}
+    assert {k: tests["suites"]["core"][k] for k in ("passed", "failed", "skipped", "errors", "collected")} == \
+        {"passed": 2, "failed": 0, "skipped": 0, "errors": 0, "collected": 2}
     assert {k: tests["suites"]["selection"][k] for k in ("passed", "skipped")} == {"passed": 3, "skipped": 1}
     assert (work / "results" / tests["suites"]["core"]["junit"]).exists()
     decode = _read(work, "decode/decode.json")
-    assert decode["timer"] == "perf_counter" and decode["rounds"] == 3
+    assert decode["schema_version"] == 2 and decode["timer"] == "perf_counter" and decode["rounds"] == 3
+    assert decode["modes"] == ["eager"] and decode["conditions"]["host"]["threads"] == 1
     runs = {(r["variant"], r["reserve"]): r for r in decode["runs"]}
-    assert set(runs) == {(v, r) for v in ("base", "base-again", "slow", "broken") for r in ("none", "presized")}
+    assert set(runs) == {(v, r) for v in ("base", "base-again", "slow", "broken") for r in ("none", "presized")} \
+        | {("reference", None)}
     base = runs[("base", "none")]
-    assert base["status"] == "ok" and len(base["contexts"]["16"]["eager_ms"]) == 30  # steps x rounds
+    assert base["status"] == "ok" and len(base["processes"]) == 2 and base["routes"]
+    # Two independent processes, each with steps x rounds samples per context.
+    assert len({p["pid"] for p in base["processes"]}) == 2
+    assert all(len(p["contexts"]["16"]["eager_ms"]) == 30 for p in base["processes"])
+    assert runs[("reference", None)]["status"] == "ok" and runs[("reference", None)]["kind"] == "reference"
     assert runs[("broken", "none")]["status"] == "failed"
     # Pre-sizing shows in the workspace counters: no growth once reserved.
-    assert runs[("base", "presized")]["workspace_stats"]["sel_pack"]["growth_events"] == 0
-    assert base["workspace_stats"]["sel_pack"]["growth_events"] > 0
-    train = _read(work, f"train/{repo['base']}/none.json")
-    assert train["status"] == "ok" and len(train["nsa"]["loss"]) == 12 and len(train["nsa"]["tokens_per_s"]) == 10
-    assert train["nsa"]["loss"][-1] < train["nsa"]["loss"][0] and len(train["dense"]["tokens_per_s"]) == 10
+    assert all(p["workspace_stats"]["sel_pack"]["growth_events"] == 0 for p in runs[("base", "presized")]["processes"])
+    assert base["processes"][0]["workspace_stats"]["sel_pack"]["growth_events"] > 0
+    train = {(r["variant"], r["reserve"]): r for r in _read(work, "train/train.json")["runs"]}
+    proc = train[("base", "none")]["processes"][0]
+    assert train[("base", "none")]["status"] == "ok" and len(train[("base", "none")]["processes"]) == 2
+    assert len(proc["loss"]) == 2 + 9 and len(proc["tokens_per_s"]) == 9  # warm-up + 3 rounds x 3 steps
+    assert train[("reference", None)]["status"] == "ok" and train[("broken", "none")]["status"] == "failed"
     assert _read(work, f"equiv/{repo['slow']}/presized.json")["status"] == "ok"
     assert (work / "results" / "equiv" / repo["slow"] / "presized.pt").exists()
+    consistency = _read(work, f"consistency/{repo['base']}/none.json")
+    assert consistency["passed"] is True and consistency["positions"] == 24 and consistency["max_abs_err"] < 1e-5
 
 
 @pytest.mark.workflow
@@ -177,9 +191,9 @@ def test_adding_a_variant_adds_only_its_own_per_commit_jobs(e2e, fake_repo):
         counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
                   if len(line.split()) == 2 and line.split()[1].isdigit()}
         assert counts.get("checkout") == 1 and counts.get("env") == 1, counts
-        assert counts.get("correctness") == 2 and counts.get("train") == 2 and counts.get("equivalence") == 2
-        # The interleaved decode job measures every run together, so it reruns as a whole.
-        assert counts.get("decode") == 1
+        assert counts.get("correctness") == 2 and counts.get("equivalence") == 2 and counts.get("consistency") == 2
+        # The interleaved benchmark jobs measure every run together, so they rerun as a whole.
+        assert counts.get("decode") == 1 and counts.get("train") == 1
     finally:
         (e2e["work"] / "config.yaml").write_text(yaml.safe_dump(tiny_config(fake_repo)))
 
@@ -195,7 +209,14 @@ BAD_CONFIGS = [
     ("unknown baseline", {"baseline": "nope"}, "config key baseline = 'nope' is not a variant"),
     ("negative size", {"decode": {"cpu": {"steps": -5}}}, "config key decode.cpu.steps = -5"),
     ("reserve not an integer", {"reserve_configs": {"big": {"NSA_SEL_PACK_RESERVE_N": "4k"}}},
-     "config key reserve_configs.big.NSA_SEL_PACK_RESERVE_N = '4k'"),
+     "config key reserve_configs.big: NSA_SEL_PACK_RESERVE_N='4k' is invalid"),
+    ("misspelt variable", {"common_env": {"NSA_USE_FA": 1}}, "config key common_env: NSA_USE_FA='1': nsa reads no such variable"),
+    ("bad flag in a suite", {"suites": {"core": {"args": ["nsa/tests"], "env": {"NSA_USE_FA2": "maybe"}}}},
+     "config key suites.core.env: NSA_USE_FA2='maybe' is invalid; accepted: 0 or 1"),
+    ("unknown adapter", {"implementation": {"adapter": "flash-nsa"}}, "implementation.adapter = 'flash-nsa': no such adapter"),
+    ("name escaping results", {"suites": {"../../x": "core_invariants"}}, "config key suites: the name '../../x' is not accepted"),
+    ("selection blind", {"equivalence": {"cpu": {"batch": 1, "seq_len": 12, "decode_steps": 3}}},
+     "config key equivalence.cpu.seq_len = 12 is too short to see the selection"),
     ("unknown ref", {"variants": {"base": "no-such-branch"}}, "git ref 'no-such-branch' does not name a commit"),
 ]
 
@@ -250,21 +271,31 @@ def test_shallow_clone_error_says_how_to_fetch(fake_repo, tmp_path):
     assert resolve_refs.resolve_ref(Path(fake_repo["repo"]), "base") == fake_repo["base"]
 
 
-def test_junit_counts(tmp_path):
+def test_junit_counts_and_suite_status(tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text('<testsuites><testsuite tests="7" failures="2" errors="1" skipped="1"/></testsuites>')
     assert run_suites.junit_counts(xml) == {"passed": 3, "failed": 2, "skipped": 1, "errors": 1}
-    entry = run_suites.suite_result("s", "m", 5, "exit status 5", tmp_path / "none.xml", "none.xml")
-    assert entry["status"] == "ok" and "no test carries" in entry["note"]
-    crashed = run_suites.suite_result("s", "m", -9, "terminated by SIGKILL", tmp_path / "none.xml", "none.xml")
+    suite = {"args": ["tests/test_x.py"], "env": {}, "min_tests": 1}
+    empty = tmp_path / "empty.xml"
+    empty.write_text('<testsuites><testsuite tests="0" failures="0" errors="0" skipped="0"/></testsuites>')
+    nothing = run_suites.suite_result("s", suite, 5, "exit status 5", empty, "empty.xml")
+    assert nothing["status"] == "not_run" and "fewer than min_tests=1" in nothing["error"]  # never "ok"
+    few = tmp_path / "few.xml"
+    few.write_text('<testsuites><testsuite tests="2" failures="0" errors="0" skipped="0"/></testsuites>')
+    assert run_suites.suite_result("s", {**suite, "min_tests": 3}, 0, "exit status 0", few, "few.xml")["status"] == "not_run"
+    assert run_suites.suite_result("s", suite, 0, "exit status 0", few, "few.xml")["status"] == "ok"
+    crashed = run_suites.suite_result("s", suite, -9, "terminated by SIGKILL", tmp_path / "none.xml", "none.xml")
     assert crashed["status"] == "failed" and crashed["errors"] == 1
+    usage = run_suites.suite_result("s", suite, 4, "exit status 4", tmp_path / "none.xml", "none.xml")
+    assert usage["status"] == "failed"  # a missing test path is a failure, not "not run"
+    assert run_suites.suite_result("s", suite, 1, "exit status 1", xml, "j.xml")["status"] == "failed"
 
 
 def test_round_order_is_a_fresh_permutation_each_round():
-    orders = [bench_decode.round_order(5, r, seed=0) for r in range(6)]
+    orders = [interleave.round_order(5, r, seed=0) for r in range(6)]
     assert all(sorted(o) == list(range(5)) for o in orders)
     assert len({tuple(o) for o in orders}) > 1
-    assert orders == [bench_decode.round_order(5, r, seed=0) for r in range(6)]  # reproducible
+    assert orders == [interleave.round_order(5, r, seed=0) for r in range(6)]  # reproducible
 
 
 def test_host_site_dirs_never_include_an_nsa_package(tmp_path, monkeypatch):

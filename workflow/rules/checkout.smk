@@ -13,8 +13,6 @@ rule meta:
         meta=as_json(META),
     log:
         f"{RESULTS}/logs/meta.log",
-    conda:
-        "../../envs/workflow.yaml"
     run:
         harness.write_json(output[0], json.loads(params.meta))
 
@@ -30,8 +28,6 @@ rule checkout:
         dest=f"{RESULTS}/checkouts/{{sha}}",
     log:
         f"{RESULTS}/logs/checkout/{{sha}}.log",
-    conda:
-        "../../envs/workflow.yaml"
     shell:
         "{params.python:q} {input.script:q} --repo {params.repo:q} --sha {wildcards.sha}"
         " --dest {params.dest:q} --out {output:q} > {log:q} 2>&1"

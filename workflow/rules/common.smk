@@ -16,6 +16,10 @@ HOST_PYTHON = config["python"] or sys.executable
 
 DEVICE = harness.detect_device(config["device"], HOST_PYTHON)
 
+# The implementation: its adapter file (loaded by every worker), install mode and capabilities.
+IMPL = config_check.implementation_problems(config, Path.cwd())[1]
+SUITES = config_check.normalized_suites(config["suites"], config["test_dir"])
+
 # Refs -> full SHAs. Every output below is keyed by SHA: a branch that moved reruns, one that
 # did not is left alone.
 REPO_SPEC = config["repo"] or workflow.basedir
@@ -59,8 +63,8 @@ def checkout_dir(wildcards, input):
     return input.checkout[: -len(".json")]
 
 
-def decode_runs():
-    """Every (variant, reserve) run of the interleaved decode benchmark; A/A twins run separately."""
+def bench_runs():
+    """Every (variant, reserve) run of the interleaved benchmarks; A/A twins run separately."""
     return [{"variant": name, "sha": v["sha"], "reserve": r, "env_json": env_json(v["sha"]),
              "vars": job_vars(r)} for name, v in VARIANTS.items() for r in RESERVES]
 
@@ -76,6 +80,11 @@ META = {
     "variants": VARIANTS,
     "reserve_configs": config["reserve_configs"],
     "common_env": config["common_env"],
-    "suites": config["suites"],
+    "suites": SUITES,
     "acceptance": config["acceptance"],
+    "implementation": {k: IMPL[k] for k in ("adapter", "name", "install", "extra_requirements")},
+    "capabilities": IMPL["capabilities"],
+    "processes": {"decode": sizes("decode")["processes"], "train": sizes("train")["processes"]},
+    "threads": config["threads"],
+    "reserve_order": RESERVES,
 }

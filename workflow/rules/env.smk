@@ -1,6 +1,7 @@
 # One venv per commit, inheriting the host interpreter's packages; env.json records what is in it.
-# A commit that fails to install still gets an env.json (status "failed"), so it shows as FAILED
-# and its later jobs record why they could not run.
+# It depends only on the commit and the implementation's install settings (adapter, install mode,
+# extra requirements): changing the model, sizes or flags never rebuilds it. A commit that fails to
+# install still gets an env.json (status "failed"), so it shows as FAILED and its later jobs say why.
 
 
 rule env:
@@ -15,15 +16,12 @@ rule env:
         venv=f"{RESULTS}/envs/{{sha}}",
         device=DEVICE,
         timeout=config["timeouts"]["env"],
-        # Routes are recorded under the jobs' common flags, for the measured layer and dtype.
-        vars=as_json(config["common_env"]),
-        model=as_json(config["model"]),
-        dtype=sizes("decode")["dtype"],
+        adapter=IMPL["adapter_file"],  # a param: editing the adapter does not rebuild environments
+        install=IMPL["install"],
+        extra=as_json(IMPL["extra_requirements"]),
     log:
         f"{RESULTS}/logs/env/{{sha}}.log",
-    conda:
-        "../../envs/workflow.yaml"
     shell:
         "{params.python:q} {input.script:q} --checkout {params.checkout:q} --env {params.venv:q}"
         " --out {output:q} --log {log:q} --device {params.device} --timeout {params.timeout}"
-        " --vars {params.vars:q} --model {params.model:q} --dtype {params.dtype}"
+        " --adapter {params.adapter:q} --install {params.install} --extra {params.extra:q}"

@@ -1,11 +1,12 @@
-# Identical weights and inputs through every commit x reserve configuration; outputs saved (.pt)
-# for the report to compare against the baseline's first configuration.
+# Identical weights and inputs through every commit x reserve configuration; outputs (and selected
+# blocks where the adapter exposes them) saved (.pt) for the report to compare across commits.
 
 
 rule equivalence:
     input:
         env=env_json("{sha}"),
         script=f"{SCRIPTS}/equivalence.py",
+        adapter=IMPL["adapter_file"],  # an edited adapter reruns the jobs it drives
     output:
         f"{RESULTS}/equiv/{{sha}}/{{reserve}}.json",
     params:
@@ -18,9 +19,7 @@ rule equivalence:
         timeout=config["timeouts"]["equivalence"],
     log:
         f"{RESULTS}/logs/equiv/{{sha}}/{{reserve}}.log",
-    conda:
-        "../../envs/workflow.yaml"
     shell:
         "{params.python:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
-        " --model {params.model:q} --vars {params.vars:q} --device {params.device} --seed {params.seed}"
-        " --timeout {params.timeout} --out {output:q} --log {log:q}"
+        " --model {params.model:q} --adapter {input.adapter:q} --vars {params.vars:q} --device {params.device}"
+        " --seed {params.seed} --timeout {params.timeout} --out {output:q} --log {log:q}"

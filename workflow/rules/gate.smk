@@ -15,7 +15,5 @@ rule gate:
         allow="--allow-incomplete" if config["gate"]["allow_incomplete"] else "",
     log:
         f"{RESULTS}/logs/gate.log",
-    conda:
-        "../../envs/workflow.yaml"
     shell:
         "{params.python:q} {input.script:q} --summary {input.summary:q} {params.allow} 2>&1 | tee {log:q}"

@@ -7,8 +7,9 @@ rule aggregate:
         envs=[env_json(s) for s in SHAS],
         tests=per_sha_reserve(f"{RESULTS}/tests/{{sha}}/{{reserve}}/summary.json"),
         decode=f"{RESULTS}/decode/decode.json",
-        train=per_sha_reserve(f"{RESULTS}/train/{{sha}}/{{reserve}}.json"),
+        train=f"{RESULTS}/train/train.json",
         equiv=per_sha_reserve(f"{RESULTS}/equiv/{{sha}}/{{reserve}}.json"),
+        consistency=per_sha_reserve(f"{RESULTS}/consistency/{{sha}}/{{reserve}}.json"),
         script=f"{SCRIPTS}/aggregate.py",
     output:
         f"{RESULTS}/summary.json",
@@ -17,8 +18,6 @@ rule aggregate:
         results=lambda wildcards, output: Path(output[0]).parent,
     log:
         f"{RESULTS}/logs/aggregate.log",
-    conda:
-        "../../envs/workflow.yaml"
     shell:
         "{params.python:q} {input.script:q} --results {params.results:q} --out {output:q} > {log:q} 2>&1"
 
@@ -33,8 +32,6 @@ rule plots:
         python=HOST_PYTHON,
     log:
         f"{RESULTS}/logs/plots.log",
-    conda:
-        "../../envs/workflow.yaml"
     shell:
         "{params.python:q} {input.script:q} --summary {input.summary:q} --out {output:q} > {log:q} 2>&1"
 
@@ -51,8 +48,6 @@ rule report:
         python=HOST_PYTHON,
     log:
         f"{RESULTS}/logs/report.log",
-    conda:
-        "../../envs/workflow.yaml"
     shell:
         "{params.python:q} {input.script:q} --summary {input.summary:q} --plots {input.plots:q}"
         " --out-html {output.html:q} --out-md {output.md:q} > {log:q} 2>&1"

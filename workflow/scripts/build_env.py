@@ -8,8 +8,11 @@ interpreter is itself a venv (the lent H100's ``python3`` is): ``--system-site-p
 inherits the *base* interpreter's packages, not the venv's, so torch would be missing and an
 offline install would fail. The commit is installed without build isolation and without
 resolving dependencies first, so nothing is downloaded when the host already has everything
-(air-gapped GPU boxes); declared dependencies that are missing are installed afterwards (that
-needs an index). ``uv`` is used when present, pip otherwise.
+(air-gapped GPU boxes); the commit's declared dependencies (from its own metadata) and the
+implementation's extra requirements that the host does not satisfy are installed afterwards (that
+needs an index). With ``install: pythonpath`` the commit is not installed: its checkout goes first
+on ``sys.path`` (as projects that run from their checkout document) and the dependencies come from
+its pyproject.toml. ``uv`` is used when present, pip otherwise.
 
 A failure at any step still writes ``env.json`` with ``"status": "failed"`` and the log's tail,
 so the commit shows as FAILED and the other commits go on.
@@ -18,10 +21,12 @@ so the commit shows as FAILED and the other commits go on.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -72,15 +77,22 @@ def run(cmd: list[str], log, env=None, cwd=None, timeout=1800) -> str:
     """Run a build step, logging its output; StepFailed names the step on failure."""
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
+    # Its own process group, so a timeout or Ctrl-C also ends what it started (pip's builds).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise StepFailed(f"`{' '.join(cmd[:4])} ...` timed out after {timeout} s") from None
-    log.write(r.stdout + r.stderr)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise StepFailed(f"`{' '.join(cmd[:4])} ...` timed out after {timeout} s") from None
+        raise
+    log.write(stdout + stderr)
     log.flush()
-    if r.returncode != 0:
-        raise StepFailed(f"`{' '.join(cmd[:6])} ...` failed ({harness.describe_exit(r.returncode)})")
-    return r.stdout
+    if proc.returncode != 0:
+        raise StepFailed(f"`{' '.join(cmd[:6])} ...` failed ({harness.describe_exit(proc.returncode)})")
+    return stdout
 
 
 def host_module_origin(name: str) -> str | None:
@@ -96,16 +108,15 @@ def install_commands(py: str, checkout: Path, uv: str | None) -> tuple[str, list
                    "--no-input", "--disable-pip-version-check", "--no-warn-script-location", str(checkout)]
 
 
-# Runs in the new env: the commit's declared requirements that its environment does not satisfy.
+# Runs in the new env: which of the requirements given as JSON (argv[1]) it does not satisfy.
 MISSING_DEPS = r"""
 import importlib.metadata as md, json, sys
 try:
     from packaging.requirements import Requirement
 except ImportError:
     from pip._vendor.packaging.requirements import Requirement
-dist = md.packages_distributions().get("nsa", ["nsa"])[0]
 missing = []
-for line in md.requires(dist) or []:
+for line in json.loads(sys.argv[1]):
     req = Requirement(line)
     if req.marker is not None and not req.marker.evaluate({"extra": ""}):
         continue
@@ -118,8 +129,39 @@ for line in md.requires(dist) or []:
 print(json.dumps(missing))
 """
 
+# Runs in the new env: the requirements of the distributions installed *into it* (the commit's own
+# metadata, whatever its build system), never of a same-named package elsewhere on the host.
+INSTALLED_REQUIRES = r"""
+import importlib.metadata as md, json, sys
+skip = {"pip", "setuptools", "wheel"}
+reqs = []
+for dist in md.distributions(path=[sys.argv[1]]):
+    if (dist.metadata["Name"] or "").lower() not in skip:
+        reqs += dist.requires or []
+print(json.dumps(reqs))
+"""
 
-def install(py: str, checkout: Path, log, timeout: int) -> str:
+
+def declared_requirements(checkout: Path) -> list[str]:
+    """``[project].dependencies`` of the commit's pyproject.toml (the checkout-on-sys.path mode)."""
+    import tomllib
+
+    path = Path(checkout) / "pyproject.toml"
+    if not path.exists():
+        return []
+    try:
+        project = tomllib.loads(path.read_text()).get("project", {})
+    except tomllib.TOMLDecodeError as e:
+        raise StepFailed(f"{path} is not valid TOML ({e}): cannot read the commit's dependencies") from None
+    if "dependencies" in project.get("dynamic", []):
+        raise StepFailed(f"{path} declares its dependencies as dynamic; use install: pip for this implementation")
+    return list(project.get("dependencies", []))
+
+
+def install(py: str, checkout: Path, env_dir: Path, mode: str, extra: list[str], log, timeout: int) -> str:
+    """Put the commit into the env (``pip``: installed; ``pythonpath``: its checkout first on
+    sys.path, as its docs run it), then install its declared dependencies and ``extra`` that the
+    inherited host packages do not satisfy (offline when there are none)."""
     uv = shutil.which("uv")
     installer, cmd = install_commands(py, checkout, uv)
     env = harness.child_env()
@@ -127,21 +169,31 @@ def install(py: str, checkout: Path, log, timeout: int) -> str:
         probe = subprocess.run([py, "-c", "import pip"], capture_output=True, env=env)
         if probe.returncode != 0:  # the host has no pip to inherit: give the env its own
             run([py, "-m", "ensurepip", "--default-pip"], log, env=env, timeout=timeout)
-    run(cmd, log, env=env, timeout=timeout)
-    missing = json.loads(run([py, "-c", MISSING_DEPS], log, env=env, timeout=timeout).strip() or "[]")
+    site_dir = env_site_packages(env_dir)
+    if mode == "pip":
+        run(cmd, log, env=env, timeout=timeout)
+        wanted = json.loads(run([py, "-c", INSTALLED_REQUIRES, str(site_dir)], log, env=env, timeout=timeout) or "[]")
+    else:
+        # A .pth line that starts with "import" is executed: this one puts the checkout *first*.
+        (site_dir / "_nsa_workflow_checkout.pth").write_text(
+            f"import sys; sys.path.insert(0, {str(Path(checkout).resolve())!r})\n")
+        wanted = declared_requirements(checkout)
+        installer = "pythonpath"
+    wanted += list(extra)
+    missing = json.loads(run([py, "-c", MISSING_DEPS, json.dumps(wanted)], log, env=env, timeout=timeout).strip() or "[]")
     if missing:
-        log.write(f"declared dependencies not satisfied by the host: {missing}; installing them (needs an index)\n")
-        deps_cmd = ([uv, "pip", "install", "--python", py] if installer == "uv"
+        log.write(f"requirements not satisfied by the host: {missing}; installing them (needs an index)\n")
+        deps_cmd = ([uv, "pip", "install", "--python", py] if uv
                     else [py, "-m", "pip", "install", "--no-input", "--disable-pip-version-check"])
         run(deps_cmd + missing, log, env=env, timeout=timeout)
     return installer
 
 
-def probe(py: str, device: str, log, timeout: int, variables=None, model=None, dtype="float32") -> dict:
-    """Ask the new env what it holds (runs this script's ``probe`` mode there), under ``variables``."""
+def probe(py: str, device: str, adapter: str, log, timeout: int) -> dict:
+    """Ask the new env what it holds (runs this script's ``probe`` mode there)."""
     cmd = harness.worker_command(Path(py).parents[1], "build_env.py", "probe", "--device", device,
-                                 "--model", json.dumps(model or {}), "--dtype", dtype)
-    out = run(cmd, log, env=harness.child_env(variables, device=device), timeout=timeout)
+                                 "--adapter", adapter)
+    out = run(cmd, log, env=harness.child_env(device=device), timeout=timeout)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -155,18 +207,19 @@ def check_torch(info: dict, host_torch: str | None) -> None:
         raise StepFailed("`import torch` fails in the new environment and the host has no torch to inherit")
 
 
-def build(checkout: Path, env_dir: Path, device: str, log, timeout: int, variables=None, model=None,
-          dtype="float32") -> dict:
+def build(checkout: Path, env_dir: Path, device: str, log, timeout: int, adapter: str, mode: str,
+          extra: list[str]) -> dict:
     make_venv(env_dir, log)
     py = harness.env_python(env_dir)
-    installer = install(py, checkout, log, timeout)
-    info = probe(py, device, log, timeout, variables, model, dtype)
+    installer = install(py, checkout, env_dir, mode, extra, log, timeout)
+    info = probe(py, device, adapter, log, timeout)
     check_torch(info, host_module_origin("torch"))
-    prefix = os.path.realpath(env_dir)
-    if not os.path.realpath(info["nsa_file"]).startswith(prefix + os.sep):
-        raise StepFailed(f"`import nsa` in the new environment resolves to {info['nsa_file']}, outside {prefix}: "
-                         f"the commit's package was not installed into it")
-    return {"status": "ok", "installer": installer, "env_dir": str(env_dir), **info}
+    where = os.path.realpath(env_dir if mode == "pip" else checkout)
+    files = info["package_files"]
+    if not files or not all(os.path.realpath(f).startswith(where + os.sep) for f in files):
+        raise StepFailed(f"`import {info['package']}` in the new environment resolves to {files or 'nothing'}, "
+                         f"not inside {where}: the commit's package was not {'installed into' if mode == 'pip' else 'found in'} it")
+    return {"status": "ok", "installer": installer, "install": mode, "env_dir": str(env_dir), **info}
 
 
 # ----------------------------------------------------------------------------- probe (inside the env)
@@ -180,42 +233,40 @@ def _driver_version() -> str | None:
         return None
 
 
-def probe_main(device: str, model: dict, dtype: str) -> int:
+def probe_main(device: str, adapter_file: str) -> int:
     import importlib.metadata as md
     import platform
 
     import torch
 
-    nsa = harness.import_nsa()
+    import adapter_api
+
+    adapter = adapter_api.load(adapter_file)
+    package = getattr(adapter, "PACKAGE", "nsa")
+    module = importlib.import_module(package)
+    # A namespace package (no __init__.py) has no __file__: its portions are its __path__.
+    files = [module.__file__] if getattr(module, "__file__", None) else list(getattr(module, "__path__", []))
     cuda = device == "cuda" and torch.cuda.is_available()
-    where = torch.device("cuda" if cuda else "cpu")
-    # The routes of the measured layer (dims, dtype) under the jobs' flags; API v1 guarantees
-    # only the device argument, so an implementation without the others is asked that alone.
-    shape = {k: model[k] for k in ("d_k", "d_v", "sel_block_len") if k in model}
-    try:
-        try:
-            backends = nsa.backends(where, getattr(torch, dtype), **shape)
-        except TypeError:
-            backends = nsa.backends(where)
-    except Exception as e:  # the record says why rather than failing the whole environment
-        backends = {"error": f"{type(e).__name__}: {e}"}
-    fa2 = backends.get("fa2") if isinstance(backends.get("fa2"), dict) else {}
     # First distribution of each name in sys.path order: the one `import` would actually load.
     first = {}
     for d in md.distributions():
         name = d.metadata["Name"]
         if name:
             first.setdefault(name.lower(), f"{name}=={d.version}")
-    freeze = sorted(first.values(), key=str.lower)
+    try:
+        version = adapter_api.call_optional(adapter, "version")
+    except Exception as e:  # the record says why rather than failing the whole environment
+        version = f"unknown ({type(e).__name__}: {e})"
     info = {
         "python": platform.python_version(), "python_executable": sys.executable,
         "torch": torch.__version__, "torch_file": torch.__file__,
         "cuda": torch.version.cuda if cuda else None, "cuda_available": bool(torch.cuda.is_available()),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "driver": _driver_version() if cuda else None,
-        "fa2_available": bool(fa2.get("available", importlib.util.find_spec("flash_attn") is not None and cuda)),
-        "nsa_version": getattr(nsa, "__version__", None), "api_version": nsa.API_VERSION, "nsa_file": nsa.__file__,
-        "backends": backends, "pip_freeze": freeze,
+        "adapter": {"name": getattr(adapter, "NAME", Path(adapter_file).stem), "file": adapter_file,
+                    "api": adapter.ADAPTER_API},
+        "package": package, "package_files": files, "implementation_version": version,
+        "pip_freeze": sorted(first.values(), key=str.lower),
     }
     print(json.dumps(info, default=str))
     return 0
@@ -226,26 +277,25 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="mode")
     p = sub.add_parser("probe", help="(inside the new env) print what it holds as JSON")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default="{}", help="the measured layer's config (JSON)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--adapter", required=True)
     ap.add_argument("--checkout", type=Path)
     ap.add_argument("--env", type=Path, help="the venv to (re)create")
     ap.add_argument("--out", type=Path, help="env.json")
     ap.add_argument("--log", type=Path)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--timeout", type=int, default=1800)
-    ap.add_argument("--vars", default="{}", help="NSA_* variables the routes are recorded under (JSON)")
-    ap.add_argument("--model", default="{}", help="the measured layer's config (JSON)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--adapter", help="the adapter file (workflow/adapters/README.md)")
+    ap.add_argument("--install", default="pip", choices=["pip", "pythonpath"])
+    ap.add_argument("--extra", default="[]", help="JSON list of extra pip requirements")
     args = ap.parse_args(argv)
     if args.mode == "probe":
-        return probe_main(args.device, json.loads(args.model), args.dtype)
+        return probe_main(args.device, args.adapter)
     harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with open(args.log, "w") as log:
         try:
-            record = build(args.checkout, args.env, args.device, log, args.timeout, json.loads(args.vars),
-                           json.loads(args.model), args.dtype)
+            record = build(args.checkout, args.env, args.device, log, args.timeout, args.adapter, args.install,
+                           json.loads(args.extra))
         except (StepFailed, OSError, ValueError, KeyError) as e:
             log.write(f"\nFAILED: {e}\n")
             log.flush()

@@ -12,6 +12,7 @@ import copy
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jsonschema
 import yaml
 
@@ -104,7 +105,7 @@ def describe_error(err: jsonschema.ValidationError, schema: dict | None = None) 
                     f"accepted keys here: {', '.join(sorted(allowed))}")
     if "propertyNames" in err.schema_path:
         accepted = err.schema.get("description", err.message) if isinstance(err.schema, dict) else err.message
-        return f"config key {_key(path + [err.instance])}: the name {err.instance!r} is not accepted; accepted: {accepted}"
+        return f"config key {_key(path)}: the name {err.instance!r} is not accepted; accepted: {accepted}"
     accepted = err.schema.get("description") if isinstance(err.schema, dict) else None
     if err.validator == "enum":
         accepted = "one of " + ", ".join(map(str, err.validator_value))
@@ -119,9 +120,13 @@ def check_semantics(cfg: dict) -> list[str]:
     if cfg.get("baseline") not in (cfg.get("variants") or {}):
         problems.append(f"config key baseline = {cfg.get('baseline')!r} is not a variant; accepted: one of "
                         + ", ".join(repr(v) for v in cfg.get("variants") or {}))
-    for device, sizes in (cfg.get("decode") or {}).items():
-        if isinstance(sizes, dict) and sizes.get("graph") and device == "cpu":
-            problems.append("config key decode.cpu.graph = true is invalid: CUDA graphs need a GPU; accepted: false")
+    cpu_modes = (cfg.get("decode") or {}).get("cpu", {}).get("modes") or []
+    if any(m != "eager" for m in cpu_modes):
+        problems.append(f"config key decode.cpu.modes = {cpu_modes} is invalid: CUDA graphs need a GPU; accepted: [eager]")
+    for device, sizes in (cfg.get("consistency") or {}).items():
+        if device in ("cpu", "cuda") and isinstance(sizes, dict) and sizes.get("prefix", 0) >= sizes.get("seq_len", 1):
+            problems.append(f"config key consistency.{device}.prefix = {sizes.get('prefix')} must be below "
+                            f"consistency.{device}.seq_len = {sizes.get('seq_len')} (no decode step would be checked)")
     for device, sizes in (cfg.get("train") or {}).items():
         if isinstance(sizes, dict) and sizes.get("warmup", 0) >= sizes.get("steps", 1):
             problems.append(f"config key train.{device}.warmup = {sizes.get('warmup')} must be below "
@@ -131,10 +136,87 @@ def check_semantics(cfg: dict) -> list[str]:
             problems.append(f"config key equivalence.{device}.decode_steps = {sizes.get('decode_steps')} must be "
                             f"below equivalence.{device}.seq_len = {sizes.get('seq_len')}")
     model = cfg.get("model") or {}
+    problems += selection_blind_spots(cfg)
     if model.get("block_stride", 1) > model.get("block_len", 1) or model.get("block_len", 0) % model.get("block_stride", 1):
         problems.append(f"config key model.block_stride = {model.get('block_stride')} must divide "
                         f"model.block_len = {model.get('block_len')}")
     return problems
+
+
+def selection_blind_spots(cfg: dict) -> list[str]:
+    """Output checks at lengths where every block is selected cannot see the selection (a commit
+    that flips the sign of the selection scores would pass): each compared length must hold more
+    selection blocks than ``n_sel``."""
+    model = cfg.get("model") or {}
+    block, n_sel = model.get("sel_block_len"), model.get("n_sel")
+    if not (isinstance(block, int) and isinstance(n_sel, int) and block > 0):
+        return []
+    need = n_sel * block + 1
+    out = []
+    for stage in ("equivalence", "consistency"):
+        for device, sizes in (cfg.get(stage) or {}).items():
+            if device in ("cpu", "cuda") and isinstance(sizes, dict) and isinstance(sizes.get("seq_len"), int) \
+                    and sizes["seq_len"] < need:
+                out.append(f"config key {stage}.{device}.seq_len = {sizes['seq_len']} is too short to see the selection: "
+                           f"with model.sel_block_len = {block} and model.n_sel = {n_sel} every block is selected; "
+                           f"accepted: >= {need}")
+    return out
+
+
+def normalized_suites(suites: dict, test_dir: str) -> dict:
+    """Every suite as ``{args, env, min_tests}`` (a bare marker string means ``[test_dir, -m, marker]``)."""
+    out = {}
+    for name, suite in suites.items():
+        if isinstance(suite, str):
+            suite = {"args": [test_dir, "-m", suite]}
+        out[name] = {"args": list(suite["args"]), "env": dict(suite.get("env", {})),
+                     "min_tests": suite.get("min_tests", 1)}
+    return out
+
+
+# Mappings that a --configfile replaces whole instead of merging into config.yaml's: a run about
+# another repository must not inherit this one's variants, suites or reserve configurations.
+REPLACED_KEYS = ("variants", "suites", "reserve_configs", "common_env")
+
+
+def replace_mappings(config: dict, configfiles, cli_config: dict | None = None) -> dict:
+    """``config`` (as Snakemake merged it) with each REPLACED_KEYS mapping taken whole from the last
+    of ``configfiles`` (then ``--config``) that defines it."""
+    out = dict(config)
+    for path in configfiles or []:
+        data = load_yaml(path)
+        for key in REPLACED_KEYS:
+            if key in data:
+                out[key] = data[key]
+    for key in REPLACED_KEYS:
+        if cli_config and key in cli_config:
+            out[key] = cli_config[key]
+    return out
+
+
+def implementation_problems(cfg: dict, base=None) -> tuple[list[str], dict]:
+    """Load the adapter (no torch needed) and let it check every variable the config sets.
+    Returns (problems, the resolved implementation: adapter file, install mode, capabilities)."""
+    import adapter_api
+
+    impl = cfg.get("implementation") or {}
+    try:
+        path = adapter_api.adapter_path(impl.get("adapter", "nsa"), base)
+        module = adapter_api.load(path)
+    except (adapter_api.AdapterError, ImportError, SyntaxError) as e:
+        return [str(e)], {}
+    problems = []
+    sources = [("common_env", cfg.get("common_env") or {})]
+    sources += [(f"reserve_configs.{n}", v or {}) for n, v in (cfg.get("reserve_configs") or {}).items()]
+    sources += [(f"suites.{n}.env", s.get("env") or {}) for n, s in (cfg.get("suites") or {}).items()
+                if isinstance(s, dict)]
+    for key, variables in sources:
+        problems += [f"config key {key}: {p}" for p in adapter_api.check_env(module, variables)]
+    resolved = {"adapter": impl.get("adapter", "nsa"), "adapter_file": str(path),
+                "name": getattr(module, "NAME", path.stem), "install": impl.get("install") or getattr(module, "INSTALL", "pip"),
+                "extra_requirements": list(getattr(module, "EXTRA_REQUIREMENTS", [])) + list(impl.get("extra_requirements", [])),
+                "capabilities": adapter_api.capabilities(module)}
+    return problems, resolved
 
 
 def checked_config(cfg: dict, schema_path=SCHEMA) -> dict:
@@ -150,6 +232,8 @@ def checked_config(cfg: dict, schema_path=SCHEMA) -> dict:
     problems = [describe_error(e, schema) for e in errors]
     if not problems:
         problems = check_semantics(full)
+    if not problems:
+        problems += implementation_problems(full, Path.cwd())[0]
     if problems:
         seen = list(dict.fromkeys(problems))
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(seen))

@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-API_VERSION = 1  # the nsa public API these scripts are written against (docs/api.md)
 LOG_TAIL_LINES = 40
 
 
@@ -128,8 +127,9 @@ def stage_parser(description: str, worker_help: str, sizes_help: str, timeout: i
     ap.add_argument("--worker-spec", help=f"(inside the commit's env) {worker_help}")
     ap.add_argument("--env-json", type=Path)
     ap.add_argument("--sizes", help=f"JSON: {sizes_help}")
-    ap.add_argument("--model", default="{}", help="JSON: NSAConfig fields")
-    ap.add_argument("--vars", default="{}", help="JSON: the job's NSA_* variables")
+    ap.add_argument("--model", default="{}", help="JSON: the model dict (workflow/adapters/README.md)")
+    ap.add_argument("--adapter", help="the adapter file")
+    ap.add_argument("--vars", default="{}", help="JSON: the job's environment variables")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=timeout)
@@ -156,6 +156,17 @@ def run_stage_worker(args, script: str, spec: dict, tmp: Path, what: str) -> dic
     if rc == 0 and tmp.exists():
         return read_json(tmp)
     return failed(f"{what} {how}", file_tail(args.log))
+
+
+def worker_record(run) -> dict:
+    """Inside a worker: ``run()``'s record, or "not supported by this implementation" when the
+    adapter raises Unsupported."""
+    import adapter_api
+
+    try:
+        return run()
+    except adapter_api.Unsupported as e:
+        return {"status": "unsupported", "reason": str(e)}
 
 
 def detect_device(setting: str, python: str) -> str:
@@ -215,15 +226,70 @@ def worker_command(env_dir, script: str, *args: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- worker side (torch)
 
-def import_nsa():
-    """``nsa`` from the commit's environment, refusing any other API version."""
-    import nsa
+def worker_adapter(spec: dict):
+    """The adapter a worker drives: the implementation's (``spec["adapter"]``, a file) or, for the
+    reference workload (``spec["layer"] == "dense"``), the harness's own dense layer."""
+    if spec.get("layer") == "dense":
+        from tinylm import DENSE
 
-    version = getattr(nsa, "API_VERSION", None)
-    if version != API_VERSION:
-        raise RuntimeError(f"nsa.API_VERSION is {version!r} (from {getattr(nsa, '__file__', '?')}); this harness "
-                           f"drives API version {API_VERSION} (docs/api.md)")
-    return nsa
+        return DENSE
+    import adapter_api
+
+    return adapter_api.load(spec["adapter"])
+
+
+def set_threads(n: int | None) -> None:
+    """Intra-op threads of a benchmark worker: from the config, never from Snakemake's --cores."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def serve(make_worker, handlers: dict) -> int:
+    """Worker side of the coordinator's line protocol (JSON lines on a private copy of stdout).
+
+    ``make_worker()`` sets up; ``handlers[cmd](worker, msg)`` answers each request. Setup answers
+    ``{"ready": true, "info": ...}``, ``{"unsupported": reason}`` or ``{"error": ...}``; anything the
+    code under test prints goes to the log (stderr), never into the protocol.
+    """
+    import traceback
+
+    import adapter_api
+
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    def send(obj):
+        proto.write(json.dumps(_finite(obj), default=str) + "\n")
+        proto.flush()
+
+    try:
+        worker = make_worker()
+    except adapter_api.Unsupported as e:
+        send({"unsupported": str(e)})
+        return 0
+    except Exception as e:
+        traceback.print_exc()
+        send({"error": f"setup failed: {type(e).__name__}: {e}"})
+        return 1
+    send({"ready": True, "info": getattr(worker, "info", {})})
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg.get("cmd")
+        if cmd == "finish":
+            send(handlers["finish"](worker, msg))
+            return 0
+        try:
+            send(handlers[cmd](worker, msg))
+        except adapter_api.Unsupported as e:
+            send({"unsupported": str(e)})
+            return 0
+        except Exception as e:
+            traceback.print_exc()
+            send({"error": f"{cmd} failed: {type(e).__name__}: {e}"})
+            return 1
+    return 0
 
 
 def torch_dtype(name: str):

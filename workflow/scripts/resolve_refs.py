@@ -70,11 +70,13 @@ def resolve_ref(repo: Path, ref: str) -> str:
 
 
 def resolve_variants(repo: Path, variants: dict[str, str]) -> dict[str, dict]:
-    """``{name: ref}`` -> ``{name: {"ref", "sha"}}``; every failure in one error naming the variants."""
+    """``{name: ref}`` -> ``{name: {"ref", "sha", "subject"}}``; every failure in one error naming the variants."""
     out, problems = {}, []
     for name, ref in variants.items():
         try:
-            out[name] = {"ref": str(ref), "sha": resolve_ref(repo, str(ref))}
+            sha = resolve_ref(repo, str(ref))
+            subject = git(repo, "log", "-1", "--format=%s", sha, check=False).stdout.strip()
+            out[name] = {"ref": str(ref), "sha": sha, "subject": subject}
         except RefError as e:
             problems.append(f"config key variants.{name}: {e}")
     if problems:

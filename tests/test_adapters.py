@@ -1,0 +1,187 @@
+"""The adapter protocol against fake implementations, one per capability set, through the real
+workers and coordinator (no Snakemake): what each stage records when an implementation lacks
+decode, lacks backward, refuses a model field, or decodes differently from its forward.
+
+The fake implementation is a causal running mean (``y_t = W mean(x_<=t)``): exact, tiny, and its
+decode cache is a running sum, so decode == forward holds to rounding unless a test breaks it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+import adapter_api  # noqa: E402
+import bench_train  # noqa: E402
+import interleave  # noqa: E402
+
+MODEL = {"dim": 8, "groups": 1, "heads_per_group": 2, "d_k": 4, "d_v": 4, "block_len": 4, "block_stride": 2,
+         "sel_block_len": 4, "n_sel": 2, "window": 8}
+
+TEMPLATE = '''
+ADAPTER_API = 1
+NAME = "toy"
+CAPABILITIES = {caps!r}
+
+
+class _Mean:
+    pass
+
+
+def build_layer(model, *, device, dtype):
+    import torch
+    from adapter_api import Unsupported
+
+    if {refuse!r} and model["block_stride"] != model["block_len"]:
+        raise Unsupported(f"unsupported: block_stride={{model['block_stride']}} (toy needs block_stride == block_len)")
+
+    class RunningMean(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(model["dim"], model["dim"], bias=False)
+
+        def forward(self, x):
+            n = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+            return self.proj(x.cumsum(1) / n)
+
+    return RunningMean().to(device=device, dtype=getattr(torch, dtype))
+
+
+def forward(layer, x):
+    return layer(x)
+
+
+def new_cache(layer, batch, max_len):
+    import torch
+
+    w = layer.proj.weight
+    return {{"sum": torch.zeros(batch, 1, w.shape[1], dtype=w.dtype, device=w.device), "n": 0}}
+
+
+def prefill(layer, x, cache):
+    cache = {{"sum": x.sum(1, keepdim=True), "n": x.shape[1]}}
+    return layer(x), cache
+
+
+def decode_step(layer, x_t, cache):
+    cache = {{"sum": cache["sum"] + x_t, "n": cache["n"] + 1}}
+    return layer.proj(cache["sum"] / cache["n"]) + {decode_offset!r}, cache
+'''
+
+
+def write_adapter(tmp_path, name, *, decode=True, backward=True, refuse=False, decode_offset=0.0,
+                  devices=("cpu", "cuda")) -> Path:
+    caps = {"decode": decode, "backward": backward, "devices": list(devices)}
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(TEMPLATE.format(caps=caps, refuse=refuse, decode_offset=decode_offset)))
+    return path
+
+
+def run_coordinator(tmp_path, adapter: Path, script: str, request: dict, merge, spec: dict, rounds=2,
+                    processes=2) -> dict:
+    """One impl run and the reference run, in this interpreter's environment (sys.prefix)."""
+    runs = [{"variant": "toy", "sha": "0" * 40, "reserve": "none", "kind": "impl", "env_dir": sys.prefix,
+             "vars": {}, "spec": {**spec, "adapter": str(adapter), "layer": "impl"}},
+            {"variant": "reference", "sha": None, "reserve": None, "kind": "reference", "env_dir": sys.prefix,
+             "vars": {}, "spec": {**spec, "adapter": str(adapter), "layer": "dense"}}]
+    results = interleave.coordinate(runs, script=script, request=request, merge=merge, processes=processes,
+                                    rounds=rounds, device="cpu", log_dir=tmp_path / "logs", timeout=120, seed=0,
+                                    threads=1)
+    return {r["variant"]: r for r in results}
+
+
+DECODE_SPEC = {"contexts": [8], "steps": 3, "warmup": 1, "batch": 1, "dtype": "float32", "modes": ["eager"],
+               "device": "cpu", "model": MODEL, "seed": 0, "flush_denormal": True, "threads": 1}
+TRAIN_SPEC = {"device": "cpu", "model": MODEL, "seed": 0, "flush_denormal": True, "threads": 1,
+              "sizes": {"steps": 2, "warmup": 1, "rounds": 2, "processes": 2, "batch": 2, "seq_len": 8, "layers": 1,
+                        "vocab": 16, "lr": 0.01, "dtype": "float32"}}
+
+
+def _merge_decode(proc, answer):
+    for ctx, modes in answer["contexts"].items():
+        for mode, samples in modes.items():
+            proc.setdefault("contexts", {}).setdefault(ctx, {}).setdefault(mode, []).extend(samples)
+
+
+def test_protocol_checks_name_what_is_missing(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("ADAPTER_API = 2\nCAPABILITIES = {'decode': True, 'wings': True}\n")
+    with pytest.raises(adapter_api.AdapterError) as e:
+        adapter_api.load(bad)
+    text = str(e.value)
+    assert "ADAPTER_API is 2" in text and "defines no build_layer()" in text and "unknown keys ['wings']" in text
+    assert "new_cache/prefill/decode_step are not all defined" in text
+    with pytest.raises(adapter_api.AdapterError, match="no such adapter; accepted: nsa, nsa-vibe"):
+        adapter_api.adapter_path("nope")
+    assert adapter_api.adapter_path("nsa").name == "nsa.py"
+    toy = adapter_api.load(write_adapter(tmp_path, "toy_cpu", devices=["cpu"]))
+    assert adapter_api.capabilities(toy)["cuda_graph"] is False  # missing flags are false
+    assert "device=cuda" in adapter_api.unsupported_on(toy, "cuda")
+
+
+@pytest.mark.workflow
+def test_decode_with_and_without_a_decode_cache(tmp_path):
+    full = run_coordinator(tmp_path, write_adapter(tmp_path, "toy_full"), "decode_worker.py", {"cmd": "sample"},
+                           _merge_decode, DECODE_SPEC)
+    assert full["toy"]["status"] == "ok" and len(full["toy"]["processes"]) == 2
+    assert all(len(p["contexts"]["8"]["eager_ms"]) == 6 for p in full["toy"]["processes"])  # steps x rounds
+    assert full["reference"]["status"] == "ok"
+    none = run_coordinator(tmp_path, write_adapter(tmp_path, "toy_nodecode", decode=False), "decode_worker.py",
+                           {"cmd": "sample"}, _merge_decode, DECODE_SPEC)
+    assert none["toy"]["status"] == "unsupported" and "decode" in none["toy"]["reason"]
+    assert none["toy"]["processes"] == [] and none["reference"]["status"] == "ok"
+
+
+@pytest.mark.workflow
+def test_training_without_backward_is_not_supported(tmp_path):
+    ok = run_coordinator(tmp_path, write_adapter(tmp_path, "toy_train"), "train_worker.py", {"cmd": "steps", "n": 1},
+                         bench_train.merge, TRAIN_SPEC)
+    assert ok["toy"]["status"] == "ok" and all(len(p["tokens_per_s"]) == 2 for p in ok["toy"]["processes"])
+    none = run_coordinator(tmp_path, write_adapter(tmp_path, "toy_nobwd", backward=False), "train_worker.py",
+                           {"cmd": "steps", "n": 1}, bench_train.merge, TRAIN_SPEC)
+    assert none["toy"]["status"] == "unsupported" and "backward" in none["toy"]["reason"]
+
+
+def _stage(tmp_path, script: str, adapter: Path, sizes: dict, **extra) -> dict:
+    import subprocess
+
+    out = tmp_path / f"{adapter.stem}-{script}.json"
+    env_json = tmp_path / "env.json"
+    env_json.write_text(json.dumps({"status": "ok", "env_dir": sys.prefix}))
+    cmd = [sys.executable, str(ROOT / "workflow" / "scripts" / script), "--env-json", str(env_json), "--adapter",
+           str(adapter), "--sizes", json.dumps(sizes), "--model", json.dumps(MODEL), "--device", "cpu",
+           "--out", str(out), "--log", str(tmp_path / f"{adapter.stem}.log")]
+    for key, value in extra.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.workflow
+def test_consistency_finds_a_decode_that_disagrees_with_forward(tmp_path):
+    sizes = {"batch": 1, "seq_len": 12, "prefix": 5, "dtype": "float32"}
+    tol = {"tolerance": {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}}
+    good = _stage(tmp_path, "consistency.py", write_adapter(tmp_path, "toy_good"), sizes, **tol)
+    assert good["status"] == "ok" and good["passed"] is True and good["max_abs_err"] < 1e-5
+    bad = _stage(tmp_path, "consistency.py", write_adapter(tmp_path, "toy_off", decode_offset=0.01), sizes, **tol)
+    assert bad["passed"] is False and bad["worst_is_decode"] and bad["worst_position"] >= 5
+    assert bad["max_abs_err"] == pytest.approx(0.01, rel=1e-3) and bad["max_abs_err_prefill"] < 1e-5
+    none = _stage(tmp_path, "consistency.py", write_adapter(tmp_path, "toy_nd", decode=False), sizes, **tol)
+    assert none["status"] == "unsupported" and "decode" in none["reason"]
+
+
+@pytest.mark.workflow
+def test_a_refused_model_field_is_not_supported_never_failed(tmp_path):
+    refusing = write_adapter(tmp_path, "toy_refuse", refuse=True)
+    rec = _stage(tmp_path, "equivalence.py", refusing, {"batch": 1, "seq_len": 12, "decode_steps": 2})
+    assert rec["status"] == "unsupported" and rec["reason"].startswith("unsupported: block_stride=2")
+    runs = run_coordinator(tmp_path, refusing, "decode_worker.py", {"cmd": "sample"}, _merge_decode, DECODE_SPEC)
+    assert runs["toy"]["status"] == "unsupported" and "block_stride=2" in runs["toy"]["reason"]
+    eq = _stage(tmp_path, "equivalence.py", write_adapter(tmp_path, "toy_eq"), {"batch": 1, "seq_len": 12, "decode_steps": 2})
+    assert eq["status"] == "ok" and eq["shapes"] == {"prefill": [1, 12, 8], "decode": [1, 2, 8]}

@@ -1,0 +1,321 @@
+"""The interleaved benchmark coordinator shared by decode and training (asv's rounds, with the
+process as the unit of replication).
+
+Every run (a commit x reserve configuration, plus the reference workload: the harness's dense
+layer, identical code everywhere) is measured by ``processes`` independent worker processes, each
+in its commit's environment with its configuration's variables. All workers set up first; then,
+round after round, every worker is asked in turn (shuffled per round, seeded) for one block of
+measurements, so machine drift hits every run alike and only one worker measures at a time.
+Between-process differences (placement, allocator state, host dispatch speed) are thereby
+sampled ``processes`` times per run, which per-sample statistics of one process cannot see.
+
+A worker that fails to start, crashes (OOM included) or hangs marks its process failed (and its
+run failed) with its log's tail; the others go on. A worker that answers "unsupported" makes its
+run "not supported by this implementation".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import select
+import subprocess
+import time
+from pathlib import Path
+
+import harness
+
+SCHEMA_VERSION = 2
+
+
+class Remote:
+    """One worker process and its JSON-line protocol, with timeouts."""
+
+    def __init__(self, cmd: list[str], env: dict, log_path: Path):
+        self.log_path, self._buf = log_path, b""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(log_path, "wb")
+        self.log.write(f"$ {' '.join(cmd)}\n".encode())
+        self.log.flush()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
+                                     start_new_session=True)
+
+    def receive(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer within {timeout:.0f} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    rc = self.proc.wait()
+                    raise RuntimeError(f"worker ended ({harness.describe_exit(rc)})")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(msg["error"])
+        return msg
+
+    def ask(self, obj, timeout: float) -> dict:
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            rc = self.proc.wait()
+            raise RuntimeError(f"worker ended ({harness.describe_exit(rc)})") from None
+        return self.receive(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.log.close()
+
+
+def round_order(n: int, round_index: int, seed: int) -> list[int]:
+    """Which worker goes when in a round: shuffled per round (seeded), so none is always first."""
+    order = list(range(n))
+    random.Random(seed * 7919 + round_index).shuffle(order)
+    return order
+
+
+def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes: int, rounds: int, device: str,
+               log_dir: Path, timeout: float, seed: int, threads: int | None) -> list[dict]:
+    """Measure every run with ``processes`` workers of ``script`` over ``rounds`` interleaved rounds.
+
+    ``runs``: dicts with variant, sha, reserve, kind, spec, vars, and env_dir or env_error.
+    ``merge(process_record, answer)`` folds one answer to ``request`` into the process's record.
+    """
+    results, workers = [], []  # workers: (run index, process record, Remote)
+    for i, run in enumerate(runs):
+        res = {k: run.get(k) for k in ("variant", "sha", "reserve", "kind")}
+        res.update(status="ok", routes=None, processes=[])
+        results.append(res)
+        if run.get("env_error"):
+            res.update(harness.failed(f"environment failed: {run['env_error']}", run.get("env_log_tail", "")))
+            continue
+        env = harness.child_env(run["vars"], device)
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        for j in range(processes):
+            cmd = harness.worker_command(run["env_dir"], script, "--spec", json.dumps(run["spec"]))
+            name = f"{i:02d}-{run['variant']}.{run.get('reserve') or 'ref'}.p{j}"
+            proc = {"index": j, "status": "ok"}
+            res["processes"].append(proc)
+            workers.append((i, proc, Remote(cmd, env, log_dir / f"{name[:100]}.log")))
+
+    alive = list(range(len(workers)))
+
+    def drop(w, err, unsupported=False):
+        i, proc, remote = workers[w]
+        remote.close()
+        alive.remove(w)
+        if unsupported:
+            results[i].update(status="unsupported", reason=str(err))
+            results[i]["processes"] = []
+            for other in [v for v in alive if workers[v][0] == i]:
+                drop(other, err, unsupported=True)
+            return
+        proc.update(harness.failed(str(err), harness.file_tail(remote.log_path)))
+        if results[i]["status"] == "ok":
+            results[i].update(status="failed", error=f"process {proc['index']}: {err}", log_tail=proc["log_tail"])
+        print(f"{script} {results[i]['variant']}/{results[i]['reserve']} process {proc['index']} FAILED: {err}",
+              flush=True)
+
+    try:
+        for w in list(alive):  # workers set up concurrently; wait for each to say ready
+            if w not in alive:
+                continue
+            try:
+                msg = workers[w][2].receive(timeout)
+            except (RuntimeError, TimeoutError, ValueError) as e:
+                drop(w, e)
+                continue
+            if "unsupported" in msg:
+                drop(w, msg["unsupported"], unsupported=True)
+                continue
+            i, proc, remote = workers[w]
+            proc["pid"] = remote.proc.pid
+            info = msg.get("info") or {}
+            if results[i]["routes"] is None and info.get("routes") is not None:
+                results[i]["routes"] = info["routes"]
+            proc["info"] = {k: v for k, v in info.items() if k != "routes"}
+        print(f"{script}: {len(alive)}/{len(workers)} workers ready", flush=True)
+        for r in range(rounds):
+            for w in round_order(len(workers), r, seed):
+                if w not in alive:
+                    continue
+                try:
+                    answer = workers[w][2].ask(request, timeout)
+                except (RuntimeError, TimeoutError, ValueError, KeyError) as e:
+                    drop(w, e)
+                    continue
+                if "unsupported" in answer:
+                    drop(w, answer["unsupported"], unsupported=True)
+                    continue
+                merge(workers[w][1], answer)
+            print(f"{script}: round {r + 1}/{rounds} done", flush=True)
+        for w in list(alive):
+            try:
+                workers[w][1].update(workers[w][2].ask({"cmd": "finish"}, timeout))
+            except (RuntimeError, TimeoutError, ValueError) as e:
+                drop(w, e)
+    finally:
+        for _, _, remote in workers:
+            remote.close()
+    for res in results:
+        if res["status"] == "failed":  # samples of a failed process are never read as measurements
+            for proc in res["processes"]:
+                if proc["status"] != "ok":
+                    proc.pop("contexts", None)
+    return results
+
+
+# ----------------------------------------------------------------------------- conditions
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def host_conditions(threads: int | None) -> dict:
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "loadavg": load,
+            "hostname": platform.node()}
+
+
+GPU_FIELDS = ("name", "clocks.sm", "clocks.mem", "clocks.max.sm", "temperature.gpu", "power.draw", "utilization.gpu",
+              "memory.used", "clocks_throttle_reasons.active")
+
+
+def gpu_conditions() -> dict | None:
+    """Clocks, temperature, power and the compute processes on GPU 0 (nvidia-smi), or None."""
+    try:
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits",
+                            "-i", "0"], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0 or not r.stdout.strip():
+            return None
+        values = [v.strip() for v in r.stdout.strip().splitlines()[0].split(",")]
+        out = dict(zip(GPU_FIELDS, values))
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        out["processes"] = [line.strip() for line in apps.stdout.splitlines() if line.strip()]
+        return out
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | None, gpu_after: dict | None) -> list[str]:
+    """Plain-words warnings where the machine was busy or changed during the measurement."""
+    out = []
+    cores = host_before.get("cores") or 1
+    for when, host in (("before", host_before), ("after", host_after)):
+        load = (host.get("loadavg") or [None])[0]
+        if load is not None and load > 0.75 * cores:
+            out.append(f"host load average {load:.2f} on {cores} cores {when} the measurement: other work competed")
+    if gpu_before and gpu_after:
+        b, a = _num(gpu_before.get("clocks.sm")), _num(gpu_after.get("clocks.sm"))
+        if b and a and abs(a - b) / b > 0.05:
+            out.append(f"GPU SM clock changed from {b:.0f} to {a:.0f} MHz during the measurement")
+        tb, ta = _num(gpu_before.get("temperature.gpu")), _num(gpu_after.get("temperature.gpu"))
+        if tb is not None and ta is not None and ta - tb >= 10:
+            out.append(f"GPU temperature rose from {tb:.0f} to {ta:.0f} C during the measurement")
+        others = gpu_before.get("processes") or []
+        if others:
+            out.append(f"other processes were on the GPU before the measurement: {'; '.join(others)}")
+    return out
+
+
+def measure_conditions(threads: int | None, device: str, body):
+    """Run ``body()`` and return (its result, the conditions before/after with warnings)."""
+    host_before, gpu_before = host_conditions(threads), gpu_conditions() if device == "cuda" else None
+    result = body()
+    host_after, gpu_after = host_conditions(threads), gpu_conditions() if device == "cuda" else None
+    warnings = condition_warnings(host_before, host_after, gpu_before, gpu_after)
+    host = {k: v for k, v in host_before.items() if k != "loadavg"}
+    host.update(loadavg_before=host_before["loadavg"], loadavg_after=host_after["loadavg"])
+    return result, {"host": host, "gpu_before": gpu_before, "gpu_after": gpu_after, "warnings": warnings}
+
+
+def runs_from_args(runs_json: str, reference_env: bool = True) -> list[dict]:
+    """The coordinator's runs from the rule's JSON, with each commit's environment looked up, and
+    the reference workload (kind "reference") in the first healthy environment."""
+    runs = []
+    for run in json.loads(runs_json):
+        env = harness.env_record(run["env_json"])
+        run = {**run, "kind": "impl", "env_dir": env.get("env_dir")}
+        if env.get("status") != "ok":
+            run.update(env_error=env.get("error"), env_log_tail=env.get("log_tail", ""))
+        runs.append(run)
+    healthy = [r for r in runs if not r.get("env_error")]
+    if reference_env and healthy:
+        runs.append({"variant": "reference", "sha": None, "reserve": None, "kind": "reference",
+                     "env_dir": healthy[0]["env_dir"], "vars": {}})
+    return runs
+
+
+# ----------------------------------------------------------------------------- the benchmark jobs
+
+def bench_parser(description: str, sizes_help: str, timeout: int) -> argparse.ArgumentParser:
+    """Arguments of the interleaved benchmark jobs (bench_decode.py, bench_train.py)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--runs", required=True, help="JSON list of {variant, sha, reserve, env_json, vars}")
+    ap.add_argument("--sizes", required=True, help=f"JSON: {sizes_help}")
+    ap.add_argument("--model", default="{}", help="JSON: the model dict")
+    ap.add_argument("--adapter", required=True, help="the adapter file")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads of each worker")
+    ap.add_argument("--no-flush-denormal", action="store_true")
+    ap.add_argument("--timeout", type=float, default=timeout, help="seconds one worker may take to answer")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--log-dir", type=Path, required=True)
+    return ap
+
+
+def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: str) -> list[dict]:
+    """Measure every run of ``args.runs`` (and the reference) with ``script`` workers, and write
+    ``args.out`` with the results and the machine's conditions. Returns the runs' results."""
+    harness.exit_on_sigterm()
+    sizes = json.loads(args.sizes)
+    runs = runs_from_args(args.runs)
+    for run in runs:
+        run["spec"] = {**spec, "layer": "dense" if run["kind"] == "reference" else "impl"}
+    results, conditions = measure_conditions(args.threads, args.device, lambda: coordinate(
+        runs, script=script, request=request, merge=merge, processes=sizes["processes"], rounds=sizes["rounds"],
+        device=args.device, log_dir=args.log_dir, timeout=args.timeout, seed=args.seed, threads=args.threads))
+    record = {"schema_version": SCHEMA_VERSION, "device": args.device, "timer": harness.Timer(args.device).name,
+              "rounds": sizes["rounds"], "processes": sizes["processes"], "sizes": sizes, "conditions": conditions,
+              "runs": results}
+    if what == "decode":
+        order = ["eager", "graph", "compiled_graph"]
+        record["modes"] = sorted({m[: -len("_ms")] for r in results for p in r["processes"]
+                                  for c in p.get("contexts", {}).values() for m in c}, key=order.index)
+    harness.write_json(args.out, record)
+    print(f"{what}: {sum(r['status'] == 'ok' for r in results)}/{len(results)} runs ok -> {args.out}")
+    return results
