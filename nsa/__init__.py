@@ -15,6 +15,10 @@ from .routes import backends
 __version__ = "0.1.0"
 API_VERSION = 1
 
+# Read and validate the NSA_* environment now: a bad value fails at `import nsa`, naming the
+# variable, not at the first forward.
+settings()
+
 __all__ = [
     "API_VERSION",
     "NSAAttention",
@@ -24,7 +28,6 @@ __all__ = [
     "SettingsError",
     "__version__",
     "backends",
-    "override_settings",
     "override_settings",
     "reload_settings",
     "reset_workspaces",

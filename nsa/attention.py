@@ -17,12 +17,10 @@ from torch import nn
 from . import routes
 from .config import NSAConfig
 from .ops import naive
-from .ops.common import masked_softmax, scores_einsum, values_einsum
+from .ops.common import acc_dtype, masked_softmax, scores_einsum, values_einsum
 from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope
-from .ops.selection import overlap_matrix, select_blocks, selection_attention, selection_scores
-from .ops.window import sliding_window_attention
-from .flags import settings
+from .ops.selection import overlap_matrix, select_blocks, selection_scores
 
 
 @dataclasses.dataclass
@@ -41,7 +39,7 @@ class NSACache:
     k_cmp: torch.Tensor  # [B, N + 1, G, d_k] compressed keys; slot N is scratch for non-emitting steps
     v_cmp: torch.Tensor  # [B, N + 1, G, d_v]
     pos: torch.Tensor  # [1] long: tokens held
-    overlap: torch.Tensor  # [N, nb] selection-score overlap matrix for max_len (float32)
+    overlap: torch.Tensor  # [N, nb] selection-score overlap matrix for max_len, in the scores' dtype
     max_len: int
     prefilled: bool = False
     steps: int = 0  # decode steps issued from Python (graph replays do not count)
@@ -98,16 +96,19 @@ class NSAAttention(nn.Module):
         gates = torch.sigmoid(gate_logits).view(B, T, H, 3)
         # RoPE for the slc and win branches; compressed keys carry positions through phi instead.
         rotated = apply_rope(y[..., : (H + 2 * G) * cfg.d_k].view(B, T, H + 2 * G, cfg.d_k), positions,
-                             cfg.rope_theta)
+                             theta=cfg.rope_theta)
         q_rope, ks, kw = rotated.split([H, G, G], dim=2)
         return q, q_rope, kc, vc, ks, vs, kw, vw, gates
 
     def _compress(self, kc, vc, naive_ops=False):
         cfg = self.cfg
         fn = naive.compress_tokens if naive_ops else compress_tokens
-        args = (cfg.block_len, cfg.block_stride, cfg.compress)
-        return (fn(kc, self.phi_k, self.phi_k_bias, self.pos_k, *args),
-                fn(vc, self.phi_v, self.phi_v_bias, self.pos_v, *args))
+        kw = {"block_len": cfg.block_len, "block_stride": cfg.block_stride, "mode": cfg.compress}
+        k_cmp = fn(kc, self.phi_k, self.phi_k_bias, self.pos_k, **kw)
+        v_cmp = fn(vc, self.phi_v, self.phi_v_bias, self.pos_v, **kw)
+        # Under autocast phi's float32 bias/embedding promote its output; the attention ops take one
+        # dtype, that of the projections (a no-op without autocast).
+        return k_cmp.to(kc.dtype), v_cmp.to(vc.dtype)
 
     def _combine(self, gates, o_cmp, o_slc, o_win):
         B, T = gates.shape[:2]
@@ -127,36 +128,31 @@ class NSAAttention(nn.Module):
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)
         q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x, positions)
-        sequential = not settings().prefill_batched
+        sequential = routes.route_prefill().name == "sequential"
         k_cmp, v_cmp = self._compress(kc, vc, naive_ops=sequential)
-        nb = cfg.num_sel_blocks(T)
-        args = (cfg.block_len, cfg.block_stride)
+        cmp = {"block_len": cfg.block_len, "block_stride": cfg.block_stride}
+        slc = {"sel_block_len": cfg.sel_block_len}
+        scoring = {"groups": cfg.groups, **cmp, **slc, "num_blocks": cfg.num_sel_blocks(T)}
         if sequential:
             # The per-token reference route: the spec, one query at a time.
-            o_cmp, p = naive.compressed_attention(q, k_cmp, v_cmp, *args)
-            scores = naive.selection_scores(p, cfg.groups, *args, cfg.sel_block_len, nb)
-            idx = naive.select_blocks(scores, cfg.sel_block_len, cfg.n_sel)
-            o_slc = naive.selection_attention(q_rope, ks, vs, idx, cfg.sel_block_len)
-            o_win = naive.sliding_window_attention(q_rope, kw, vw, cfg.window)
+            o_cmp, p = naive.compressed_attention(q, k_cmp, v_cmp, **cmp)
+            scores = naive.selection_scores(p, **scoring)
+            idx = naive.select_blocks(scores, **slc, n_sel=cfg.n_sel)
+            o_slc = naive.selection_attention(q_rope, ks, vs, idx, **slc)
+            o_win = naive.sliding_window_attention(q_rope, kw, vw, window=cfg.window)
         else:
             # The probabilities always come from the matmul route: they score the selection.
             cmp_route = routes.route_cmp(x.device, x.dtype, cfg.d_k, cfg.d_v)
-            o_cmp, p = compressed_attention(q, k_cmp, v_cmp, *args, with_output=cmp_route.fn is None)
+            o_cmp, p = compressed_attention(q, k_cmp, v_cmp, **cmp, with_output=cmp_route.fn is None)
             if cmp_route.fn is not None:
-                o_cmp = cmp_route.fn(q, k_cmp, v_cmp, *args)
-            scores = selection_scores(p, cfg.groups, *args, cfg.sel_block_len, nb)
-            idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel)
+                o_cmp = cmp_route.fn(q, k_cmp, v_cmp, **cmp)
+            scores = selection_scores(p, **scoring)
+            idx = select_blocks(scores, **slc, n_sel=cfg.n_sel)
             needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
             slc_route = routes.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
-            if slc_route.fn is not None:
-                o_slc = slc_route.fn(q_rope, ks, vs, idx, cfg.sel_block_len)
-            else:
-                o_slc = selection_attention(q_rope, ks, vs, idx, cfg.sel_block_len, canonical=True)
+            o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)
             win_route = routes.route_win(x.device, x.dtype, cfg.d_k, cfg.d_v)
-            if win_route.fn is not None:
-                o_win = win_route.fn(q_rope, kw, vw, cfg.window)
-            else:
-                o_win = sliding_window_attention(q_rope, kw, vw, cfg.window)
+            o_win = win_route.fn(q_rope, kw, vw, window=cfg.window)
         y = self._combine(gates, o_cmp, o_slc, o_win)
         return y, (kc, vc, ks, vs, kw, vw, k_cmp, v_cmp)
 
@@ -178,11 +174,13 @@ class NSAAttention(nn.Module):
         def z(n, d):
             return torch.zeros(batch, n, G, d, device=device, dtype=dtype)
 
+        # The overlap weights in the dtype the step computes scores in (float64 for float64 caches),
+        # as prefill builds them: rounded weights would move near ties to other blocks.
         return NSACache(z(max_len, dk), z(max_len, dv), z(W, dk), z(W, dv), z(cfg.block_len, dk),
                         z(cfg.block_len, dv), z(n_cmp + 1, dk), z(n_cmp + 1, dv),
                         torch.zeros(1, dtype=torch.long, device=device),
                         overlap_matrix(n_cmp, cfg.num_sel_blocks(max_len), cfg.block_len, cfg.block_stride,
-                                       cfg.sel_block_len, device, torch.float32),
+                                       cfg.sel_block_len, device, acc_dtype(dtype)),
                         max_len)
 
     def prefill(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
@@ -256,13 +254,15 @@ class NSAAttention(nn.Module):
         cache.k_cmp.index_copy_(1, slot, k_new)
         cache.v_cmp.index_copy_(1, slot, v_new)
 
+        # Value checks off (validate=False): positions and blocks are the step's own, and on a GPU
+        # reading them on the host would synchronise every step (the step must stay graph-capturable).
         k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
-        o_cmp, p = compressed_attention(q, k_cmp, v_cmp, l, d, positions=pos)
-        nb = cfg.num_sel_blocks(cache.max_len)
-        scores = selection_scores(p, cfg.groups, l, d, cfg.sel_block_len, nb, overlap=cache.overlap)
-        idx = select_blocks(scores, cfg.sel_block_len, cfg.n_sel, positions=pos)
-        o_slc = selection_attention(q_rope, cache.k_slc, cache.v_slc, idx, cfg.sel_block_len, positions=pos,
-                                    canonical=True)  # select_blocks output: ascending, unique, -1 last
+        o_cmp, p = compressed_attention(q, k_cmp, v_cmp, block_len=l, block_stride=d, positions=pos, validate=False)
+        slc = {"sel_block_len": cfg.sel_block_len, "positions": pos}
+        scores = selection_scores(p, groups=cfg.groups, block_len=l, block_stride=d, sel_block_len=cfg.sel_block_len,
+                                  num_blocks=cfg.num_sel_blocks(cache.max_len), overlap=cache.overlap)
+        idx = select_blocks(scores, **slc, n_sel=cfg.n_sel, validate=False)
+        o_slc = routes.route_slc_decode().fn(q_rope, cache.k_slc, cache.v_slc, idx, **slc)
         o_win = _ring_attention(q_rope, cache.k_win, cache.v_win, pos)
         cache.pos.add_(1)
         return self._combine(gates, o_cmp, o_slc, o_win)

@@ -3,6 +3,7 @@
 This is the only module that looks at the environment. The rest of the package asks
 :func:`settings` for a typed :class:`Settings` object. Tests that need other values use
 :func:`override` (a context manager; also ``nsa.override_settings``) or :func:`reload_settings` after changing ``os.environ``.
+``import nsa`` reads the settings once, so a bad value fails there, not at the first forward.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator, Mapping
+
+import torch
 
 # Upper bound on any reserve value, whatever the device: a typo such as an extra three zeros
 # should fail here with a clear message, not as an out-of-memory error deep inside a kernel.
@@ -118,21 +121,65 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(**values)
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` (host RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic hosts
+        return 2**62
+
+
+def _largest_memory_bytes() -> int:
+    # CUDA devices are asked only when CUDA is already initialised: initialising it here, at import,
+    # would cost seconds and break programs that fork workers after `import nsa`.
+    sizes = [device_memory_bytes(torch.device("cpu"))]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        sizes += [device_memory_bytes(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+    return max(sizes)
+
+
+# The smallest element a workspace holds (float16/bfloat16) and the narrowest head (1 value).
+_MIN_BYTES_PER_VALUE = 2
+
+
+def check_reserves_fit(s: Settings) -> None:
+    """Reserves that cannot fit in memory at any dtype or head width fail now, not at first use.
+
+    The exact check (dtype and head width known) runs when a workspace is first sized.
+    """
+    limit = _largest_memory_bytes()
+    sel_pack = ((max(s.sel_pack_reserve_n, 1) * max(s.sel_pack_reserve_l, 1))
+                if s.sel_pack_reserve_n or s.sel_pack_reserve_l else 0)
+    for names, count in ((("sel_pack_reserve_n", "sel_pack_reserve_l"), sel_pack),
+                         (("varlen_reserve_n",), s.varlen_reserve_n), (("varlen_reserve_k",), s.varlen_reserve_k)):
+        need = count * _MIN_BYTES_PER_VALUE
+        if need > limit:
+            given = " x ".join(f"{_ENV_NAMES[n]}={getattr(s, n)}" for n in names)
+            raise SettingsError(
+                f"{given} needs at least {need} bytes (2-byte values, head dim 1), more than the largest memory "
+                f"here ({limit} bytes); accepted: reserves whose workspace fits in device memory (0 = grow on demand)"
+            )
+
+
 _current: Settings | None = None
 
 
 def settings() -> Settings:
-    """The process-wide settings, read from the environment on first use."""
+    """The process-wide settings, read from the environment on first use (``import nsa`` does)."""
     global _current
     if _current is None:
-        _current = from_env()
+        _current = reload_settings()
     return _current
 
 
 def reload_settings() -> Settings:
-    """Re-read the environment (after tests change ``os.environ``)."""
+    """Re-read and validate the environment (after tests change ``os.environ``)."""
     global _current
-    _current = from_env()
+    fresh = from_env()
+    check_reserves_fit(fresh)
+    _current = fresh
     return _current
 
 

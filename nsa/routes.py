@@ -2,7 +2,9 @@
 
 Each ``route_*`` function returns a :class:`Route` (a name, a reason and the callable). The module
 calls the callable; :func:`backends` reports the names and reasons so a validation report can say
-what actually ran.
+what actually ran. This is the only place that turns settings into kernel choices: the ops in
+:mod:`nsa.ops` take every choice (packed or gather, chunking, workspace reserves) as an argument,
+and the callables built here pass them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed, flex, triton_selection, window
+from .ops import compressed, flex, selection, triton_selection, window
 from .flags import settings
 
 
@@ -23,7 +25,14 @@ from .flags import settings
 class Route:
     name: str
     reason: str
-    fn: Callable | None = None
+    fn: Callable | None = None  # None only for the compressed branch's matmul route (see route_cmp)
+
+
+def route_prefill() -> Route:
+    """Batched (vectorised ops) or sequential (the per-token references in ``nsa.ops.naive``)."""
+    if settings().prefill_batched:
+        return Route("batched", "NSA_PREFILL_BATCHED=1")
+    return Route("sequential", "NSA_PREFILL_BATCHED=0: per-token references")
 
 
 # --- FlashAttention-2 providers ------------------------------------------------------------------
@@ -96,25 +105,34 @@ def _cmp_sdpa_flash(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def _varlen_reserve() -> tuple[int, int]:
+    s = settings()
+    return s.varlen_reserve_n, s.varlen_reserve_k
+
+
 def route_cmp(device, dtype, d_k, d_v) -> Route:
+    """Compressed-branch output. ``fn(q, k_cmp, v_cmp, *, block_len, block_stride)``, or None: the
+    output comes with the probabilities from :func:`nsa.ops.compressed_attention` (which always runs,
+    since its probabilities score the selection)."""
     blocker = _fa2_blocker(settings().use_fa2_cmp, "NSA_USE_FA2_CMP", torch.device(device), dtype, d_k, d_v)
     if blocker is None:
         provider, _ = fa2_provider()
         attn = _cmp_flash_attn if provider == "flash_attn" else _cmp_sdpa_flash
         name = "fa2-flash_attn" if provider == "flash_attn" else "fa2-torch-sdpa-flash"
         return Route(name, "compressed output through causal FA-2 over stride segments; scores by matmul",
-                     functools.partial(compressed.compressed_attention_fa2, attn_fn=attn))
+                     functools.partial(compressed.compressed_attention_fa2, attn_fn=attn,
+                                       workspace_reserve=_varlen_reserve()))
     return Route("reference", f"masked matmul softmax ({blocker})", None)
 
 
 # --- sliding-window branch -----------------------------------------------------------------------
 
 
-def _win_flash_attn(q, k, v, window_len):
-    return _flash_attn_func()(q, k, v, causal=True, window_size=(window_len - 1, 0))
+def _win_flash_attn(q, k, v, *, window):
+    return _flash_attn_func()(q, k, v, causal=True, window_size=(window - 1, 0))
 
 
-def _win_torch_varlen(q, k, v, cu, max_len, window_len):
+def _win_torch_varlen(q, k, v, cu, max_len, window_len, reserve):
     varlen_attn, params = _torch_varlen()
     if "enable_gqa" in params:
         extra = {"enable_gqa": True}
@@ -125,27 +143,30 @@ def _win_torch_varlen(q, k, v, cu, max_len, window_len):
         extra = {}
         k = k[:, :, None].expand(-1, -1, h, -1).flatten(1, 2)
         v = v[:, :, None].expand(-1, -1, h, -1).flatten(1, 2)
-        k = compressed.pack_varlen(k, "k_win", None, k.shape[0] * k.shape[1])
-        v = compressed.pack_varlen(v, "v_win", None, v.shape[0] * v.shape[1])
+        k = compressed.pack_varlen(k, "k_win", None, k.shape[0] * k.shape[1], reserve)
+        v = compressed.pack_varlen(v, "v_win", None, v.shape[0] * v.shape[1], reserve)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(window_len - 1, 0), **extra)
 
 
 def route_win(device, dtype, d_k, d_v) -> Route:
+    """Window branch for prefill/training: ``fn(q, k, v, *, window)`` with positions ``0..T-1``."""
     blocker = _fa2_blocker(settings().use_fa2_win, "NSA_USE_FA2_WIN", torch.device(device), dtype, d_k, d_v)
     if blocker is None:
         provider, _ = fa2_provider()
         if provider == "flash_attn":
-            return Route("fa2-flash_attn", "flash_attn_func with window (w-1, 0)",
-                         lambda q, k, v, w: _win_flash_attn(q, k, v, w))
+            return Route("fa2-flash_attn", "flash_attn_func with window (w-1, 0)", _win_flash_attn)
         varlen_attn, params = _torch_varlen()
         if varlen_attn is not None and "window_size" in params:
+            varlen_fn = functools.partial(_win_torch_varlen, reserve=_varlen_reserve())
             return Route("fa2-torch-varlen", "torch varlen_attn with window (w-1, 0)",
-                         lambda q, k, v, w: window.sliding_window_attention_fa2(q, k, v, w, _win_torch_varlen))
+                         functools.partial(window.sliding_window_attention_fa2, varlen_fn=varlen_fn))
         blocker = f"torch {torch.__version__} varlen_attn has no window_size"
     if _flex_blocker(device, dtype, d_k, d_v) is None:
         return Route("flex-sliding-window", f"NSA_USE_FLEX=1 on CUDA: FlexAttention over the band's tiles "
                      f"(FA-2 not taken: {blocker})", flex.sliding_window_attention_flex)
-    return Route("reference", f"chunked band attention ({blocker})", None)
+    # The module's own tensors: shapes and dtypes are right by construction, positions are 0..T-1.
+    return Route("reference", f"chunked band attention ({blocker})",
+                 functools.partial(window.sliding_window_attention, validate=False))
 
 
 # --- selection branch ----------------------------------------------------------------------------
@@ -165,11 +186,26 @@ def _flex_blocker(device, dtype, d_k, d_v) -> str | None:
     return None
 
 
+def _slc_packed_or_gather(note: str = "") -> Route:
+    """The portable selection routes; ``fn(q, k, v, block_idx, *, sel_block_len, positions=None)``."""
+    s = settings()
+    # block_idx comes from select_blocks (ascending, unique, -1 last, in range): no normalising and
+    # no value checks on the hot path.
+    common = {"chunk_rows": s.sel_pack_chunk_rows, "canonical": True, "validate": False}
+    if s.use_sel_pack:
+        ranges = "v2 vectorised ranges" if s.sel_ranges_v2 else "v1 reference ranges (host loop)"
+        return Route("packed", f"NSA_USE_SEL_PACK=1: merged ranges packed into the workspace, {ranges}{note}",
+                     functools.partial(selection.selection_attention, packed=True, ranges_v2=s.sel_ranges_v2,
+                                       workspace_reserve=(s.sel_pack_reserve_n, s.sel_pack_reserve_l), **common))
+    return Route("gather", f"NSA_USE_SEL_PACK=0: per-block gather with a causal mask{note}",
+                 functools.partial(selection.selection_attention, packed=False, **common))
+
+
 def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: int = 64, d_v: int = 64,
               needs_grad: bool = True) -> Route:
-    """Selection route for prefill/training (decode always takes packed or gather)."""
+    """Selection route for prefill/training: ``fn(q, k, v, block_idx, *, sel_block_len)`` for
+    :func:`nsa.ops.select_blocks` output, positions ``0..T-1``."""
     s = settings()
-    ranges = "v2 vectorised ranges" if s.sel_ranges_v2 else "v1 reference ranges (host loop)"
     half = dtype in (torch.float16, torch.bfloat16)
     pow2 = sel_block_len >= 16 and sel_block_len & (sel_block_len - 1) == 0
     if (not needs_grad and s.use_triton and torch.device(device).type == "cuda" and half and pow2
@@ -183,9 +219,13 @@ def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: i
         return Route("flex-block-sparse", "NSA_USE_FLEX=1 on CUDA: one FlexAttention kernel over the "
                      "selected blocks (forward and backward)", flex.selection_attention_flex)
     note = "" if blocker in ("NSA_USE_FLEX=0", "not on CUDA") else f"; flex not taken: {blocker}"
-    if s.use_sel_pack:
-        return Route("packed", f"NSA_USE_SEL_PACK=1: merged ranges packed into the workspace, {ranges}{note}")
-    return Route("gather", f"NSA_USE_SEL_PACK=0: per-block gather with a causal mask{note}")
+    return _slc_packed_or_gather(note)
+
+
+def route_slc_decode() -> Route:
+    """Selection route for decode steps (device-side positions, static shapes, no host sync):
+    ``fn(q, k, v, block_idx, *, sel_block_len, positions)``."""
+    return _slc_packed_or_gather()
 
 
 def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_len: int = 64) -> dict:
@@ -196,16 +236,17 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     provider, why = fa2_provider()
-    s = settings()
     out = {}
     for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device, dtype, sel_block_len, d_k, d_v)),
                           ("slc_inference", route_slc(device, dtype, sel_block_len, d_k, d_v, needs_grad=False)),
                           ("win", route_win(device, dtype, d_k, d_v))):
         out[branch] = {"route": route.name, "reason": route.reason}
-    out["prefill"] = {"route": "batched" if s.prefill_batched else "sequential",
-                      "reason": f"NSA_PREFILL_BATCHED={int(s.prefill_batched)}"}
-    out["decode"] = {"route": "cached-masked-matmul, selection " + ("packed" if s.use_sel_pack else "gather"),
-                     "reason": "static shapes, device-side positions: CUDA-graph capturable"}
+    prefill = route_prefill()
+    out["prefill"] = {"route": prefill.name, "reason": prefill.reason}
+    decode_slc = route_slc_decode()
+    out["decode"] = {"route": "cached-masked-matmul, selection " + decode_slc.name,
+                     "reason": "static shapes, device-side positions: CUDA-graph capturable; selection: "
+                               + decode_slc.reason}
     out["fa2"] = {"available": provider != "none", "provider": provider, "reason": why}
     out["query"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "d_k": d_k, "d_v": d_v}
     return out

@@ -59,12 +59,12 @@ for (B, T, G, h, dk, dv, bs, n) in [(2, 1000, 2, 4, 32, 32, 64, 16), (1, 3000, 4
     q = torch.randn(B, T, G * h, dk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, G, dk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, T, G, dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    idx = select_blocks(torch.rand(B, T, G, -(-T // bs), device="cuda"), bs, n)
+    idx = select_blocks(torch.rand(B, T, G, -(-T // bs), device="cuda"), sel_block_len=bs, n_sel=n)
     qf, kf, vf = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = selection_attention(qf, kf, vf, idx, bs)  # float64 reference
+    ref = selection_attention(qf, kf, vf, idx, sel_block_len=bs)  # float64 reference
     go = torch.randn_like(ref)
     gref = torch.autograd.grad(ref, (qf, kf, vf), go)
-    o = selection_attention_flex(q, k, v, idx, bs)
+    o = selection_attention_flex(q, k, v, idx, sel_block_len=bs)
     g = torch.autograd.grad(o, (q, k, v), go.bfloat16())
     print(f"flex vs float64 packed B{B} T{T} G{G} h{h}: out rel {rel(o, ref):.2e}; "
           f"dq dk dv rel " + " ".join(f"{rel(a, b):.2e}" for a, b in zip(g, gref)))

@@ -26,19 +26,22 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def selection_attention_flex(q, k, v, block_idx, block_size, scale=None, q_block: int = 128, compiled=True):
-    """Same contract as :func:`nsa.ops.selection_attention` for prefill (``positions = arange(T)``)."""
+def selection_attention_flex(q, k, v, block_idx, *, sel_block_len: int, scale=None, q_block: int = 128, compiled=True):
+    """Same contract as :func:`nsa.ops.selection_attention` for prefill (``positions = arange(T)``), no checks.
+
+    ``block_idx`` of any integer dtype (-1 = empty). Internal: reached through :mod:`nsa.routes`.
+    """
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     B, T, H, _ = q.shape
     S, G = k.shape[1], k.shape[2]
     h = H // G
-    nb = -(-S // block_size)
-    t_pad, s_pad = -(-T // q_block) * q_block, nb * block_size
+    nb = -(-S // sel_block_len)
+    t_pad, s_pad = -(-T // q_block) * q_block, nb * sel_block_len
     # sel[b, g, t, j]: query t of group g selected block j.
-    idx = block_idx.permute(0, 2, 1, 3)
+    idx = block_idx.long().permute(0, 2, 1, 3)
     sel = torch.zeros(B, G, t_pad, nb + 1, dtype=torch.bool, device=q.device)
-    sel[:, :, :T].scatter_(-1, torch.where(idx >= 0, idx, nb), True)
+    sel[:, :, :T].scatter_(-1, torch.where((idx >= 0) & (idx < nb), idx, nb), True)  # no keys: scratch column
     sel = sel[..., :nb].contiguous()
     union = sel.view(B, G, t_pad // q_block, q_block, nb).any(dim=3)  # [B, G, q tiles, nb]
     kv_num = union.sum(-1, dtype=torch.int32).repeat_interleave(h, dim=1)
@@ -46,9 +49,9 @@ def selection_attention_flex(q, k, v, block_idx, block_size, scale=None, q_block
     kv_idx = kv_idx.repeat_interleave(h, dim=1)
 
     def mask_mod(b, head, q_idx, kv_idx_):
-        return sel[b, head // h, q_idx, kv_idx_ // block_size] & (kv_idx_ <= q_idx)
+        return sel[b, head // h, q_idx, kv_idx_ // sel_block_len] & (kv_idx_ <= q_idx)
 
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(q_block, block_size), mask_mod=mask_mod,
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(q_block, sel_block_len), mask_mod=mask_mod,
                                     seq_lengths=(t_pad, s_pad))
     qp = F.pad(q, (0, 0, 0, 0, 0, t_pad - T)).transpose(1, 2)
     kp = F.pad(k, (0, 0, 0, 0, 0, s_pad - S)).transpose(1, 2)
@@ -68,8 +71,9 @@ def _window_mask(length: int, window: int, device: torch.device):
     return create_block_mask(mask_mod, None, None, length, length, device=device)
 
 
-def sliding_window_attention_flex(q, k, v, window, scale=None):
-    """Same contract as :func:`nsa.ops.sliding_window_attention`; only tiles touching the band run."""
+def sliding_window_attention_flex(q, k, v, *, window: int, scale=None):
+    """As :func:`nsa.ops.sliding_window_attention` for prefill (positions ``0..T-1``, ``S == T``), no
+    checks; only tiles touching the band run. Internal: reached through :mod:`nsa.routes`."""
     T = q.shape[1]
     t_pad = -(-T // 128) * 128
     mask = _window_mask(t_pad, window, q.device)

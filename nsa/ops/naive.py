@@ -14,7 +14,7 @@ import math
 import torch
 
 
-def num_cmp(t: int, block_len: int, block_stride: int) -> int:
+def num_cmp(t: int, *, block_len: int, block_stride: int) -> int:
     return 0 if t + 1 < block_len else (t + 1 - block_len) // block_stride + 1
 
 
@@ -31,10 +31,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     return (p @ _acc(v)).to(q.dtype)
 
 
-def compress_tokens(x, weight, bias, pos_emb, block_len: int, block_stride: int, mode: str = "linear"):
+def compress_tokens(x, weight, bias, pos_emb, *, block_len: int, block_stride: int, mode: str = "linear"):
     """phi: ``x [B, S, G, d] -> [B, N, G, d_out]``, token ``i`` from positions ``[i*d, i*d + l)``."""
     B, S, G, D = x.shape
-    n = num_cmp(S - 1, block_len, block_stride) if S > 0 else 0
+    n = num_cmp(S - 1, block_len=block_len, block_stride=block_stride) if S > 0 else 0
     out = []
     for i in range(n):
         block = x[:, i * block_stride: i * block_stride + block_len] + pos_emb[:, None, :]  # [B, l, G, D]
@@ -50,7 +50,7 @@ def compress_tokens(x, weight, bias, pos_emb, block_len: int, block_stride: int,
     return torch.stack(out, dim=1)
 
 
-def compressed_attention(q, k_cmp, v_cmp, block_len, block_stride, positions=None, scale=None):
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, block_stride, positions=None, scale=None):
     """Returns ``(o [B, T, H, d_v], p [B, T, H, N] float32)``; ``p`` are the attention probabilities."""
     B, T, H, Dk = q.shape
     G = k_cmp.shape[2]
@@ -62,7 +62,7 @@ def compressed_attention(q, k_cmp, v_cmp, block_len, block_stride, positions=Non
     p = torch.zeros(B, T, H, N, dtype=torch.promote_types(q.dtype, torch.float32))
     for b in range(B):
         for ti in range(T):
-            n = min(num_cmp(int(positions[ti]), block_len, block_stride), N)
+            n = min(num_cmp(int(positions[ti]), block_len=block_len, block_stride=block_stride), N)
             for head in range(H):
                 g = head // h
                 if n == 0:
@@ -74,9 +74,13 @@ def compressed_attention(q, k_cmp, v_cmp, block_len, block_stride, positions=Non
     return o, p
 
 
-def selection_scores(p_cmp, groups, block_len, block_stride, sel_block_len, num_blocks):
-    """``p_cmp [B, T, H, N] -> [B, T, G, num_blocks]``: overlap-weighted, summed over a group's heads."""
+def selection_scores(p_cmp, *, groups, block_len, block_stride, sel_block_len, num_blocks=None):
+    """``p_cmp [B, T, H, N] -> [B, T, G, num_blocks]``: overlap-weighted, summed over a group's heads.
+
+    ``num_blocks`` defaults to the blocks covering positions ``0..T-1``.
+    """
     B, T, H, N = p_cmp.shape
+    num_blocks = -(-T // sel_block_len) if num_blocks is None else num_blocks
     h = H // groups
     out = torch.zeros(B, T, groups, num_blocks, dtype=torch.promote_types(p_cmp.dtype, torch.float32))
     for i in range(N):
@@ -90,9 +94,18 @@ def selection_scores(p_cmp, groups, block_len, block_stride, sel_block_len, num_
     return out
 
 
-def select_blocks(scores, sel_block_len, n_sel, positions=None):
-    """``scores [B, T, G, nb] -> block_idx [B, T, G, n_sel]``: ascending block indices, -1 = empty."""
+def _rank(score: float, big: float) -> float:
+    """A score as a sort key: NaN ranks lowest, infinities tie with the largest finite values."""
+    return -big if math.isnan(score) else min(max(score, -big), big)
+
+
+def select_blocks(scores, *, sel_block_len, n_sel, positions=None):
+    """``scores [B, T, G, nb] -> block_idx [B, T, G, n_sel]``: ascending block indices, -1 = empty.
+
+    Forced blocks (0, current, previous) are kept whatever their scores, NaN included.
+    """
     B, T, G, nb = scores.shape
+    big = torch.finfo(scores.dtype).max
     positions = torch.arange(T) if positions is None else positions
     out = torch.full((B, T, G, n_sel), -1, dtype=torch.long)
     for b in range(B):
@@ -101,13 +114,13 @@ def select_blocks(scores, sel_block_len, n_sel, positions=None):
             for g in range(G):
                 forced = sorted({j for j in (0, cur - 1, cur) if 0 <= j < nb and j <= cur})
                 others = [j for j in range(min(cur + 1, nb)) if j not in forced]
-                others.sort(key=lambda j: (-float(scores[b, ti, g, j].detach()), j))
+                others.sort(key=lambda j: (-_rank(float(scores[b, ti, g, j].detach()), big), j))
                 chosen = sorted(forced + others[: max(0, n_sel - len(forced))])[:n_sel]
                 out[b, ti, g, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
     return out
 
 
-def selection_ranges(block_idx, sel_block_len, positions=None):
+def selection_ranges(block_idx, *, sel_block_len, positions=None):
     """Selected blocks as sorted, merged ``[start, end)`` ranges clipped to ``t + 1``.
 
     Returns ``(starts, ends)`` each ``[B, T, G, n]``; unused slots hold ``0, 0``.
@@ -134,7 +147,7 @@ def selection_ranges(block_idx, sel_block_len, positions=None):
     return starts, ends
 
 
-def selection_attention(q, k, v, block_idx, block_size, positions=None, scale=None):
+def selection_attention(q, k, v, block_idx, *, sel_block_len, positions=None, scale=None):
     """Attention of each query over the tokens of its group's selected blocks, causally masked."""
     B, T, H, Dk = q.shape
     S, G = k.shape[1], k.shape[2]
@@ -148,13 +161,13 @@ def selection_attention(q, k, v, block_idx, block_size, positions=None, scale=No
             for head in range(H):
                 g = head // h
                 keys = sorted({tok for j in block_idx[b, ti, g].tolist() if j >= 0
-                               for tok in range(j * block_size, (j + 1) * block_size) if tok <= t and tok < S})
+                               for tok in range(j * sel_block_len, (j + 1) * sel_block_len) if tok <= t and tok < S})
                 idx = torch.tensor(keys, dtype=torch.long)
                 o[b, ti, head] = _attend(q[b, ti, head], k[b, idx, g], v[b, idx, g], scale)
     return o
 
 
-def sliding_window_attention(q, k, v, window, positions=None, scale=None):
+def sliding_window_attention(q, k, v, *, window, positions=None, scale=None):
     """Attention of the query at ``t`` over keys ``[max(0, t - w + 1), t]``."""
     B, T, H, Dk = q.shape
     G = k.shape[2]

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
+from . import checks
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate ``x [B, T, heads, d]`` (``d`` even) by the angles of ``positions [T]``."""
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate ``x [B, T, heads, d]`` (floating, ``d`` even) by the angles of ``positions [T]`` (any
+    integer dtype); returns x's shape and dtype (computed in float32, or float64 for float64)."""
+    op = "apply_rope"
+    checks.need_tensor(op, "x", x, 4, "[B, T, heads, d]")
     d = x.shape[-1]
+    if d % 2:
+        checks.fail(op, "x.shape", list(x.shape), "an even last dim d (RoPE rotates pairs)")
+    checks.need_positions(op, positions, x.shape[1], x.device)
+    if positions is None:
+        checks.fail(op, "positions", None, "an integer tensor [T]")
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not theta > 0:
+        checks.fail(op, "theta", theta, "a number > 0")
     acc = torch.promote_types(x.dtype, torch.float32)
     inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=acc) / d)
     angle = positions.to(acc)[:, None] * inv_freq  # [T, d/2]

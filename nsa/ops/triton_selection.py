@@ -67,8 +67,9 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def selection_attention_triton(q, k, v, block_idx, block_size, scale=None):
-    """Same contract as :func:`nsa.ops.selection_attention` for prefill (``positions = arange(T)``)."""
+def selection_attention_triton(q, k, v, block_idx, *, sel_block_len: int, scale=None):
+    """Same contract as :func:`nsa.ops.selection_attention` for prefill (``positions = arange(T)``), no
+    checks; ``block_idx`` of any integer dtype. Internal: reached through :mod:`nsa.routes`."""
     from .selection import canonical_blocks
 
     B, T, H, Dk = q.shape
@@ -86,5 +87,5 @@ def selection_attention_triton(q, k, v, block_idx, block_size, scale=None):
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
         o.stride(0), o.stride(1), o.stride(2), S, scale,
         G=G, HPG=h, HP=max(16, p2(h)), DK=Dk, DKP=max(16, p2(Dk)), DV=Dv, DVP=max(16, p2(Dv)),
-        BS=block_size, N=idx.shape[-1], num_warps=4)
+        BS=sel_block_len, N=idx.shape[-1], num_warps=4)
     return o

@@ -8,11 +8,10 @@ it, pre-sizing never changes an output bit; it only changes how often the buffer
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
-from ..flags import SettingsError, settings
+from ..flags import SettingsError, device_memory_bytes
 
 
 @dataclasses.dataclass
@@ -27,15 +26,6 @@ class _Counters:
     requests: int = 0
 
 
-def _device_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic hosts
-        return 2**62
-
-
 class Workspace:
     """Rows x keys capacity; ``buffer(tag, numel, dtype, device)`` returns a flat view."""
 
@@ -46,18 +36,14 @@ class Workspace:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._capacity: dict[tuple, tuple[int, int]] = {}
 
-    def _reserve(self) -> tuple[int, int]:
-        s = settings()
-        fields = {"NSA_SEL_PACK_RESERVE_N": s.sel_pack_reserve_n, "NSA_SEL_PACK_RESERVE_L": s.sel_pack_reserve_l,
-                  "NSA_VARLEN_RESERVE_N": s.varlen_reserve_n, "NSA_VARLEN_RESERVE_K": s.varlen_reserve_k}
-        return fields[self.rows_var], fields[self.keys_var]
-
     def buffer(self, tag: str, rows: int | None, keys: int | None, width: int, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, reserve: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """A contiguous ``[rows * keys * width]`` view; grows the backing buffer when needed.
 
         Pass ``None`` for a dimension the buffer does not have (the varlen workspace keeps query
-        rows and packed keys in separate buffers); its reserve then does not apply.
+        rows and packed keys in separate buffers); its reserve then does not apply. ``reserve``
+        ``(rows, keys)`` pre-sizes a buffer at its first allocation (0 = exactly what the call
+        needs); the route table passes the ``NSA_*_RESERVE_*`` settings, the workspace reads none.
         """
         c = self.counters
         # Inside torch.compile the request counters are left alone: reading them would make every
@@ -72,16 +58,16 @@ class Workspace:
         key = (tag, device, dtype, width)
         cap_rows, cap_keys = self._capacity.get(key, (0, 0))
         if rows_ > cap_rows or keys_ > cap_keys:
-            reserve_rows, reserve_keys = self._reserve() if key not in self._buffers else (0, 0)
+            reserve_rows, reserve_keys = reserve if key not in self._buffers else (0, 0)
             new_rows = max(rows_, cap_rows, reserve_rows if rows is not None else 0)
             new_keys = max(keys_, cap_keys, reserve_keys if keys is not None else 0)
             nbytes = new_rows * new_keys * width * torch.empty((), dtype=dtype).element_size()
-            limit = _device_memory_bytes(device)
+            limit = device_memory_bytes(device)
             if nbytes > limit:
                 raise SettingsError(
                     f"workspace {self.name!r} would need {nbytes} bytes ({self.rows_var}={new_rows} rows x "
                     f"{self.keys_var}={new_keys} keys x {width} values), more than the {device} has "
-                    f"({limit} bytes); lower {self.rows_var} / {self.keys_var}"
+                    f"({limit} bytes); lower {self.rows_var} / {self.keys_var} (an op's workspace_reserve)"
                 )
             old = self._buffers.pop(key, None)
             if old is not None:

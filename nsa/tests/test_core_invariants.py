@@ -63,29 +63,29 @@ def test_jacobian_is_lower_triangular(make_cfg, gen):
 @pytest.mark.parametrize("G,h", [(1, 4), (2, 3), (4, 1)])
 def test_group_shares_blocks(G, h, gen, qkv):
     B, T, l, d, l_sel, n_sel = 2, 40, 8, 4, 8, 3
-    N, nb = naive.num_cmp(T - 1, l, d), -(-T // l_sel)
+    N, nb = naive.num_cmp(T - 1, block_len=l, block_stride=d), -(-T // l_sel)
     p = torch.softmax(torch.randn(B, T, G * h, N, generator=gen) * 3, -1)
-    scores = ops.selection_scores(p, G, l, d, l_sel, nb)
-    per_head = ops.selection_scores(p, G * h, l, d, l_sel, nb)  # each head as its own group
+    kw = {"block_len": l, "block_stride": d, "sel_block_len": l_sel, "num_blocks": nb}
+    scores = ops.selection_scores(p, groups=G, **kw)
+    per_head = ops.selection_scores(p, groups=G * h, **kw)  # each head as its own group
     # Group scores are the sum over that group's heads (paper eq. 10) ...
     torch.testing.assert_close(scores, per_head.reshape(B, T, G, h, nb).sum(3), **F32)
     # ... so they do not depend on the order of heads inside a group, nor on other groups' heads.
     perm = torch.cat([g * h + torch.randperm(h, generator=gen) for g in range(G)])
-    torch.testing.assert_close(ops.selection_scores(p[:, :, perm], G, l, d, l_sel, nb), scores, **F32)
+    torch.testing.assert_close(ops.selection_scores(p[:, :, perm], **{**kw, "groups": G}), scores, **F32)
     if G > 1:
         p2 = p.clone()
         p2[:, :, h:] = torch.softmax(torch.randn(B, T, (G - 1) * h, N, generator=gen), -1)
-        assert torch.equal(ops.selection_scores(p2, G, l, d, l_sel, nb)[:, :, 0], scores[:, :, 0])
-    idx = ops.select_blocks(scores, l_sel, n_sel)
+        assert torch.equal(ops.selection_scores(p2, **{**kw, "groups": G})[:, :, 0], scores[:, :, 0])
+    idx = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
     assert idx.shape == (B, T, G, n_sel)
     # Every head of group g reads exactly the blocks idx[..., g, :]: its output equals single-head
     # attention over those blocks.
     q, k, v = qkv(B, T, T, G, h, 4, 4, generator=gen)
-    o = ops.selection_attention(q, k, v, idx, l_sel)
+    o = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel)
     for head in range(G * h):
         g = head // h
-        ref = naive.selection_attention(q[:, :, head: head + 1], k[:, :, g: g + 1], v[:, :, g: g + 1],
-                                        idx[:, :, g: g + 1], l_sel)
+        ref = naive.selection_attention(q[:, :, head: head + 1], k[:, :, g: g + 1], v[:, :, g: g + 1], idx[:, :, g: g + 1], sel_block_len=l_sel)
         torch.testing.assert_close(o[:, :, head: head + 1], ref, **F32)
 
 
@@ -97,8 +97,8 @@ def test_num_cmp_counts_whole_past_blocks(l, d, make_cfg):
     ts = range(5 * l + 7)
     brute = [sum(1 for i in range(t + 2) if i * d + l <= t + 1) for t in ts]  # definition: block in the past
     assert [cfg.num_cmp(t) for t in ts] == brute
-    assert [naive.num_cmp(t, l, d) for t in ts] == brute
-    assert ops.num_cmp(torch.tensor(list(ts)), l, d).tolist() == brute
+    assert [naive.num_cmp(t, block_len=l, block_stride=d) for t in ts] == brute
+    assert ops.num_cmp(torch.tensor(list(ts)), block_len=l, block_stride=d).tolist() == brute
     assert all(cfg.num_cmp(t) == 0 for t in range(l - 1))  # t + 1 < l sees nothing
 
 
@@ -112,7 +112,7 @@ def test_forced_blocks_always_present(n_sel, gen):
     for j in range(nb):  # forced blocks get score 0, every other candidate scores higher
         forced_here = (cur == j) | (cur - 1 == j) | (j == 0)
         scores[:, forced_here, :, j] = 0.0
-    idx = ops.select_blocks(scores, l_sel, n_sel)
+    idx = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
     for t in range(T):
         for j in {0, int(cur[t]), int(cur[t]) - 1}:
             if j >= 0:
@@ -124,11 +124,11 @@ def test_forced_blocks_always_present(n_sel, gen):
 def test_tie_break_toward_lower_index():
     T, l_sel, n_sel = 50, 5, 5  # t = 49 is in block 9
     scores = torch.ones(1, T, 1, 10)
-    idx = ops.select_blocks(scores, l_sel, n_sel)
+    idx = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
     assert idx[0, 49, 0].tolist() == [0, 1, 2, 8, 9]  # forced 0, 8, 9; ties -> 1, 2
     scores[0, 49, 0, 5] = 1.5  # one higher score wins a slot; the other goes to the lower index
-    assert ops.select_blocks(scores, l_sel, n_sel)[0, 49, 0].tolist() == [0, 1, 5, 8, 9]
-    assert torch.equal(idx, naive.select_blocks(torch.ones(1, T, 1, 10), l_sel, n_sel))
+    assert ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)[0, 49, 0].tolist() == [0, 1, 5, 8, 9]
+    assert torch.equal(idx, naive.select_blocks(torch.ones(1, T, 1, 10), sel_block_len=l_sel, n_sel=n_sel))
 
 
 @pytest.mark.parametrize("T,l_sel,n_sel", [(1, 4, 3), (9, 4, 8), (30, 8, 16), (5, 64, 16)])
@@ -136,7 +136,7 @@ def test_fewer_candidates_pad_with_minus_one_and_no_future(T, l_sel, n_sel, gen)
     nb = -(-T // l_sel) + 2  # extra (future) blocks with high scores must never be picked
     scores = torch.rand(2, T, 2, nb, generator=gen)
     scores[..., -2:] = 10.0
-    idx = ops.select_blocks(scores, l_sel, n_sel)
+    idx = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
     cur = (torch.arange(T) // l_sel)[None, :, None, None]
     chosen = idx >= 0
     assert torch.all(idx[chosen] <= cur.expand_as(idx)[chosen]), "a future block was selected"
@@ -255,12 +255,15 @@ def _cmp_fa2_cpu(q, k, v, l, d):
         return F.scaled_dot_product_attention(qs, ks.repeat_interleave(r, 1), vs.repeat_interleave(r, 1),
                                               is_causal=True)
 
-    return compressed_mod.compressed_attention_fa2(q, k, v, l, d, attn)
+    # What the route table passes when it takes this route: the NSA_VARLEN_RESERVE_* settings.
+    reserve = (nsa.settings().varlen_reserve_n, nsa.settings().varlen_reserve_k)
+    return compressed_mod.compressed_attention_fa2(q, k, v, block_len=l, block_stride=d, attn_fn=attn,
+                                                   workspace_reserve=reserve)
 
 
 @pytest.mark.parametrize("reserve", [(3, 2), (10000, 500)])
 def test_varlen_reserves_change_no_output_bit(reserve, override, gen, qkv):
-    N = naive.num_cmp(40 - 1, 8, 4)
+    N = naive.num_cmp(40 - 1, block_len=8, block_stride=4)
     q, k, v = qkv(2, 40, N, 2, 2, 8, 8, generator=gen)
     with torch.no_grad():
         base = _cmp_fa2_cpu(q, k, v, 8, 4)
@@ -274,8 +277,11 @@ def test_varlen_reserves_change_no_output_bit(reserve, override, gen, qkv):
 
 
 def _sel(q, k, v, idx, l_sel):
-    with torch.no_grad():
-        return ops.selection_attention(q, k, v, idx, l_sel, packed=True)
+    """The packed route as the route table builds it (with the NSA_SEL_PACK_RESERVE_* settings)."""
+    with torch.no_grad(), nsa.override_settings(use_sel_pack=True):
+        route = nsa.routes.route_slc("cpu", q.dtype, l_sel, q.shape[-1], v.shape[-1], needs_grad=False)
+        assert route.name == "packed"
+        return route.fn(q, k, v, idx, sel_block_len=l_sel)
 
 
 def test_workspace_grows_only_when_needed(gen, qkv, override):
@@ -289,7 +295,7 @@ def _check_growth(gen, qkv):
     l_sel, n = 4, 3
     def inputs(B, T):
         q, k, v = qkv(B, T, T, 2, 1, 4, 4, generator=gen)
-        idx = ops.select_blocks(torch.rand(B, T, 2, -(-T // l_sel), generator=gen), l_sel, n)
+        idx = ops.select_blocks(torch.rand(B, T, 2, -(-T // l_sel), generator=gen), sel_block_len=l_sel, n_sel=n)
         return q, k, v, idx
 
     _sel(*inputs(1, 10), l_sel)
@@ -315,7 +321,7 @@ def test_reserve_presizes_workspace(override, gen, qkv):
     with override(sel_pack_reserve_n=500, sel_pack_reserve_l=64):
         for B, T in [(1, 5), (2, 30), (3, 40), (1, 12)]:
             q, k, v = qkv(B, T, T, 2, 2, 4, 4, generator=gen)
-            idx = ops.select_blocks(torch.rand(B, T, 2, -(-T // 8), generator=gen), 8, 3)
+            idx = ops.select_blocks(torch.rand(B, T, 2, -(-T // 8), generator=gen), sel_block_len=8, n_sel=3)
             _sel(q, k, v, idx, 8)
     st = nsa.workspace_stats()["sel_pack"]
     assert st["growth_events"] == 0 and st["allocations"] == 2
@@ -327,13 +333,13 @@ def test_reserve_presizes_workspace(override, gen, qkv):
                                        ("NSA_SEL_PACK_RESERVE_L", "sel_pack_reserve_l")])
 def test_reserve_beyond_device_memory_names_variable(var, field, override, gen, qkv):
     q, k, v = qkv(1, 8, 8, 1, 1, 4, 4, generator=gen)
-    idx = ops.select_blocks(torch.rand(1, 8, 1, 2, generator=gen), 4, 3)
+    idx = ops.select_blocks(torch.rand(1, 8, 1, 2, generator=gen), sel_block_len=4, n_sel=3)
     with override(**{field: 2**40}), pytest.raises(nsa.SettingsError, match=var):
         _sel(q, k, v, idx, 4)
 
 
 def test_varlen_reserve_beyond_device_memory_names_variable(override, gen, qkv):
-    q, k, v = qkv(1, 20, naive.num_cmp(19, 8, 4), 1, 1, 8, 8, generator=gen)
+    q, k, v = qkv(1, 20, naive.num_cmp(19, block_len=8, block_stride=4), 1, 1, 8, 8, generator=gen)
     with override(varlen_reserve_n=2**40), pytest.raises(nsa.SettingsError, match="NSA_VARLEN_RESERVE_N"), \
             torch.no_grad():
         _cmp_fa2_cpu(q, k, v, 8, 4)

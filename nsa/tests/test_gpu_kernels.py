@@ -27,7 +27,7 @@ def _inputs(case, device, gen):
     B, T, G, h, dk, dv, bs, n = case
     q, k, v = (torch.randn(*shape, generator=gen).to(device, torch.bfloat16)
                for shape in ((B, T, G * h, dk), (B, T, G, dk), (B, T, G, dv)))
-    idx = select_blocks(torch.rand(B, T, G, -(-T // bs), generator=gen).to(device), bs, n)
+    idx = select_blocks(torch.rand(B, T, G, -(-T // bs), generator=gen).to(device), sel_block_len=bs, n_sel=n)
     return q, k, v, idx, bs
 
 
@@ -38,8 +38,8 @@ def test_triton_selection_equals_reference(case, cuda, gen):
     if not triton_selection.available():
         pytest.skip("Triton is not installed")
     q, k, v, idx, bs = _inputs(case, cuda, gen)
-    ref = selection_attention(q.double(), k.double(), v.double(), idx, bs)
-    out = triton_selection.selection_attention_triton(q, k, v, idx, bs)
+    ref = selection_attention(q.double(), k.double(), v.double(), idx, sel_block_len=bs)
+    out = triton_selection.selection_attention_triton(q, k, v, idx, sel_block_len=bs)
     assert torch.isfinite(out).all()
     assert _rel(out, ref) <= 1e-2
 
@@ -50,11 +50,11 @@ def test_flex_selection_values_and_grads_equal_reference(case, cuda, gen):
 
     q, k, v, idx, bs = _inputs(case, cuda, gen)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
-    ref = selection_attention(q64, k64, v64, idx, bs)
+    ref = selection_attention(q64, k64, v64, idx, sel_block_len=bs)
     grad_out = torch.randn(ref.shape, generator=gen).to(cuda, torch.float64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out)
     qb, kb, vb = (x.clone().requires_grad_() for x in (q, k, v))
-    out = selection_attention_flex(qb, kb, vb, idx, bs)
+    out = selection_attention_flex(qb, kb, vb, idx, sel_block_len=bs)
     grads = torch.autograd.grad(out, (qb, kb, vb), grad_out.bfloat16())
     assert _rel(out, ref) <= 1e-2
     for g, r in zip(grads, ref_grads):

@@ -29,9 +29,9 @@ def _qkv64(B, T, S, G, h, dk, dv, gen):
 
 @pytest.mark.parametrize("T,l,d", [(12, 4, 2), (9, 8, 4), (6, 8, 4)])
 def test_gradcheck_compressed_attention(T, l, d, gen):
-    N = max(1, naive.num_cmp(T - 1, l, d))
+    N = max(1, naive.num_cmp(T - 1, block_len=l, block_stride=d))
     q, k, v = _qkv64(1, T, N, 2, 2, 4, 3, gen)
-    assert torch.autograd.gradcheck(lambda q, k, v: ops.compressed_attention(q, k, v, l, d), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.compressed_attention(q, k, v, block_len=l, block_stride=d), (q, k, v))
 
 
 @pytest.mark.parametrize("mode", ["linear", "mean"])
@@ -40,9 +40,9 @@ def test_gradcheck_compress_tokens(mode, gen):
     x, w, b, pe = _leaves(torch.randn(1, 9, 2, D, generator=gen), torch.randn(l * D, 2, generator=gen),
                           torch.randn(2, generator=gen), torch.randn(l, D, generator=gen))
     if mode == "mean":
-        assert torch.autograd.gradcheck(lambda x, pe: ops.compress_tokens(x, None, None, pe, l, d, "mean"), (x, pe))
+        assert torch.autograd.gradcheck(lambda x, pe: ops.compress_tokens(x, None, None, pe, block_len=l, block_stride=d, mode="mean"), (x, pe))
     else:
-        assert torch.autograd.gradcheck(lambda *a: ops.compress_tokens(*a, l, d), (x, w, b, pe))
+        assert torch.autograd.gradcheck(lambda *a: ops.compress_tokens(*a, block_len=l, block_stride=d), (x, w, b, pe))
 
 
 def test_gradcheck_compressed_attention_through_compression(gen):
@@ -54,16 +54,16 @@ def test_gradcheck_compressed_attention_through_compression(gen):
         torch.randn(l * D, D, generator=gen) * 0.3, torch.randn(l, D, generator=gen), torch.randn(l, D, generator=gen))
 
     def branch(q, kc, vc, wk, wv, pk, pv):
-        k_cmp = ops.compress_tokens(kc, wk, None, pk, l, d)
-        v_cmp = ops.compress_tokens(vc, wv, None, pv, l, d)
-        return ops.compressed_attention(q, k_cmp, v_cmp, l, d)
+        k_cmp = ops.compress_tokens(kc, wk, None, pk, block_len=l, block_stride=d)
+        v_cmp = ops.compress_tokens(vc, wv, None, pv, block_len=l, block_stride=d)
+        return ops.compressed_attention(q, k_cmp, v_cmp, block_len=l, block_stride=d)
 
     assert torch.autograd.gradcheck(branch, (q, kc, vc, wk, wv, pk, pv))
 
 
 def _fixed_blocks(B, T, G, n, l_sel, gen):
     scores = torch.rand(B, T, G, -(-T // l_sel), generator=gen)
-    return ops.select_blocks(scores, l_sel, n)
+    return ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n)
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "gather"])
@@ -72,13 +72,13 @@ def test_gradcheck_selection_attention(packed, gen):
     q, k, v = _qkv64(B, T, T, G, h, 3, 2, gen)
     idx = _fixed_blocks(B, T, G, 3, l_sel, gen)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ops.selection_attention(q, k, v, idx, l_sel, packed=packed), (q, k, v))
+        lambda q, k, v: ops.selection_attention(q, k, v, idx, sel_block_len=l_sel, packed=packed), (q, k, v))
 
 
 @pytest.mark.parametrize("w", [1, 3, 50])
 def test_gradcheck_sliding_window(w, gen):
     q, k, v = _qkv64(1, 9, 9, 2, 2, 3, 2, gen)
-    assert torch.autograd.gradcheck(lambda q, k, v: ops.sliding_window_attention(q, k, v, w, chunk=4), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.sliding_window_attention(q, k, v, window=w, chunk=4), (q, k, v))
 
 
 def test_gradcheck_rope(gen):
@@ -91,8 +91,8 @@ def test_gradcheck_compressed_fa2_folding(gen):
         r = q.shape[1] // k.shape[1]
         return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), is_causal=True)
 
-    q, k, v = _qkv64(1, 11, naive.num_cmp(10, 4, 2), 2, 1, 2, 2, gen)
-    assert torch.autograd.gradcheck(lambda q, k, v: compressed_mod.compressed_attention_fa2(q, k, v, 4, 2, attn),
+    q, k, v = _qkv64(1, 11, naive.num_cmp(10, block_len=4, block_stride=2), 2, 1, 2, 2, gen)
+    assert torch.autograd.gradcheck(lambda q, k, v: compressed_mod.compressed_attention_fa2(q, k, v, block_len=4, block_stride=2, attn_fn=attn),
                                     (q, k, v))
 
 
@@ -129,9 +129,9 @@ def _compare(fast, slow, inputs, gen):
 
 
 def test_grad_compressed_attention_fast_equals_naive(gen):
-    q, k, v = _qkv64(2, 14, naive.num_cmp(13, 4, 2), 2, 2, 4, 3, gen)
-    _compare(lambda *a: ops.compressed_attention(*a, 4, 2), lambda *a: naive.compressed_attention(*a, 4, 2),
-             (q, k, v), gen)
+    q, k, v = _qkv64(2, 14, naive.num_cmp(13, block_len=4, block_stride=2), 2, 2, 4, 3, gen)
+    _compare(lambda *a: ops.compressed_attention(*a, block_len=4, block_stride=2),
+             lambda *a: naive.compressed_attention(*a, block_len=4, block_stride=2), (q, k, v), gen)
 
 
 @pytest.mark.parametrize("mode", ["linear", "mean"])
@@ -139,30 +139,31 @@ def test_grad_compress_tokens_fast_equals_naive(mode, gen):
     x, w, b, pe = _leaves(torch.randn(2, 13, 2, 3, generator=gen), torch.randn(12, 5, generator=gen),
                           torch.randn(5, generator=gen), torch.randn(4, 3, generator=gen))
     if mode == "mean":
-        _compare(lambda x, pe: ops.compress_tokens(x, None, None, pe, 4, 2, "mean"),
-                 lambda x, pe: naive.compress_tokens(x, None, None, pe, 4, 2, "mean"), (x, pe), gen)
+        _compare(lambda x, pe: ops.compress_tokens(x, None, None, pe, block_len=4, block_stride=2, mode="mean"),
+                 lambda x, pe: naive.compress_tokens(x, None, None, pe, block_len=4, block_stride=2, mode="mean"), (x, pe), gen)
     else:
-        _compare(lambda *a: ops.compress_tokens(*a, 4, 2), lambda *a: naive.compress_tokens(*a, 4, 2), (x, w, b, pe), gen)
+        _compare(lambda *a: ops.compress_tokens(*a, block_len=4, block_stride=2),
+                 lambda *a: naive.compress_tokens(*a, block_len=4, block_stride=2), (x, w, b, pe), gen)
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "gather"])
 def test_grad_selection_fast_equals_naive(packed, gen):
     q, k, v = _qkv64(2, 13, 13, 2, 2, 4, 3, gen)
     idx = _fixed_blocks(2, 13, 2, 3, 3, gen)
-    _compare(lambda *a: ops.selection_attention(*a, idx, 3, packed=packed),
-             lambda *a: naive.selection_attention(*a, idx, 3), (q, k, v), gen)
+    _compare(lambda *a: ops.selection_attention(*a, idx, sel_block_len=3, packed=packed),
+             lambda *a: naive.selection_attention(*a, idx, sel_block_len=3), (q, k, v), gen)
 
 
 def test_grad_window_fast_equals_naive(gen):
     q, k, v = _qkv64(2, 13, 13, 2, 2, 4, 3, gen)
-    _compare(lambda *a: ops.sliding_window_attention(*a, 4, chunk=5),
-             lambda *a: naive.sliding_window_attention(*a, 4), (q, k, v), gen)
+    _compare(lambda *a: ops.sliding_window_attention(*a, window=4, chunk=5),
+             lambda *a: naive.sliding_window_attention(*a, window=4), (q, k, v), gen)
 
 
 def test_grad_selection_scores_fast_equals_naive(gen):
     (p,) = _leaves(torch.softmax(torch.randn(2, 12, 4, 5, generator=gen), -1))
-    _compare(lambda p: ops.selection_scores(p, 2, 4, 2, 4, 3), lambda p: naive.selection_scores(p, 2, 4, 2, 4, 3),
-             (p,), gen)
+    kw = {"groups": 2, "block_len": 4, "block_stride": 2, "sel_block_len": 4, "num_blocks": 3}
+    _compare(lambda p: ops.selection_scores(p, **kw), lambda p: naive.selection_scores(p, **kw), (p,), gen)
 
 
 def test_grad_module_batched_equals_sequential(make_cfg, override, gen):

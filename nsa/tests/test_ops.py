@@ -29,9 +29,9 @@ def test_compress_tokens_matches_naive(mode, S, l, d, gen):
     weight = torch.randn(l * D, d_out, generator=gen)
     bias = torch.randn(d_out, generator=gen)
     pos_emb = torch.randn(l, D, generator=gen)
-    got = ops.compress_tokens(x, weight, bias, pos_emb, l, d, mode)
-    ref = naive.compress_tokens(x, weight, bias, pos_emb, l, d, mode)
-    n = naive.num_cmp(S - 1, l, d)
+    got = ops.compress_tokens(x, weight, bias, pos_emb, block_len=l, block_stride=d, mode=mode)
+    ref = naive.compress_tokens(x, weight, bias, pos_emb, block_len=l, block_stride=d, mode=mode)
+    n = naive.num_cmp(S - 1, block_len=l, block_stride=d)
     assert got.shape == ref.shape == (B, n, G, D if mode == "mean" else d_out)
     torch.testing.assert_close(got, ref, **TOL)
     if mode == "mean" and n:
@@ -43,17 +43,17 @@ def test_compress_tokens_matches_naive(mode, S, l, d, gen):
 def test_compress_tokens_without_bias(gen):
     x = torch.randn(1, 20, 2, 4, generator=gen)
     w, pe = torch.randn(8 * 4, 3, generator=gen), torch.randn(8, 4, generator=gen)
-    torch.testing.assert_close(ops.compress_tokens(x, w, None, pe, 8, 4),
-                               naive.compress_tokens(x, w, None, pe, 8, 4), **TOL)
+    torch.testing.assert_close(ops.compress_tokens(x, w, None, pe, block_len=8, block_stride=4),
+                               naive.compress_tokens(x, w, None, pe, block_len=8, block_stride=4), **TOL)
 
 
 @pytest.mark.parametrize("l,d", [(8, 4), (32, 16), (6, 3), (5, 5), (4, 1)])
 def test_num_cmp_tensor_matches_formula(l, d):
     t = torch.arange(0, 200)
-    got = ops.num_cmp(t, l, d)
+    got = ops.num_cmp(t, block_len=l, block_stride=d)
     want = torch.tensor([0 if ti + 1 < l else (ti + 1 - l) // d + 1 for ti in range(200)])
     assert torch.equal(got, want)
-    assert torch.equal(got, torch.tensor([naive.num_cmp(ti, l, d) for ti in range(200)]))
+    assert torch.equal(got, torch.tensor([naive.num_cmp(ti, block_len=l, block_stride=d) for ti in range(200)]))
 
 
 # --- compressed attention --------------------------------------------------------------------------
@@ -66,14 +66,14 @@ def test_num_cmp_tensor_matches_formula(l, d):
     (2, 19, 1, 4, 4, 8, 4, 4),
 ])
 def test_compressed_attention_matches_naive(B, T, G, h, dk, dv, l, d, gen, qkv):
-    N = naive.num_cmp(T - 1, l, d)
+    N = naive.num_cmp(T - 1, block_len=l, block_stride=d)
     q, k, v = qkv(B, T, N, G, h, dk, dv, generator=gen)
-    o, p = ops.compressed_attention(q, k, v, l, d)
-    o_ref, p_ref = naive.compressed_attention(q, k, v, l, d)
+    o, p = ops.compressed_attention(q, k, v, block_len=l, block_stride=d)
+    o_ref, p_ref = naive.compressed_attention(q, k, v, block_len=l, block_stride=d)
     torch.testing.assert_close(o, o_ref, **TOL)
     torch.testing.assert_close(p, p_ref, **TOL)
     # Visible rows are distributions, the others exactly zero.
-    seen = torch.tensor([naive.num_cmp(t, l, d) > 0 for t in range(T)])
+    seen = torch.tensor([naive.num_cmp(t, block_len=l, block_stride=d) > 0 for t in range(T)])
     torch.testing.assert_close(p.sum(-1)[:, seen], torch.ones_like(p.sum(-1)[:, seen]), **TOL)
     assert torch.all(o[:, ~seen] == 0) and torch.all(p[:, ~seen] == 0)
 
@@ -84,8 +84,8 @@ def test_compressed_attention_with_positions_and_scale(gen, qkv):
     N = 10
     positions = torch.tensor([3, 7, 8, 15, 30, 50])  # 50 would see 11 > N tokens: clipped to N
     q, k, v = qkv(B, len(positions), N, G, h, 6, 5, generator=gen)
-    o, p = ops.compressed_attention(q, k, v, l, d, positions=positions, scale=0.3)
-    o_ref, p_ref = naive.compressed_attention(q, k, v, l, d, positions=positions, scale=0.3)
+    o, p = ops.compressed_attention(q, k, v, block_len=l, block_stride=d, positions=positions, scale=0.3)
+    o_ref, p_ref = naive.compressed_attention(q, k, v, block_len=l, block_stride=d, positions=positions, scale=0.3)
     torch.testing.assert_close(o, o_ref, **TOL)
     torch.testing.assert_close(p, p_ref, **TOL)
 
@@ -93,7 +93,7 @@ def test_compressed_attention_with_positions_and_scale(gen, qkv):
 def test_compressed_attention_against_softmax_by_hand(gen, qkv):
     """One row computed from the formula, independent of both implementations."""
     q, k, v = qkv(1, 20, 4, 1, 2, 4, 3, generator=gen)
-    o, p = ops.compressed_attention(q, k, v, 8, 4)
+    o, p = ops.compressed_attention(q, k, v, block_len=8, block_stride=4)
     t, head = 15, 1  # num_cmp(15) = (16 - 8)//4 + 1 = 3
     s = (k[0, :3, 0] @ q[0, t, head]) / math.sqrt(4)
     want_p = torch.softmax(s, 0)
@@ -107,11 +107,11 @@ def test_compressed_attention_against_softmax_by_hand(gen, qkv):
 @pytest.mark.parametrize("T,G,h,l,d,l_sel", [(20, 1, 1, 8, 4, 8), (40, 2, 3, 8, 4, 16), (33, 3, 2, 6, 2, 4),
                                              (64, 2, 2, 32, 16, 64), (50, 1, 4, 4, 4, 12)])
 def test_selection_scores_matches_naive(T, G, h, l, d, l_sel, gen):
-    B, N = 2, naive.num_cmp(T - 1, l, d)
+    B, N = 2, naive.num_cmp(T - 1, block_len=l, block_stride=d)
     nb = -(-T // l_sel)
     p = torch.softmax(torch.randn(B, T, G * h, N, generator=gen), -1)
-    got = ops.selection_scores(p, G, l, d, l_sel, nb)
-    ref = naive.selection_scores(p, G, l, d, l_sel, nb)
+    got = ops.selection_scores(p, groups=G, block_len=l, block_stride=d, sel_block_len=l_sel, num_blocks=nb)
+    ref = naive.selection_scores(p, groups=G, block_len=l, block_stride=d, sel_block_len=l_sel, num_blocks=nb)
     assert got.shape == (B, T, G, nb)
     torch.testing.assert_close(got, ref, **TOL)
     # Every compressed block lies inside [0, T) and each raw position is shared once, so the scores
@@ -129,8 +129,8 @@ def test_select_blocks_matches_naive(T, G, nb_extra, l_sel, n_sel, ties, gen):
         scores = torch.randint(0, 3, (B, T, G, nb), generator=gen).float()
     else:
         scores = torch.rand(B, T, G, nb, generator=gen)
-    got = ops.select_blocks(scores, l_sel, n_sel)
-    ref = naive.select_blocks(scores, l_sel, n_sel)
+    got = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
+    ref = naive.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
     assert got.dtype == torch.long and got.shape == (B, T, G, n_sel)
     assert torch.equal(got, ref)
 
@@ -138,16 +138,16 @@ def test_select_blocks_matches_naive(T, G, nb_extra, l_sel, n_sel, ties, gen):
 def test_select_blocks_with_positions_matches_naive(gen):
     positions = torch.tensor([0, 5, 16, 17, 40, 63])
     scores = torch.rand(2, len(positions), 2, 8, generator=gen)
-    assert torch.equal(ops.select_blocks(scores, 8, 4, positions=positions),
-                       naive.select_blocks(scores, 8, 4, positions=positions))
+    assert torch.equal(ops.select_blocks(scores, sel_block_len=8, n_sel=4, positions=positions),
+                       naive.select_blocks(scores, sel_block_len=8, n_sel=4, positions=positions))
 
 
 @pytest.mark.parametrize("T,l_sel,n_sel", [(12, 4, 3), (40, 8, 4), (7, 16, 3), (33, 5, 6)])
 def test_selection_ranges_v2_matches_naive(T, l_sel, n_sel, gen):
     scores = torch.rand(2, T, 2, -(-T // l_sel), generator=gen)
-    idx = ops.select_blocks(scores, l_sel, n_sel)
-    got = ops.selection_ranges(idx, l_sel, version=2)
-    ref = naive.selection_ranges(idx, l_sel)
+    idx = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
+    got = ops.selection_ranges(idx, sel_block_len=l_sel, version=2)
+    ref = naive.selection_ranges(idx, sel_block_len=l_sel)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     # The ranges cover exactly the selected tokens <= t.
     lengths = (got[1] - got[0]).sum(-1)
@@ -166,29 +166,29 @@ def test_selection_ranges_v2_matches_naive(T, l_sel, n_sel, gen):
 def test_selection_attention_matches_naive(packed, B, T, S, G, h, dk, dv, l_sel, n_sel, gen, qkv):
     q, k, v = qkv(B, T, S, G, h, dk, dv, generator=gen)
     scores = torch.rand(B, T, G, -(-S // l_sel), generator=gen)
-    idx = ops.select_blocks(scores, l_sel, n_sel)
-    got = ops.selection_attention(q, k, v, idx, l_sel, packed=packed)
-    ref = naive.selection_attention(q, k, v, idx, l_sel)
+    idx = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
+    got = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel, packed=packed)
+    ref = naive.selection_attention(q, k, v, idx, sel_block_len=l_sel)
     torch.testing.assert_close(got, ref, **TOL)
 
 
 def test_selection_attention_with_positions_matches_naive(gen, qkv):
     positions = torch.tensor([2, 9, 17, 23])
     q, k, v = qkv(2, 4, 24, 2, 2, 4, 4, generator=gen)
-    idx = ops.select_blocks(torch.rand(2, 4, 2, 6, generator=gen), 4, 3, positions=positions)
-    ref = naive.selection_attention(q, k, v, idx, 4, positions=positions)
+    idx = ops.select_blocks(torch.rand(2, 4, 2, 6, generator=gen), sel_block_len=4, n_sel=3, positions=positions)
+    ref = naive.selection_attention(q, k, v, idx, sel_block_len=4, positions=positions)
     for packed in (True, False):
-        torch.testing.assert_close(ops.selection_attention(q, k, v, idx, 4, positions=positions, packed=packed),
+        torch.testing.assert_close(ops.selection_attention(q, k, v, idx, sel_block_len=4, positions=positions, packed=packed),
                                    ref, **TOL)
 
 
 def test_selection_attention_chunked_rows_match_naive(gen, qkv):
     """Small chunks (several prefill chunks) give the same answer as one chunk and the reference."""
     q, k, v = qkv(2, 20, 20, 2, 2, 4, 4, generator=gen)
-    idx = ops.select_blocks(torch.rand(2, 20, 2, 5, generator=gen), 4, 3)
-    ref = naive.selection_attention(q, k, v, idx, 4)
+    idx = ops.select_blocks(torch.rand(2, 20, 2, 5, generator=gen), sel_block_len=4, n_sel=3)
+    ref = naive.selection_attention(q, k, v, idx, sel_block_len=4)
     for packed in (True, False):
-        torch.testing.assert_close(ops.selection_attention(q, k, v, idx, 4, packed=packed, chunk_rows=12), ref, **TOL)
+        torch.testing.assert_close(ops.selection_attention(q, k, v, idx, sel_block_len=4, packed=packed, chunk_rows=12), ref, **TOL)
 
 
 # --- sliding window ----------------------------------------------------------------------------------
@@ -202,15 +202,15 @@ def test_selection_attention_chunked_rows_match_naive(gen, qkv):
 ])
 def test_sliding_window_matches_naive(B, T, G, h, dk, dv, w, chunk, gen, qkv):
     q, k, v = qkv(B, T, T, G, h, dk, dv, generator=gen)
-    got = ops.sliding_window_attention(q, k, v, w, chunk=chunk)
-    ref = naive.sliding_window_attention(q, k, v, w)
+    got = ops.sliding_window_attention(q, k, v, window=w, chunk=chunk)
+    ref = naive.sliding_window_attention(q, k, v, window=w)
     torch.testing.assert_close(got, ref, **TOL)
 
 
 def test_sliding_window_scale_matches_naive(gen, qkv):
     q, k, v = qkv(1, 10, 10, 1, 2, 4, 4, generator=gen)
-    torch.testing.assert_close(ops.sliding_window_attention(q, k, v, 3, scale=0.7),
-                               naive.sliding_window_attention(q, k, v, 3, scale=0.7), **TOL)
+    torch.testing.assert_close(ops.sliding_window_attention(q, k, v, window=3, scale=0.7),
+                               naive.sliding_window_attention(q, k, v, window=3, scale=0.7), **TOL)
 
 
 # --- RoPE ----------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_apply_rope_matches_complex_rotation(d, theta, gen):
     """Rotate-half convention: pair ``(x[i], x[i + d/2])`` is the complex number rotated by ``pos * theta^(-2i/d)``."""
     x = torch.randn(2, 11, 3, d, generator=gen)
     positions = torch.randint(0, 5000, (11,), generator=gen)
-    got = ops.apply_rope(x, positions, theta)
+    got = ops.apply_rope(x, positions, theta=theta)
     xd = x.double()
     z = torch.complex(xd[..., : d // 2], xd[..., d // 2:])
     freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -232,7 +232,7 @@ def test_apply_rope_matches_complex_rotation(d, theta, gen):
     small = torch.arange(11)  # small positions: float32 angles are exact to ~1e-6
     rot = torch.polar(torch.ones(11, d // 2, dtype=torch.float64), small.double()[:, None] * freq)
     want = torch.cat([(z * rot[:, None]).real, (z * rot[:, None]).imag], -1).float()
-    torch.testing.assert_close(ops.apply_rope(x, small, theta), want, **TOL)
+    torch.testing.assert_close(ops.apply_rope(x, small, theta=theta), want, **TOL)
     # A rotation keeps each pair's norm.
     torch.testing.assert_close(got.norm(dim=-1), x.norm(dim=-1), **TOL)
 

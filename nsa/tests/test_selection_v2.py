@@ -60,17 +60,17 @@ def test_routes_agree_on_random_scores(case, gen, qkv):
     nb = -(-T // l_sel)
     # Scores with some exact ties (rounded), so the tie-break matters in both routes.
     scores = (torch.rand(B, T, G, nb, generator=gen) * 8).round() / 8
-    idx = ops.select_blocks(scores, l_sel, n_sel)
-    assert torch.equal(idx, naive.select_blocks(scores, l_sel, n_sel)), "selected blocks differ between routes"
+    idx = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
+    assert torch.equal(idx, naive.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)), "selected blocks differ between routes"
 
-    s1, e1 = ops.selection_ranges(idx, l_sel, version=1)
-    s2, e2 = ops.selection_ranges(idx, l_sel, version=2)
+    s1, e1 = ops.selection_ranges(idx, sel_block_len=l_sel, version=1)
+    s2, e2 = ops.selection_ranges(idx, sel_block_len=l_sel, version=2)
     assert torch.equal(s1, s2) and torch.equal(e1, e2), "v1 and v2 ranges differ"
 
     q, k, v = qkv(B, T, T, G, h, 4, 6, generator=gen)
-    packed_v2 = ops.selection_attention(q, k, v, idx, l_sel, packed=True, ranges_v2=True)
-    packed_v1 = ops.selection_attention(q, k, v, idx, l_sel, packed=True, ranges_v2=False)
-    gather = ops.selection_attention(q, k, v, idx, l_sel, packed=False)
+    packed_v2 = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel, packed=True, ranges_v2=True)
+    packed_v1 = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel, packed=True, ranges_v2=False)
+    gather = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel, packed=False)
     assert torch.equal(packed_v1, packed_v2)
     torch.testing.assert_close(packed_v2, gather, **TOL)
     assert torch.isfinite(packed_v2).all()
@@ -104,8 +104,8 @@ HOLE_CASES = [(1, 12, 1, 2, 4, 3), (2, 20, 2, 1, 5, 4), (1, 33, 2, 2, 6, 5), (2,
 def test_ranges_v1_v2_on_hand_made_blocks(case, holes_inside, gen):
     B, T, G, _h, n, l_sel = case
     idx = _holey_block_idx(B, T, G, n, l_sel, gen, holes_inside=holes_inside, future=True)
-    s1, e1 = ops.selection_ranges(idx, l_sel, version=1)
-    s2, e2 = ops.selection_ranges(idx, l_sel, version=2)
+    s1, e1 = ops.selection_ranges(idx, sel_block_len=l_sel, version=1)
+    s2, e2 = ops.selection_ranges(idx, sel_block_len=l_sel, version=2)
     assert torch.equal(s1, s2) and torch.equal(e1, e2), "v1 and v2 ranges differ on hand-made block_idx"
 
 
@@ -115,14 +115,14 @@ def test_packed_gather_naive_on_hand_made_blocks(case, holes_inside, gen, qkv):
     B, T, G, h, n, l_sel = case
     idx = _holey_block_idx(B, T, G, n, l_sel, gen, holes_inside=holes_inside, future=True)
     q, k, v = qkv(B, T, T, G, h, 4, 4, generator=gen)
-    ref = naive.selection_attention(q, k, v, idx, l_sel)
+    ref = naive.selection_attention(q, k, v, idx, sel_block_len=l_sel)
     for packed in (True, False):
         for v2 in (True, False):
-            got = ops.selection_attention(q, k, v, idx, l_sel, packed=packed, ranges_v2=v2)
+            got = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel, packed=packed, ranges_v2=v2)
             torch.testing.assert_close(got, ref, **TOL, msg=lambda m, p=packed, r=v2: f"packed={p} v2={r}: {m}")
     # A row whose blocks are all empty (only -1 or only future blocks) reads nothing: exactly zero.
     empty = ((idx < 0) | (idx * l_sel > torch.arange(T)[:, None, None])).all(-1)  # [B, T, G]
-    o = ops.selection_attention(q, k, v, idx, l_sel).reshape(B, T, G, h, -1)
+    o = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel).reshape(B, T, G, h, -1)
     assert torch.all(o[empty] == 0)
 
 
@@ -166,10 +166,10 @@ def test_any_order_and_repeats(case, gen, qkv):
         blocks = sorted({j for j in idx[tuple(pos)].tolist() if j >= 0})
         canon[tuple(pos)][: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
     for v in (1, 2):
-        got, want = ops.selection_ranges(idx, l_sel, version=v), ops.selection_ranges(canon, l_sel, version=v)
+        got, want = ops.selection_ranges(idx, sel_block_len=l_sel, version=v), ops.selection_ranges(canon, sel_block_len=l_sel, version=v)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     q, k, v = qkv(B, T, T, G, h, 4, 4, generator=gen)
-    ref = naive.selection_attention(q, k, v, canon, l_sel)
-    torch.testing.assert_close(naive.selection_attention(q, k, v, idx, l_sel), ref, **TOL)
+    ref = naive.selection_attention(q, k, v, canon, sel_block_len=l_sel)
+    torch.testing.assert_close(naive.selection_attention(q, k, v, idx, sel_block_len=l_sel), ref, **TOL)
     for packed in (True, False):
-        torch.testing.assert_close(ops.selection_attention(q, k, v, idx, l_sel, packed=packed), ref, **TOL)
+        torch.testing.assert_close(ops.selection_attention(q, k, v, idx, sel_block_len=l_sel, packed=packed), ref, **TOL)

@@ -48,10 +48,10 @@ def _check_close(got, ref, dtype):
                                        (12, 4, 30.0), (9, 9, 30.0), (16, 2, 1.0)])
 def test_window_op_finite_and_right(dtype, T, w, scale, gen, qkv):
     q, k, v = qkv(2, T, T, 2, 2, 8, 8, generator=gen, scale=scale)
-    got = _run(ops.sliding_window_attention, q.to(dtype), k.to(dtype), v.to(dtype), w, chunk=4)
+    got = _run(ops.sliding_window_attention, q.to(dtype), k.to(dtype), v.to(dtype), window=w, chunk=4)
     assert got.dtype == dtype
     # Reference from the same (rounded) inputs in float64.
-    ref = naive.sliding_window_attention(q.to(dtype).double(), k.to(dtype).double(), v.to(dtype).double(), w)
+    ref = naive.sliding_window_attention(q.to(dtype).double(), k.to(dtype).double(), v.to(dtype).double(), window=w)
     if dtype != torch.float32 and scale > 1:
         # Logits of ~1e3 rounded to a half dtype move the softmax by more than any relative bound;
         # what must hold is that each output is a convex combination of its window's values.
@@ -70,10 +70,10 @@ def test_window_of_one_returns_own_value(dtype, gen, qkv):
     """w = 1 (and the first row of any window): softmax over one key is 1, so o_t = v_t exactly."""
     q, k, v = qkv(2, 11, 11, 2, 3, 8, 4, generator=gen, scale=50.0)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    o = _run(ops.sliding_window_attention, q, k, v, 1)
+    o = _run(ops.sliding_window_attention, q, k, v, window=1)
     want = v.repeat_interleave(3, dim=2)
     assert torch.equal(o, want)
-    o = _run(ops.sliding_window_attention, q, k, v, 6)
+    o = _run(ops.sliding_window_attention, q, k, v, window=6)
     assert torch.equal(o[:, 0], want[:, 0])
 
 
@@ -99,15 +99,15 @@ def test_masked_softmax_fully_masked_rows_are_zero(dtype, gen):
 @pytest.mark.parametrize("T", [5, 8, 13])
 def test_compressed_rows_without_tokens_are_exactly_zero(dtype, T, gen, qkv):
     l, d = 8, 4
-    N = naive.num_cmp(T - 1, l, d)
+    N = naive.num_cmp(T - 1, block_len=l, block_stride=d)
     q, k, v = qkv(2, T, N, 2, 2, 8, 8, generator=gen, scale=2.0)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    o, p = _run(ops.compressed_attention, q, k, v, l, d)
+    o, p = _run(ops.compressed_attention, q, k, v, block_len=l, block_stride=d)
     assert torch.isfinite(o).all() and torch.isfinite(p).all()
     blind = l - 1  # rows 0 .. l-2 see no compressed token
     assert torch.all(o[:, :blind] == 0) and torch.all(p[:, :blind] == 0)
     if T >= l:
-        ref, _ = naive.compressed_attention(q.double(), k.double(), v.double(), l, d)
+        ref, _ = naive.compressed_attention(q.double(), k.double(), v.double(), block_len=l, block_stride=d)
         _check_close(o, ref, dtype)
         assert o[:, blind:].abs().sum() > 0
 
@@ -121,9 +121,9 @@ def test_compressed_fa2_folding_blind_rows_zero(T, gen, qkv):
         r = q.shape[1] // k.shape[1]
         return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), is_causal=True)
 
-    N = naive.num_cmp(T - 1, 8, 4)
+    N = naive.num_cmp(T - 1, block_len=8, block_stride=4)
     q, k, v = qkv(1, T, N, 2, 2, 8, 8, generator=gen)
-    o = compressed_mod.compressed_attention_fa2(q, k, v, 8, 4, attn)
+    o = compressed_mod.compressed_attention_fa2(q, k, v, block_len=8, block_stride=4, attn_fn=attn)
     assert o.shape == (1, T, 4, 8) and torch.isfinite(o).all()
     assert torch.all(o[:, :7] == 0)
 
@@ -132,12 +132,12 @@ def test_compressed_fa2_folding_blind_rows_zero(T, gen, qkv):
 def test_selection_rows_with_few_keys(dtype, gen, qkv):
     """Rows whose selected blocks hold one or two visible keys, large logits: finite and right."""
     T, l_sel = 6, 8
-    idx = ops.select_blocks(torch.rand(2, T, 1, 1, generator=gen), l_sel, 3)
+    idx = ops.select_blocks(torch.rand(2, T, 1, 1, generator=gen), sel_block_len=l_sel, n_sel=3)
     for scale in (1.0, 40.0):
         q, k, v = (x.to(dtype) for x in qkv(2, T, T, 1, 2, 8, 8, generator=gen, scale=scale))
-        ref = naive.selection_attention(q.double(), k.double(), v.double(), idx, l_sel)
+        ref = naive.selection_attention(q.double(), k.double(), v.double(), idx, sel_block_len=l_sel)
         for packed in (True, False):
-            got = _run(ops.selection_attention, q, k, v, idx, l_sel, packed=packed)
+            got = _run(ops.selection_attention, q, k, v, idx, sel_block_len=l_sel, packed=packed)
             assert torch.isfinite(got).all()
             assert torch.equal(got[:, 0], v[:, 0].repeat_interleave(2, 1))  # row 0: its own key only
             if scale == 1.0:  # large logits rounded to half move the softmax beyond any bound
@@ -184,8 +184,8 @@ def test_fa2_window_route_finite(dtype, T, w, cuda, override, gen, qkv):
         if route.fn is None or not route.name.startswith("fa2"):
             pytest.skip(f"FA-2 window route not taken here: {route.reason}")
         q, k, v = qkv(2, T, T, 2, 2, 64, 64, dtype=dtype, device=cuda, generator=gen, scale=4.0)
-        got = route.fn(q, k, v, w)
-    ref = naive.sliding_window_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), w)
+        got = route.fn(q, k, v, window=w)
+    ref = naive.sliding_window_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), window=w)
     _check_close(got.cpu(), ref, dtype)
 
 
@@ -197,12 +197,12 @@ def test_fa2_cmp_route_blind_rows_zero(dtype, T, cuda, override, gen, qkv):
         route = route_cmp(cuda, dtype, 64, 64)
         if route.fn is None:
             pytest.skip(f"FA-2 compressed route not taken here: {route.reason}")
-        N = naive.num_cmp(T - 1, 32, 16)
+        N = naive.num_cmp(T - 1, block_len=32, block_stride=16)
         q, k, v = qkv(1, T, N, 2, 2, 64, 64, dtype=dtype, device=cuda, generator=gen, scale=4.0)
-        o = route.fn(q, k, v, 32, 16)
+        o = route.fn(q, k, v, block_len=32, block_stride=16)
     assert torch.isfinite(o).all() and torch.all(o[:, :31] == 0)
     if N:
-        ref, _ = ops.compressed_attention(q.double(), k.double(), v.double(), 32, 16)
+        ref, _ = ops.compressed_attention(q.double(), k.double(), v.double(), block_len=32, block_stride=16)
         _check_close(o, ref, dtype)
 
 
