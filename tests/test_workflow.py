@@ -327,3 +327,35 @@ def test_child_env_drops_inherited_nsa_flags(monkeypatch):
     env = harness.child_env({"NSA_SEL_PACK_RESERVE_N": 64, "FLAG": True}, device="cpu")
     assert "NSA_USE_FA2" not in env and "PYTHONPATH" not in env
     assert env["NSA_SEL_PACK_RESERVE_N"] == "64" and env["FLAG"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+@pytest.mark.workflow
+def test_a_configfile_replaces_the_mappings_it_defines(fake_repo, tmp_path):
+    work = workdir_with(tmp_path / "w", tiny_config(fake_repo))
+    (work / "mine.yaml").write_text("variants: {only: slow, only-again: slow}\nbaseline: only\n"
+                                    "reserve_configs: {plain: {}}\n")
+    proc = snakemake(work, "-n", "--quiet", "rules", "all", "--configfile", "mine.yaml", timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    # One commit and one reserve configuration: config.yaml's four variants and two configs are gone.
+    assert counts.get("checkout") == 1 and counts.get("correctness") == 1 and counts.get("consistency") == 1, counts
+
+
+def test_replace_mappings_takes_each_defined_mapping_whole(tmp_path):
+    merged = {"variants": {"baseline": "HEAD~1", "a": "x"}, "suites": {"s": "m"}, "seed": 3}
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("variants: {a: x}\nseed: 4\n")
+    out = config_check.replace_mappings(merged, [mine], {"common_env": {"X": 1}})
+    assert out["variants"] == {"a": "x"} and out["suites"] == {"s": "m"} and out["common_env"] == {"X": 1}
+
+
+def test_a_branch_known_only_as_origin_branch_resolves(fake_repo, tmp_path):
+    from conftest import git
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", fake_repo["repo"], str(clone)], check=True)
+    git(Path(fake_repo["repo"]), "branch", "-f", "side", "slow")
+    git(clone, "fetch", "-q", "origin")
+    assert resolve_refs.resolve_ref(clone, "side") == fake_repo["slow"]

@@ -58,6 +58,11 @@ def resolve_ref(repo: Path, ref: str) -> str:
     r = git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False)
     if r.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", r.stdout.strip()):
         return r.stdout.strip()
+    # A fresh clone has the other branches only as remote-tracking ones (origin/<branch>): take
+    # the branch there when exactly one commit answers to that name.
+    remote = git(repo, "for-each-ref", "--format=%(objectname)", f"refs/remotes/*/{ref}", check=False).stdout.split()
+    if len(set(remote)) == 1:
+        return remote[0]
     shallow = git(repo, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true"
     if shallow:
         hint = f"{repo} is a shallow clone, which may lack it: run `git -C {repo} fetch --unshallow`"
