@@ -1,4 +1,5 @@
-"""Known-answer tests for workflow/scripts/stats.py (no scipy needed; compared with it when present)."""
+"""Known-answer tests for workflow/scripts/stats.py: per-process summaries, the hierarchical
+bootstrap, spread within and between processes, and the noise-floor arithmetic."""
 
 import math
 import sys
@@ -6,114 +7,146 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 import stats
 
 
-def test_rankdata_averages_ties():
-    ranks, ties = stats.rankdata(np.array([3.0, 1.0, 3.0, 2.0, 3.0]))
-    # 1 -> 1, 2 -> 2, the three 3s share ranks 3, 4, 5 -> 4.
-    assert ranks.tolist() == [4.0, 1.0, 4.0, 2.0, 4.0]
-    assert sorted(ties.tolist()) == [1, 1, 3]
+def test_lower_median_and_centre():
+    assert stats.lower_median(np.array([3.0, 1.0, 2.0])) == 2.0
+    assert stats.lower_median(np.array([4.0, 1.0, 3.0, 2.0])) == 2.0  # the lower middle value
+    # Centre = mean of process medians, whatever the processes' sample counts.
+    assert stats.centre([[1.0, 2.0, 3.0], [10.0], [4.0, 5.0, 6.0, 100.0, 101.0]]) == pytest.approx((2 + 10 + 6) / 3)
+    assert stats.centre([[float("nan")], []]) is None
 
 
-def test_mann_whitney_hand_computed():
-    # x = [1, 2], y = [3, 4, 5]: x's ranks sum to 3, U_x = 3 - 3 = 0, U_y = 6.
-    # mu = 3, var = 2*3/12 * 6 = 3, z = (6 - 3 - 0.5) / sqrt(3), p = erfc(z / sqrt 2).
-    u, p = stats.mann_whitney_u([1, 2], [3, 4, 5])
-    assert u == 0.0
-    z = 2.5 / math.sqrt(3.0)
-    assert p == pytest.approx(math.erfc(z / math.sqrt(2.0)), rel=1e-12)
+def test_median_index_cdf_matches_brute_force_bootstrap():
+    # The closed form: P(resample median <= i-th smallest). Compare with counting over resamples.
+    n = 7
+    cdf = stats._median_index_cdf(n)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, n, size=(200_000, n))
+    med_idx = np.sort(idx, axis=1)[:, (n + 1) // 2 - 1]  # the resample's median, as a sample index
+    empirical = np.array([(med_idx <= i).mean() for i in range(n)])
+    assert np.allclose(cdf, empirical, atol=3e-3)
+    assert cdf[-1] == 1.0 and np.all(np.diff(cdf) >= 0)
 
 
-def test_mann_whitney_tie_correction_hand_computed():
-    # x = [1, 1], y = [1, 2]: ranks 2, 2, 2, 4 (three-way tie at 1). U_x = 4 - 3 = 1.
-    # tie term = 3^3 - 3 = 24; var = 4/12 * (5 - 24/12) = 1; z = (3 - 2 - 0.5) / 1 = 0.5.
-    u, p = stats.mann_whitney_u([1, 1], [1, 2])
-    assert u == 1.0
-    assert p == pytest.approx(math.erfc(0.5 / math.sqrt(2.0)), rel=1e-12)
+def test_spread_within_and_between_known_values():
+    # Process medians 99, 100, 101 (mean 100, sd 1): between = 1%. Each process's samples m*(0.98,
+    # 0.99, 1, 1.01, 1.02): IQR = 0.02 m, so within = 2%.
+    groups = [[m * f for f in (0.98, 0.99, 1.0, 1.01, 1.02)] for m in (99.0, 100.0, 101.0)]
+    sp = stats.spread(groups)
+    assert sp["processes"] == 3 and sp["samples"] == 15
+    assert sp["between_pct"] == pytest.approx(1.0, rel=1e-9)
+    assert sp["within_pct"] == pytest.approx(2.0, rel=1e-9)
+    assert stats.spread([[1.0, 2.0]])["between_pct"] is None  # one process: not measured, never 0
 
 
-def test_mann_whitney_all_equal_is_no_evidence():
-    assert stats.mann_whitney_u([2.0] * 10, [2.0] * 10) == (50.0, 1.0)
-
-
-def test_mann_whitney_empty():
-    assert stats.mann_whitney_u([], [1.0]) == (None, None)
-
-
-@pytest.mark.parametrize("n1,n2,shift,decimals", [(5, 7, 0.3, 1), (40, 25, 0.5, 1), (200, 200, 0.2, 2),
-                                                  (12, 300, 0.0, 0)])
-def test_mann_whitney_matches_scipy(n1, n2, shift, decimals):
-    sps = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(n1 * 1000 + n2)
-    # Rounding makes ties, so the tie correction is exercised too.
-    x = np.round(rng.normal(10.0, 1.0, n1), decimals)
-    y = np.round(rng.normal(10.0 + shift, 1.0, n2), decimals)
-    u, p = stats.mann_whitney_u(x, y)
-    ref = sps.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic", use_continuity=True)
-    assert u == pytest.approx(float(ref.statistic))
-    assert p == pytest.approx(float(ref.pvalue), rel=1e-9, abs=1e-15)
-
-
-def test_identical_distributions_no_significant_change():
-    rng = np.random.default_rng(7)
-    base = rng.lognormal(np.log(5.0), 0.05, 200)
-    cand = rng.lognormal(np.log(5.0), 0.05, 200)
-    out = stats.compare(base, cand, tolerance_pct=2.0)
-    assert out["call"] == stats.NO_CHANGE
-    assert abs(out["delta_pct"]) < 2.0
-    assert out["ci_low_pct"] < 0 < out["ci_high_pct"]  # the 99% CI of the delta covers 0
-
-
-def test_ten_percent_shift_with_200_samples_is_significant():
-    rng = np.random.default_rng(11)
-    base = rng.lognormal(np.log(5.0), 0.05, 200)
-    slower = rng.lognormal(np.log(5.5), 0.05, 200)
-    out = stats.compare(base, slower, tolerance_pct=2.0)
-    assert out["call"] == stats.SLOWER
-    assert out["p_value"] < 1e-10
-    assert out["delta_pct"] == pytest.approx(10.0, abs=2.0)
-    assert out["ci_low_pct"] > 5.0 and out["ci_high_pct"] < 15.0
-    faster = stats.compare(slower, base, tolerance_pct=2.0)
-    assert faster["call"] == stats.FASTER
-    # Throughput: higher is better, so the same 10% increase is "faster".
-    assert stats.compare(base, slower, tolerance_pct=2.0, lower_is_better=False)["call"] == stats.FASTER
-
-
-def test_significant_but_within_tolerance_is_no_change():
-    # A 1% shift with tiny noise is highly significant, but below a 2% tolerance (as asv does).
+def test_one_sample_per_process_reduces_to_scipy_bootstrap_of_the_mean_ratio():
+    # With one sample per process the inner resample is the sample itself, so the hierarchical
+    # bootstrap is the ordinary two-sample percentile bootstrap of mean(b) / mean(a).
     rng = np.random.default_rng(3)
-    base = 5.0 + rng.normal(0, 0.005, 200)
-    cand = 5.05 + rng.normal(0, 0.005, 200)
-    out = stats.compare(base, cand, tolerance_pct=2.0)
-    assert out["significant"] and out["p_value"] < 1e-10
+    a = rng.normal(100.0, 5.0, 30)
+    b = rng.normal(110.0, 5.0, 30)
+    got = stats.compare([[x] for x in a], [[x] for x in b], threshold_pct=1.0, level=0.95, n_boot=20000)
+    ref = sps.bootstrap((a, b), lambda x, y, axis=-1: y.mean(axis=axis) / x.mean(axis=axis), paired=False,
+                        vectorized=True, n_resamples=20000, confidence_level=0.95, method="percentile",
+                        random_state=np.random.default_rng(9))
+    assert got["delta_pct"] == pytest.approx((b.mean() / a.mean() - 1) * 100)
+    assert got["ci_low_pct"] == pytest.approx((ref.confidence_interval.low - 1) * 100, abs=0.3)
+    assert got["ci_high_pct"] == pytest.approx((ref.confidence_interval.high - 1) * 100, abs=0.3)
+
+
+def test_one_process_reduces_to_the_median_bootstrap():
+    # k = 1: the only resampling left is within the process; compare with scipy's bootstrap of the
+    # (lower) median of the one sample.
+    rng = np.random.default_rng(4)
+    x = rng.lognormal(np.log(5.0), 0.1, 401)  # odd: lower median == median
+    reps = stats.hierarchical_bootstrap_centres([x], 40000, np.random.default_rng(1))
+    ref = sps.bootstrap((x,), np.median, vectorized=True, n_resamples=40000, confidence_level=0.99,
+                        method="percentile", random_state=np.random.default_rng(2))
+    lo, hi = np.quantile(reps, [0.005, 0.995])
+    width = ref.confidence_interval.high - ref.confidence_interval.low
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.05 * width)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.05 * width)
+
+
+def _hierarchical(rng, k, n, centre, between_sd, within_sd):
+    """k processes of n samples: each process's level drawn around ``centre`` (relative sd
+    ``between_sd``), its samples around that level (relative sd ``within_sd``)."""
+    levels = centre * np.exp(rng.normal(0.0, between_sd, k))
+    return [lv * np.exp(rng.normal(0.0, within_sd, n)) for lv in levels]
+
+
+def test_pseudo_replication_per_sample_test_is_wrongly_significant_per_process_is_not():
+    # Identical code: both cells come from the same distribution of processes. Processes differ by
+    # ~4% (placement, dispatch speed); samples within a process by 0.5%. 5 processes x 1000 samples.
+    rng = np.random.default_rng(2024)
+    a = _hierarchical(rng, 5, 1000, 10.0, 0.04, 0.005)
+    b = _hierarchical(rng, 5, 1000, 10.0, 0.04, 0.005)
+    # Per-sample Mann-Whitney on the pooled samples: "highly significant", and wrong.
+    p_samples = stats.mann_whitney_p(np.concatenate(a), np.concatenate(b))
+    assert p_samples < 1e-10
+    # Per-process: the CI of the delta covers 0, the Welch test on process medians is not significant,
+    # and no change is called even at a zero threshold.
+    out = stats.compare(a, b, threshold_pct=0.0)
+    assert out["ci_low_pct"] < 0 < out["ci_high_pct"]
+    assert out["p_value"] > 0.05
     assert out["call"] == stats.NO_CHANGE
+    # The spread says why: between-process spread dwarfs within-process spread.
+    sp = stats.spread(a)
+    assert sp["between_pct"] > 4 * sp["within_pct"]
 
 
-def test_too_few_samples_makes_no_call():
-    out = stats.compare([1.0, 2.0], [3.0, 4.0], tolerance_pct=1.0)
-    assert out["call"] == stats.NO_DATA
-    assert out["ci_low_pct"] is None
-
-
-def test_bootstrap_ci_is_seeded_and_covers_true_ratio():
+def test_real_change_across_processes_is_called_with_its_size():
     rng = np.random.default_rng(5)
-    base = rng.normal(100.0, 5.0, 300)
-    cand = rng.normal(120.0, 5.0, 300)
-    ci1 = stats.bootstrap_ratio_ci(base, cand, seed=42)
-    ci2 = stats.bootstrap_ratio_ci(base, cand, seed=42)
-    assert ci1 == ci2
-    assert ci1[0] < 1.2 < ci1[1]
-    assert ci1[1] - ci1[0] < 0.05
-    lo, hi = stats.bootstrap_median_ci(base)
-    assert lo < 100.0 < hi
+    a = _hierarchical(rng, 6, 500, 10.0, 0.01, 0.02)
+    b = _hierarchical(rng, 6, 500, 13.0, 0.01, 0.02)  # 30% slower
+    out = stats.compare(a, b, threshold_pct=5.0)
+    assert out["call"] == stats.SLOWER
+    assert out["delta_pct"] == pytest.approx(30.0, abs=3.0)
+    assert 20.0 < out["ci_low_pct"] < 30.0 < out["ci_high_pct"] < 40.0
+    assert out["p_value"] < 1e-4
+    assert stats.compare(b, a, threshold_pct=5.0)["call"] == stats.FASTER
+    # Throughput: higher is better, so the same increase is "faster".
+    assert stats.compare(a, b, threshold_pct=5.0, lower_is_better=False)["call"] == stats.FASTER
+    # A threshold above the whole CI (a noisy run's floor) calls nothing.
+    assert stats.compare(a, b, threshold_pct=50.0)["call"] == stats.NO_CHANGE
+
+
+def test_compare_is_seeded_and_handles_missing_data():
+    rng = np.random.default_rng(6)
+    a = _hierarchical(rng, 4, 50, 1.0, 0.02, 0.02)
+    b = _hierarchical(rng, 4, 50, 1.0, 0.02, 0.02)
+    assert stats.compare(a, b, threshold_pct=2.0) == stats.compare(a, b, threshold_pct=2.0)
+    assert stats.compare([], b, threshold_pct=2.0)["call"] == stats.NO_DATA
+    assert stats.compare([[float("nan")]], b, threshold_pct=2.0)["call"] == stats.NO_DATA
+    # One process per cell: a CI is still given (within-process only), a p-value is not.
+    one = stats.compare(a[:1], b[:1], threshold_pct=2.0)
+    assert one["ci_low_pct"] is not None and one["p_value"] is None
+
+
+def test_welch_on_log_process_medians_matches_scipy():
+    a = [[1.0, 1.1, 1.2], [1.3, 1.3], [0.9]]
+    b = [[2.0], [2.2, 2.1, 2.3], [1.9, 2.0]]
+    ma = np.log([1.1, 1.3, 0.9])
+    mb = np.log([2.0, 2.2, 1.9])
+    assert stats.welch_p_log(a, b) == pytest.approx(sps.ttest_ind(ma, mb, equal_var=False).pvalue)
+
+
+def test_reference_noise_floor_arithmetic():
+    # z(99%) = 2.5758; 2% between-process CV, 8 processes: 2.5758 * 2 * sqrt(2/8) = 2.5758.
+    assert stats.reference_noise_pct(2.0, 8, 0.99) == pytest.approx(2.5758293, rel=1e-6)
+    assert stats.reference_noise_pct(None, 8) is None and stats.reference_noise_pct(2.0, 1) is None
 
 
 def test_nan_samples_are_dropped():
     assert stats.median([1.0, float("nan"), 3.0]) == 2.0
     assert stats.clean(None).size == 0
+    assert stats.delta_pct(0.0, 1.0) is None and stats.delta_pct(2.0, 3.0) == pytest.approx(50.0)
+    assert math.isclose(stats.z_for(0.95), 1.959964, rel_tol=1e-6)
 
 
 def test_pow2_ceil():

@@ -20,10 +20,10 @@ matplotlib.use("Agg")  # no display on CI or GPU hosts
 import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate import write_atomic
+from harness import write_atomic
 
 OK = "ok"
-CALL_COLORS = {"faster": "#2a9d3f", "slower": "#d1362f", "no significant change": "#7f7f7f"}
+CALL_COLORS = {"faster": "#2a9d3f", "slower": "#d1362f", "no change": "#4a4a4a"}
 
 
 def label(text) -> str:
@@ -44,46 +44,65 @@ def _num(x):
     return float(x)
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+def _save(fig, path: Path, tight: bool = True) -> None:
+    if tight:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # legends placed outside the axes included
     plt.close(fig)
     tmp.replace(path)
 
 
+def _log_if_wide(ax, values, axis="y") -> bool:
+    """Log scale when the values span 10x or more (dense and NSA on one linear axis hide NSA)."""
+    vals = [v for v in values if v is not None and v > 0]
+    if vals and max(vals) / min(vals) >= 10:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        return True
+    return False
+
+
+def _legend_below(fig, ax, ncol=3) -> None:
+    """The legend under the axes, never on the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        fig.tight_layout()
+        return
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=7, frameon=False)
+        rows = (len(labels) + ncol - 1) // ncol
+        fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
+
+
 def decode_latency(s: dict, path: Path) -> str | None:
-    rows = [r for r in s.get("decode", {}).get("rows", []) if r.get("status") == OK and r.get("median_ms") is not None]
-    if not rows:
+    cells = [c for c in s.get("decode", {}).get("cells", []) if _num(c.get("value")) is not None
+             and isinstance(c.get("context"), (int, float))]
+    if not cells:
         return "no decode results"
-    modes = sorted({r["mode"] for r in rows})
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.2), squeeze=False)
+    modes = [m for m in s["decode"].get("modes") or sorted({c["mode"] for c in cells}) if any(c["mode"] == m for c in cells)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes) + 0.6, 4.0), squeeze=False)
+    judged = set(s["decode"].get("judged_modes") or modes)
     for ax, mode in zip(axes[0], modes):
         series = {}
-        for r in rows:
-            if r["mode"] == mode and isinstance(r["context"], (int, float)):
-                series.setdefault((r["variant"], r["reserve"]), []).append(r)
-        for (variant, reserve), pts in series.items():
-            pts.sort(key=lambda r: r["context"])
-            x = [r["context"] for r in pts]
-            med = [r["median_ms"] for r in pts]
-            line, = ax.plot(x, med, marker="o", label=label(f"{variant} / {reserve}"))
-            q1 = [_num(r.get("q1_ms")) for r in pts]
-            q3 = [_num(r.get("q3_ms")) for r in pts]
-            if None not in q1 and None not in q3:  # IQR: the spread of single samples
-                ax.fill_between(x, q1, q3, color=line.get_color(), alpha=0.15, linewidth=0)
-            lo = [_num(r.get("median_ci_low_ms")) for r in pts]
-            hi = [_num(r.get("median_ci_high_ms")) for r in pts]
-            if None not in lo and None not in hi:  # CI: the uncertainty of the median itself
-                ax.errorbar(x, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
-                            fmt="none", ecolor=line.get_color(), capsize=3)
+        for c in cells:
+            if c["mode"] == mode:
+                key = "reference (dense)" if c["kind"] == "reference" else f"{c['variant']} / {c['reserve']}"
+                series.setdefault(key, []).append(c)
+        for key, pts in series.items():
+            pts.sort(key=lambda c: c["context"])
+            x = [c["context"] for c in pts]
+            y = [_num(c["value"]) for c in pts]
+            err = [(_num(c.get("between_pct")) or 0.0) / 100 * v for c, v in zip(pts, y)]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label(key),
+                        linestyle="--" if key.startswith("reference") else "-")
         ax.set_xscale("log", base=2)
+        _log_if_wide(ax, [_num(c["value"]) for c in cells if c["mode"] == mode])
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode step, median ms")
-        ax.set_title(label(f"decode latency ({mode}); band: IQR, bars: CI of median"), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save(fig, path)
+        ax.set_ylabel("decode step, ms")
+        ax.set_title(label(f"{mode}" + ("" if mode in judged else " (information)")), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    _legend_below(fig, axes[0][0])
+    _save(fig, path, tight=False)
     return None
 
 
@@ -93,27 +112,29 @@ def decode_delta(s: dict, path: Path) -> str | None:
     if not rows:
         return "no decode comparisons with the baseline"
     rows.sort(key=lambda r: (r["variant"], r["reserve"], r["mode"], r["context"] if isinstance(r["context"], (int, float)) else 0))
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(rows) + 1.2)))
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.26 * len(rows) + 1.2)))
     y = list(range(len(rows)))
-    d = [_num(r["delta_pct"]) for r in rows]
-    colors = [CALL_COLORS.get(r.get("call"), "#999999") for r in rows]
-    ax.barh(y, d, color=colors)
-    lo = [_num(r.get("ci_low_pct")) for r in rows]
-    hi = [_num(r.get("ci_high_pct")) for r in rows]
-    for yi, di, a, b in zip(y, d, lo, hi):
+    for yi, r in zip(y, rows):
+        thr = _num(r.get("threshold_pct")) or 0.0
+        ax.fill_betweenx([yi - 0.45, yi + 0.45], -thr, thr, color="#dddddd", linewidth=0)
+        d = _num(r["delta_pct"])
+        a, b = _num(r.get("ci_low_pct")), _num(r.get("ci_high_pct"))
+        color = CALL_COLORS.get(r.get("call"), "#7f7f7f") if r.get("judged", True) else "#bbbbbb"
+        ax.plot([d], [yi], "o", color=color)
         if a is not None and b is not None:
-            ax.errorbar([di], [yi], xerr=[[di - a], [b - di]], fmt="none", ecolor="black", capsize=2, linewidth=1)
-    tol = _num(s.get("acceptance_settings", {}).get("decode_tolerance_pct"))
-    if tol:
-        for t in (-tol, tol):
-            ax.axvline(t, color="#d1362f", linestyle=":", linewidth=1)
+            ax.plot([a, b], [yi, yi], color=color, linewidth=2)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y)
-    ax.set_yticklabels([label(f"{r['variant']} / {r['reserve']} · {r['context']} · {r['mode']}") for r in rows], fontsize=7)
+    ax.set_yticklabels([label(f"{r['variant']} / {r['reserve']} · {r['context']} · {r['mode']}"
+                              + ("" if r.get("judged", True) else " (info)")) for r in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("median delta vs baseline (%); bars: CI; dotted: tolerance")
+    span = max(abs(v) for r in rows for v in (_num(r.get("ci_low_pct")), _num(r.get("ci_high_pct")),
+                                               _num(r["delta_pct"])) if v is not None)
+    if span > 100:
+        ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("change vs baseline (%), with CI; grey: ± threshold")
     base = s.get("baseline", {})
-    ax.set_title(label(f"decode vs {base.get('variant')} / {base.get('reserve')}"), fontsize=10)
+    ax.set_title(label(f"decode vs {base.get('variant')}"), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     return None
@@ -123,45 +144,39 @@ def training_loss(s: dict, path: Path) -> str | None:
     curves = [c for c in s.get("training", {}).get("curves", []) if c.get("loss")]
     if not curves:
         return "no training results"
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.0))
     for c in curves:
         loss = [_num(v) if _num(v) is not None else math.nan for v in c["loss"]]
-        line, = ax.plot(range(1, len(loss) + 1), loss, label=label(f"{c['variant']} / {c['reserve']} (NSA)"))
-        dense = [_num(v) if _num(v) is not None else math.nan for v in c.get("dense_loss") or []]
-        if dense:
-            ax.plot(range(1, len(dense) + 1), dense, linestyle="--", color=line.get_color(), alpha=0.6,
-                    label=label(f"{c['variant']} / {c['reserve']} (dense)"))
+        name = "reference (dense)" if c.get("reference") else f"{c['variant']} / {c['reserve']}"
+        ax.plot(range(1, len(loss) + 1), loss, label=label(name), linestyle="--" if c.get("reference") else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title("TinyLM loss (solid: NSA, dashed: dense twin)", fontsize=10)
+    ax.set_title("TinyLM loss", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    _legend_below(fig, ax)
+    _save(fig, path, tight=False)
     return None
 
 
 def training_throughput(s: dict, path: Path) -> str | None:
-    rows = [r for r in s.get("training", {}).get("rows", []) if r.get("status") == OK and _num(r.get("tokens_per_s"))]
-    if not rows:
+    cells = [c for c in s.get("training", {}).get("cells", []) if _num(c.get("value"))]
+    if not cells:
         return "no training results"
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4.2))
-    x = list(range(len(rows)))
-    w = 0.38
-    nsa = [_num(r["tokens_per_s"]) for r in rows]
-    dense = [_num(r.get("dense_tokens_per_s")) or 0.0 for r in rows]
-    lo = [_num(r.get("tokens_per_s_ci_low")) for r in rows]
-    hi = [_num(r.get("tokens_per_s_ci_high")) for r in rows]
-    ax.bar([i - w / 2 for i in x], nsa, w, label="NSA", color="#1f77b4")
-    ax.bar([i + w / 2 for i in x], dense, w, label="dense", color="#aaaaaa")
-    for i, m, a, b in zip(x, nsa, lo, hi):
-        if a is not None and b is not None:
-            ax.errorbar([i - w / 2], [m], yerr=[[m - a], [b - m]], fmt="none", ecolor="black", capsize=3)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(cells) + 2), 4.0))
+    x = list(range(len(cells)))
+    vals = [_num(c["value"]) for c in cells]
+    err = [(_num(c.get("between_pct")) or 0.0) / 100 * v for c, v in zip(cells, vals)]
+    colors = ["#aaaaaa" if c["kind"] == "reference" else "#1f77b4" for c in cells]
+    ax.bar(x, vals, color=colors, yerr=err, capsize=3)
     ax.set_xticks(x)
-    ax.set_xticklabels([label(f"{r['variant']}\n{r['reserve']}") for r in rows], fontsize=7)
-    ax.set_ylabel("tokens/s (median after warm-up)")
-    ax.set_title("training throughput: NSA vs dense twin (bars: CI of median)", fontsize=10)
+    ax.set_xticklabels([label("reference\n(dense)" if c["kind"] == "reference" else f"{c['variant']}\n{c['reserve']}")
+                        for c in cells], fontsize=7)
+    if _log_if_wide(ax, vals):
+        ax.set_ylabel("tokens/s (log scale)")
+    else:
+        ax.set_ylabel("tokens/s")
+    ax.set_title("training throughput (bars: spread between processes)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
     _save(fig, path)
     return None
 
@@ -195,7 +210,7 @@ def memory(s: dict, path: Path) -> str | None:
             ax.set_xticklabels([label(f"{a}\n{b}\n{c}") for a, b, c in runs], fontsize=6)
             ax.set_ylabel("workspace MiB reserved")
             ax.set_title("workspaces (numbers: growth events)", fontsize=10)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         else:
             ax.bar(range(len(rows)), [_num(r["peak_bytes"]) / 2**20 for r in rows], color="#8c564b")
             ax.set_xticks(range(len(rows)))

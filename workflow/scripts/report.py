@@ -3,9 +3,12 @@
 Usage: report.py --summary results/summary.json --plots results/plots \
                  --out-html results/report.html --out-md results/report.md
 
-The HTML has inline CSS and the plots as base64 data URIs, so it opens from disk with no server
-and fetches nothing. Every string that came from git, the config or a log is HTML-escaped: a
-branch may be named ``<script>…</script>``.
+The first screen is the verdict, its reasons in plain words, and one row per variant
+(correctness, decode and training change with CI, equivalence, memory); the details follow, each
+fact once (a failed job's log tail appears only under "Failed jobs"). The HTML has inline CSS and
+the plots as base64 data URIs, so it opens from disk with no server and fetches nothing; it fits a
+900 px wide window without sideways scrolling. Every string that came from git, the config or a
+log is HTML-escaped: a branch may be named ``<script>…</script>``.
 """
 
 from __future__ import annotations
@@ -15,37 +18,44 @@ import base64
 import html
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate import build_tables, fmt_num, fmt_pct, markdown_table, md_cell, short, write_atomic
+from harness import write_atomic
+from tables import build_tables, markdown_table, md_cell, short
 
-VERDICT_COLORS = {"PASS": "#1e7b34", "FAIL": "#b3261e", "INCOMPLETE": "#9a6700"}
-BAD = ("FAILED", "MISSING", "FAIL", "slower", "NOT TRUSTWORTHY")
-GOOD = ("pass", "faster")
+VERDICT_COLORS = {"PASS": "#1e7b34", "FAIL": "#b3261e", "INCOMPLETE": "#9a6700", "INCONCLUSIVE": "#5b5b8a"}
+# A cell reads as bad when it says one of these (whole words, case-sensitive where it matters).
+BAD_CELL = re.compile(r"\b(FAIL|FAILED|MISSING|INCOMPLETE|INCONCLUSIVE|TOO NOISY|DIFFERS|slower|did not|not run)\b"
+                      r"|≠| differ\b")
+GOOD_CELL = re.compile(r"^(pass|passed|ok)\b")
 
-# Which plots belong to which section, with the caption shown above each.
-SECTION_PLOTS = {
-    "decode": [("decode_latency.png", "Decode latency vs context (band: IQR of samples; bars: CI of the median)"),
-               ("decode_delta.png", "Median delta vs the baseline with its CI; dotted lines: tolerance")],
-    "training": [("training_loss.png", "Loss per step (solid: NSA, dashed: dense twin)"),
-                 ("training_throughput.png", "Tokens/s after warm-up, NSA vs dense")],
-    "memory": [("memory.png", "Workspace bytes reserved (with growth events) and allocator peak")],
+PLOTS = {
+    "decode": [("decode_latency.png", "Decode step per context: median over processes; bars: spread between "
+                                      "processes. Log scale where runs differ 10× or more."),
+               ("decode_delta.png", "Change vs the baseline with its CI; shaded: ± the threshold "
+                                    "(max of tolerance and noise floor)")],
+    "training": [("training_loss.png", "Loss per step (the reference: the same model with dense attention)"),
+                 ("training_throughput.png", "Tokens/s per run (median over processes), reference included")],
+    "memory": [("memory.png", "Workspace bytes reserved (numbers: growth events) and allocator peak")],
 }
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
-color:#1b1b1b;padding:0 1em;line-height:1.4}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.85em}
-th,td{border:1px solid #d0d0d0;padding:.25em .5em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}tr.bad td{background:#fdecea}tr.good td{background:#eef7ee}
-.verdict{display:inline-block;color:#fff;font-weight:bold;padding:.3em .9em;border-radius:4px;font-size:1.3em}
-pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em;max-height:30em}
-code{background:#f3f3f3;padding:0 .2em}
-figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%;border:1px solid #eee}
-.note{color:#555;font-size:.9em}details{margin:.4em 0}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1100px;
+color:#1b1b1b;padding:0 1em;line-height:1.4;overflow-wrap:anywhere}
+h1{font-size:1.5em;margin-bottom:.3em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+h3{font-size:1em;margin:1.2em 0 .3em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.82em;width:100%;table-layout:auto}
+th,td{border:1px solid #d0d0d0;padding:.25em .45em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th{background:#f3f3f3}td.bad{background:#fdecea}td.good{background:#eef7ee}
+.verdict{display:inline-block;color:#fff;font-weight:bold;padding:.25em .8em;border-radius:4px;font-size:1.2em}
+ul.reasons{margin:.4em 0 .8em 0;padding-left:1.3em}ul.reasons li{margin:.15em 0}
+pre{background:#f6f6f6;padding:.6em;font-size:.8em;max-height:30em;overflow-y:auto;white-space:pre-wrap;
+word-break:break-all}
+figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%;height:auto;border:1px solid #eee}
+.note{color:#555;font-size:.9em}details{margin:.4em 0}summary{cursor:pointer}
 """
 
 
@@ -53,47 +63,34 @@ def esc(x) -> str:
     return html.escape("" if x is None else str(x), quote=True)
 
 
+def cell_class(text: str) -> str:
+    if BAD_CELL.search(text):
+        return ' class="bad"'
+    return ' class="good"' if GOOD_CELL.search(text) else ""
+
+
 def html_table(header: list[str], rows: list[list[str]]) -> str:
     if not rows:
         return '<p class="note">(no rows)</p>'
     out = ["<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
     for row in rows:
-        cls = "bad" if any(c in BAD for c in row) else ("good" if any(c in GOOD for c in row) else "")
-        out.append(f'<tr class="{cls}">' + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+        out.append("<tr>" + "".join(f"<td{cell_class(str(c))}>{esc(c)}</td>" for c in row) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
-def failure_logs(rows: list[dict], describe) -> list[tuple[str, str]]:
-    """(title, log tail or error) for every failed row, each distinct log once."""
+def failure_logs(jobs: list[dict]) -> list[tuple[str, str]]:
+    """(title, log tail) per failed job, each distinct log once."""
     seen, out = set(), []
-    for r in rows:
-        if r.get("status") in ("ok", None):
+    for j in jobs:
+        text = j.get("log_tail")
+        if not text or text in seen:
             continue
-        # Jobs that never ran have no log; their error is in the table already.
-        text = r.get("log_tail")
-        if not text:
-            continue
-        key = (describe(r), text)
-        if key in seen:
-            continue
-        seen.add(key)
-        body = text if not r.get("error") or r.get("error") in text else f"{r['error']}\n{text}"
-        out.append((f"{describe(r)}: {r.get('status')}", body))
+        seen.add(text)
+        where = " / ".join(str(j[k]) for k in ("variant", "reserve") if j.get(k))
+        body = text if not j.get("error") or j["error"] in text else f"{j['error']}\n{text}"
+        out.append((f"{j['stage']} {where}: {j['status']}".replace("  ", " "), body))
     return out
-
-
-def html_logs(logs: list[tuple[str, str]]) -> str:
-    return "\n".join(f"<details open><summary>{esc(t)} — log tail</summary><pre>{esc(b)}</pre></details>"
-                     for t, b in logs)
-
-
-def md_logs(logs: list[tuple[str, str]]) -> str:
-    parts = []
-    for t, b in logs:
-        fence = "`" * max(3, _longest_backtick_run(b) + 1)  # a fence the log itself cannot close
-        parts.append(f"**{md_cell(t)}** (log tail):\n\n{fence}\n{b}\n{fence}\n")
-    return "\n".join(parts)
 
 
 def _longest_backtick_run(text: str) -> int:
@@ -107,201 +104,174 @@ def _longest_backtick_run(text: str) -> int:
 def plot_html(plots_dir: Path | None, name: str, caption: str, skipped: dict) -> str:
     path = plots_dir / name if plots_dir else None
     if path is None or not path.is_file():
-        why = skipped.get(name, "not drawn")
-        return f'<p class="note">({esc(caption)}: no plot, {esc(why)})</p>'
+        return f'<p class="note">({esc(caption)}: no plot, {esc(skipped.get(name, "not drawn"))})</p>'
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
-def headline(s: dict) -> list[str]:
-    """Key numbers per compared run, in words (plain text; the renderers escape it)."""
-    lines = []
-    runs = {}
-    for r in s["decode"]["rows"]:
-        if r.get("status") == "ok" and r.get("delta_pct") is not None:
-            runs.setdefault((r["variant"], r["reserve"]), []).append(r)
+def run_facts(s: dict) -> list[str]:
+    """One line each: what was compared, on what, under which conditions."""
     base = s["baseline"]
-    sha_of = {v["name"]: v["sha"] for v in s["variants"]}
-    # Runs of the same commit and config as one listed already (A/A twins) add nothing here.
-    covered = {(base["sha"], base["reserve"])}
-    for (variant, reserve), rows in runs.items():
-        if (sha_of.get(variant), reserve) in covered and (variant, reserve) != (base["variant"], base["reserve"]):
-            continue
-        covered.add((sha_of.get(variant), reserve))
-        ds = [r["delta_pct"] for r in rows]
-        calls = sorted({r["call"] for r in rows})
-        lines.append(f"Decode {variant} / {reserve} vs {base['variant']} / {base['reserve']}: median delta "
-                     f"{fmt_pct(min(ds))} to {fmt_pct(max(ds))} over {len(rows)} context × mode cells; "
-                     f"calls: {', '.join(calls)}")
-    aa = [r for r in s["decode"]["aa"] if r.get("delta_pct") is not None]
-    # One line per timing mode: on a GPU the graph mode is judged and eager is host-bound.
-    for mode in sorted({r["mode"] for r in aa}):
-        rows = [r for r in aa if r["mode"] == mode]
-        worst = max(rows, key=lambda r: abs(r["delta_pct"]))
-        lines.append(f"A/A ({worst['variant_a']} vs {worst['variant_b']}, same commit, {mode}): max |median delta| "
-                     f"{abs(worst['delta_pct']):.2f}%, calls: {', '.join(sorted({r['call'] for r in rows}))}")
-    seen = set()
-    for r in s["training"]["rows"]:
-        if (r["sha"], r["reserve"]) in seen:
-            continue
-        seen.add((r["sha"], r["reserve"]))
-        if r.get("status") == "ok" and r.get("tokens_per_s") is not None:
-            ratio = r.get("nsa_over_dense")
-            lines.append(f"Training {r['variant']} / {r['reserve']}: {r['tokens_per_s']:.4g} tokens/s"
-                         + (f" ({ratio:.2f}× dense)" if ratio else "")
-                         + (f", {fmt_pct(r.get('delta_pct'))} vs baseline ({r.get('call')})" if r.get("delta_pct") is not None else "")
-                         + f"; loss {fmt_num(r['loss_first'])} → {fmt_num(r['loss_last'])}"
-                         + ("" if r["loss_fell"] else " (did NOT fall)") + (" NaN!" if r["nan"] else ""))
-    env = s["memory"].get("recommended_env") or {}
-    if env:
-        lines.append("Recommended reserves for the measured workloads: "
-                     + " ".join(f"{k}={v}" for k, v in env.items()))
-    return lines
+    impl = s.get("implementation") or {}
+    dec = s["decode"]
+    facts = [f"Baseline {base['variant']} ({short(base['sha'])}); reference reserve config {base['reserve']} "
+             f"(the first declared). Device {s.get('device')}"
+             + (f", implementation {impl.get('adapter')}" if impl.get("adapter") else "")
+             + (f", {dec.get('processes')} worker processes per run" if dec.get("processes") else "")
+             + (f", {dec.get('rounds')} rounds" if dec.get("rounds") else "") + f". Repository: {s.get('repo')}."]
+    host = (s.get("conditions", {}).get("decode") or {}).get("host") or {}
+    if host:
+        lb, la = host.get("loadavg_before"), host.get("loadavg_after")
+        facts.append(f"Host: {host.get('cpu_model')}, {host.get('cores')} cores, {host.get('threads')} threads per "
+                     f"worker; load average {lb[0] if lb else '?'} before, {la[0] if la else '?'} after decode.")
+    gpu = (s.get("conditions", {}).get("decode") or {}).get("gpu_before")
+    if isinstance(gpu, dict) and gpu:
+        facts.append("GPU before decode: " + ", ".join(f"{k} {v}" for k, v in gpu.items()
+                                                       if not isinstance(v, (dict, list))) + ".")
+    judged = dec.get("judged_modes") or []
+    others = [m for m in dec.get("modes") or [] if m not in judged]
+    if judged:
+        facts.append(f"Decode judged in {', '.join(judged)} mode"
+                     + (f"; {', '.join(others)} reported as information (host-bound)" if others else "")
+                     + (f" ({dec['judged_note']})" if dec.get("judged_note") else "") + ".")
+    return facts
 
 
-def _describe_run(r):
-    return " / ".join(str(r[k]) for k in ("variant", "reserve") if r.get(k) is not None)
+METHOD = ("Every run (commit × reserve config, and a reference workload: the harness's own dense attention, "
+          "identical code everywhere) is measured by several worker processes, interleaved in rounds. A process "
+          "is summarised by its median; a cell by the mean of its processes' medians. A change is the ratio of "
+          "two cells; its CI comes from a hierarchical bootstrap (resample processes, then samples within "
+          "them), and it is called only when the whole CI lies beyond ± max(tolerance, noise floor). The noise "
+          "floor per mode is the larger of the A/A twins' largest |delta| and what the reference workload's "
+          "between-process spread implies for two cells of identical code. A floor above the tolerance makes "
+          "the verdict INCONCLUSIVE (too noisy), never PASS or FAIL.")
 
 
 def sections(s: dict) -> list[dict]:
-    """The report as a list of sections: title, paragraphs, tables, logs, plots (format-neutral)."""
+    """The report as sections of paragraphs, tables, plots and logs (format-neutral)."""
     t = build_tables(s)
     acc = s.get("acceptance_settings", {})
-    base = s["baseline"]
     dec = s["decode"]
-    timer = dec.get("timer")
-    timer_note = {"cuda_events": "CUDA events (device time, no host timing)",
-                  "perf_counter": "time.perf_counter around synchronised steps (CPU)"}.get(timer, f"{timer}")
-    out = []
-    out.append({"id": "summary", "title": "Summary",
-                "verdict": s["verdict"],
-                "items": s["reasons"],
-                "paras": [(f"Baseline: {base['variant']} / {base['reserve']} ({short(base['sha'])}). "
-                          f"Device: {s.get('device')}. Repository: {s.get('repo')}.")],
-                "list2": headline(s)})
-    if s["jobs"]:
-        out.append({"id": "failed", "title": "Failed or missing jobs", "tables": [("", t["jobs"])],
-                    "logs": failure_logs(s["jobs"], lambda j: f"{j['stage']} {_describe_run(j)}".strip())})
-    env_logs = failure_logs(s["environment"], lambda r: f"environment {r['variant']}")
-    common = ", ".join(f"{k}={v}" for k, v in (s.get("common_env") or {}).items()) or "(none)"
-    reserves = [[name, ", ".join(f"{k}={v}" for k, v in (cfg or {}).items()) or "(no variables: grow on demand)"]
-                for name, cfg in (s.get("reserve_configs") or {}).items()]
-    # Which implementation each branch dispatched to, and why, per commit (nsa.backends()).
-    routes, seen = [], set()
-    for r in s["environment"]:
-        if r["sha"] in seen:
-            continue
-        seen.add(r["sha"])
-        routes += [[r["variant"], short(r["sha"]), b, str(route), str(r["backend_reasons"].get(b) or "")]
-                   for b, route in r["backends"].items()]
-    out.append({"id": "environment", "title": "Environment",
-                "tables": [("Variants", t["variants"]), ("Per commit", t["environment"]),
-                           ("Backend routes (nsa.backends())", (["variant", "sha", "branch", "route", "reason"], routes)),
-                           ("Reserve configurations", (["name", "variables"], reserves))],
-                "paras": [f"Common environment for every job: {common}"],
-                "logs": env_logs,
-                "freeze": [(r["variant"], r["pip_freeze"]) for r in s["environment"] if r["pip_freeze"]]})
-    out.append({"id": "correctness", "title": "Correctness",
-                "paras": [("Each commit's own test suites, run in its environment with each reserve "
-                          "configuration's variables (counts from the JUnit XML).")],
-                "tables": [("", t["correctness"])],
-                "logs": failure_logs(s["correctness"], lambda r: f"{r['suite']} {_describe_run(r)}")})
-    out.append({"id": "decode", "title": "Decode microbenchmark",
-                "paras": [(f"Timer: {timer_note}; rounds: {dec.get('rounds')}. Medians of raw per-step samples; "
-                          f"delta = median / baseline median − 1; {int(acc.get('ci_level', .99) * 100)}% CI of the "
-                          f"delta by seeded bootstrap of both samples; p from a two-sided Mann-Whitney U test. "
-                          f"A change is called only when p < {acc.get('alpha')} and |delta| > "
-                          f"{acc.get('decode_tolerance_pct')}% (as asv does).")],
-                "tables": [("", t["decode"]),
-                           ("A/A: the same commit measured as two variants (any difference is noise)", t["aa"])],
-                "logs": failure_logs(dec["rows"], _describe_run),
-                "plots": SECTION_PLOTS["decode"]})
+    ref = s["equivalence"]["reference"]
+    out = [{"id": "summary", "title": "Summary", "verdict": s["verdict"], "items": s["reasons"],
+            "tables": [("", t["overview"])], "paras": run_facts(s),
+            "warnings": (s.get("conditions") or {}).get("warnings") or []},
+           {"id": "variants", "title": "Variants", "tables": [("", t["variants"])]},
+           {"id": "correctness", "title": "Correctness",
+            "paras": ["Each commit's own suites, in its environment, under each reserve config."],
+            "tables": [("", t["correctness"])]
+            + ([("Decode matches forward (prefill + decode steps vs one forward pass)", t["consistency"])]
+               if s.get("consistency") is not None else [])}]
+    lvl = f"{int(round(acc.get('ci_level', 0.99) * 100))}%"
+    out.append({"id": "decode", "title": "Decode",
+                "paras": [f"Timer: {dec.get('timer')}. Deltas with their {lvl} CI; calls as in "
+                          f"'Method'. Tolerance {acc.get('decode_tolerance_pct')}%."],
+                "tables": [("Noise floor per timing mode", t["decode_noise"]),
+                           ("Each commit vs the baseline, same reserve config", t["decode_vs_baseline"]),
+                           (f"Reserve configs vs {s['reserves'][0] if s['reserves'] else ''}, within each commit",
+                            t["decode_reserves"]),
+                           ("A/A: one commit listed twice (any difference is noise)", t["decode_aa"]),
+                           ("Every cell: spread within and between processes", t["decode_cells"])],
+                "plots": PLOTS["decode"]})
     out.append({"id": "training", "title": "Training",
-                "paras": [(f"TinyLM on synthetic data, NSA and its dense-attention twin in the same job. Tokens/s "
-                          f"after warm-up (median, CI of the median); loss compared as the mean of the first and "
-                          f"last windows; it must fall by ≥ {acc.get('min_loss_drop_pct')}% and never be NaN.")],
-                "tables": [("", t["training"])],
-                "logs": failure_logs(s["training"]["rows"], _describe_run),
-                "plots": SECTION_PLOTS["training"]})
+                "paras": [f"TinyLM on synthetic data; tokens/s after warm-up. Tolerance "
+                          f"{acc.get('train_tolerance_pct')}%; the loss must fall by ≥ "
+                          f"{acc.get('min_loss_drop_pct')}% and never be NaN."],
+                "tables": [("Runs", t["training_runs"]), ("Noise floor", t["training_noise"]),
+                           ("Each commit vs the baseline", t["training_vs_baseline"]),
+                           ("Reserve configs within each commit", t["training_reserves"]),
+                           ("A/A", t["training_aa"]), ("Spread within and between processes", t["training_cells"])],
+                "plots": PLOTS["training"]})
+    out.append({"id": "equivalence", "title": "Equivalence",
+                "paras": [f"Identical weights and inputs through every commit × reserve config, compared with "
+                          f"{ref['variant']} / {ref['reserve']}: outputs within {acc.get('equiv_atol')}, selected "
+                          f"block indices identical where the implementation exposes them, and each reserve "
+                          f"config bit for bit equal to its commit's first config."],
+                "tables": [("", t["equivalence"])]})
     env_lines = " ".join(f"{k}={v}" for k, v in (s["memory"].get("recommended_env") or {}).items())
     out.append({"id": "memory", "title": "Memory",
-                "paras": [("Workspace counters (nsa.workspace_stats()) and allocator counters over steady-state "
-                          "decode and training. Recommended reserves: each high-water mark rounded up to a power "
-                          "of two, for the workload named in the row; they hold only for that workload.")]
+                "paras": ["Workspace and allocator counters of one process per run. Recommended reserves: each "
+                          "high-water mark rounded up to a power of two, for the workload named."]
                 + ([f"To pre-size for every measured workload: {env_lines}"] if env_lines else []),
                 "tables": [("Recommended reserves", t["reserves"]), ("Workspaces", t["workspaces"]),
-                           ("Allocator", t["allocator"])],
-                "plots": SECTION_PLOTS["memory"]})
-    ref = s["equivalence"]["reference"]
-    out.append({"id": "equivalence", "title": "Equivalence",
-                "paras": [(f"Identical weights and inputs through every commit × reserve config; max abs diff of "
-                          f"the outputs against {ref['variant']} / {ref['reserve']} ({short(ref['sha'])}). Reserve "
-                          f"configs must match their commit's first config bit for bit; commits must be within "
-                          f"{acc.get('equiv_atol')}.")],
-                "tables": [("", t["equivalence"])],
-                "logs": failure_logs(s["equivalence"]["rows"], _describe_run)})
-    out.append({"id": "acceptance", "title": "Acceptance checklist",
-                "tables": [("", t["acceptance"])],
-                "paras": [f"{c['criterion']}: {c['detail']}" for c in s["acceptance"] if c.get("detail")]})
+                           ("Allocator", t["allocator"])], "plots": PLOTS["memory"]})
+    common = ", ".join(f"{k}={v}" for k, v in (s.get("common_env") or {}).items()) or "(none)"
+    out.append({"id": "environment", "title": "Environment",
+                "tables": [("Per commit", t["environment"]), ("Routes each branch took, and why", t["routes"]),
+                           ("Reserve configs, in declared order", t["reserve_configs"])],
+                "paras": [f"Common environment for every job: {common}"],
+                "freeze": [(f"{short(r['sha'])} ({', '.join(r['variants'])})", r["pip_freeze"])
+                           for r in s["environment"] if r["pip_freeze"]]})
+    if s["jobs"]:
+        out.append({"id": "failed", "title": "Failed jobs", "tables": [("", t["jobs"])],
+                    "logs": failure_logs(s["jobs"])})
+    out.append({"id": "acceptance", "title": "Acceptance criteria", "tables": [("", t["acceptance"])]})
+    out.append({"id": "method", "title": "Method", "paras": [METHOD]})
     return out
 
 
-def render_html(s: dict, plots_dir: Path | None) -> str:
-    skipped = {}
+def _skipped(plots_dir: Path | None) -> dict:
     if plots_dir and (plots_dir / "index.json").is_file():
         try:
-            skipped = json.loads((plots_dir / "index.json").read_text()).get("skipped", {})
+            return json.loads((plots_dir / "index.json").read_text()).get("skipped", {})
         except ValueError:
-            skipped = {}
+            return {}
+    return {}
+
+
+def render_html(s: dict, plots_dir: Path | None) -> str:
+    skipped = _skipped(plots_dir)
     secs = sections(s)
     color = VERDICT_COLORS.get(s["verdict"], "#555")
-    body = ["<h1>NSA validation report</h1>",
+    body = [f'<h1>NSA validation: <span class="verdict" style="background:{color}">{esc(s["verdict"])}</span></h1>',
             f'<p class="note">Generated {esc(s.get("generated"))} · '
-            + " · ".join(f'<a href="#{esc(sec["id"])}">{esc(sec["title"])}</a>' for sec in secs) + "</p>"]
+            + " · ".join(f'<a href="#{esc(sec["id"])}">{esc(sec["title"])}</a>' for sec in secs[1:]) + "</p>"]
     for sec in secs:
-        body.append(f'<h2 id="{esc(sec["id"])}">{esc(sec["title"])}</h2>')
+        if sec["id"] != "summary":
+            body.append(f'<h2 id="{esc(sec["id"])}">{esc(sec["title"])}</h2>')
         if "verdict" in sec:
-            body.append(f'<p><span class="verdict" style="background:{color}">{esc(sec["verdict"])}</span></p>')
-            body.append("<p>Why:</p><ul>" + "".join(f"<li>{esc(i)}</li>" for i in sec["items"]) + "</ul>")
-        for p in sec.get("paras", []):
-            body.append(f"<p>{esc(p)}</p>")
-        if sec.get("list2"):
-            body.append("<p>Key numbers:</p><ul>" + "".join(f"<li>{esc(i)}</li>" for i in sec["list2"]) + "</ul>")
+            body.append('<ul class="reasons">' + "".join(f"<li>{esc(i)}</li>" for i in sec["items"]) + "</ul>")
+        if sec.get("warnings"):
+            body.append('<p class="note"><b>Conditions changed during the run:</b> '
+                        + "; ".join(esc(w) for w in sec["warnings"]) + "</p>")
         for title, (header, rows) in sec.get("tables", []):
             if title:
                 body.append(f"<h3>{esc(title)}</h3>")
             body.append(html_table(header, rows))
-        if sec.get("logs"):
-            body.append(html_logs(sec["logs"]))
+        for p in sec.get("paras", []):
+            body.append(f'<p class="note">{esc(p)}</p>' if sec["id"] == "summary" else f"<p>{esc(p)}</p>")
+        for title, text in sec.get("logs", []):
+            body.append(f"<details open><summary>{esc(title)}: log tail</summary><pre>{esc(text)}</pre></details>")
         for name, packages in sec.get("freeze", []):
             body.append(f"<details><summary>pip freeze of {esc(name)} ({len(packages)} packages)</summary>"
                         f"<pre>{esc(chr(10).join(packages))}</pre></details>")
         for name, caption in sec.get("plots", []):
             body.append(plot_html(plots_dir, name, caption, skipped))
-    title = f"NSA validation: {s['verdict']}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc('NSA validation: ' + s['verdict'])}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
 def render_md(s: dict, plots_dir: Path | None, md_dir: Path | None = None) -> str:
-    secs = sections(s)
-    out = ["# NSA validation report", "", f"Generated {md_cell(s.get('generated'))}", ""]
-    for sec in secs:
-        out += [f"## {sec['title']}", ""]
+    out = [f"# NSA validation: {s['verdict']}", "", f"Generated {md_cell(s.get('generated'))}", ""]
+    for sec in sections(s):
+        if sec["id"] != "summary":
+            out += [f"## {sec['title']}", ""]
         if "verdict" in sec:
-            out += [f"**Verdict: {sec['verdict']}**", "", "Why:", ""] + [f"- {md_cell(i)}" for i in sec["items"]] + [""]
-        for p in sec.get("paras", []):
-            out += [md_cell(p), ""]
-        if sec.get("list2"):
-            out += ["Key numbers:", ""] + [f"- {md_cell(i)}" for i in sec["list2"]] + [""]
+            out += [f"- {md_cell(i)}" for i in sec["items"]] + [""]
+        if sec.get("warnings"):
+            out += ["**Conditions changed during the run:** " + "; ".join(md_cell(w) for w in sec["warnings"]), ""]
         for title, (header, rows) in sec.get("tables", []):
             if title:
                 out += [f"### {md_cell(title)}", ""]
             out += [markdown_table(header, rows)]
-        if sec.get("logs"):
-            out += [md_logs(sec["logs"])]
+        for p in sec.get("paras", []):
+            out += [md_cell(p), ""]
+        for title, text in sec.get("logs", []):
+            fence = "`" * max(3, _longest_backtick_run(text) + 1)  # a fence the log itself cannot close
+            out += [f"**{md_cell(title)}** (log tail):", "", fence, text, fence, ""]
         for name, caption in sec.get("plots", []):
             if plots_dir and (plots_dir / name).is_file():
                 # A link relative to the markdown file, so results/ can be moved or zipped whole.

@@ -1,12 +1,22 @@
-"""Statistics for comparing benchmark samples: medians, IQR, Mann-Whitney U, bootstrap CIs.
+"""Statistics for comparing benchmark runs where the worker *process* is the unit of replication.
 
-Everything here works on plain sequences of floats with numpy only, because scipy is not
-installed on every host the workflow runs on (air-gapped GPU boxes often lack it). The tests
-check these functions against scipy where scipy is present.
+A cell (one commit x reserve configuration x context x timing mode) is measured by k worker
+processes, each giving many samples. Samples of one process share its placement, allocator state
+and host dispatch speed, so they are not independent draws of "the code": per-sample tests (a
+Mann-Whitney U on 1000 samples of one process each) call p = 1e-80 differences that the next pair
+of processes does not reproduce. Everything here therefore summarises each process first:
 
-The comparison follows the approach of airspeed velocity (asv): a change is reported only when
-it is both statistically significant (two-sided Mann-Whitney U on the raw samples) and larger
-than a tolerance, so that tiny but "significant" differences from drift are not called out.
+- a process's summary is its (lower) median;
+- a cell's centre is the mean of its processes' medians;
+- a comparison is the ratio of two cells' centres, with a percentile CI from a hierarchical
+  bootstrap (resample processes, then samples within each drawn process) and a Welch t-test on the
+  log of the process medians for a p-value (information; the call itself comes from the CI);
+- spread is reported twice: within a process (relative IQR of its samples) and between processes
+  (coefficient of variation of the process medians).
+
+numpy and scipy.stats do the work; hand-written here is only what scipy lacks: the hierarchical
+bootstrap (``scipy.stats.bootstrap`` resamples flat samples only) and the median's bootstrap
+distribution in closed form, which makes that bootstrap cheap enough for hundreds of cells.
 """
 
 from __future__ import annotations
@@ -15,12 +25,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats as sps
 
-FASTER, SLOWER, NO_CHANGE, NO_DATA = "faster", "slower", "no significant change", "insufficient data"
-
-# Fewer samples than this on either side and no call is made: with 2 vs 2 samples the normal
-# approximation is meaningless and the bootstrap has only a handful of distinct resamples.
-MIN_SAMPLES = 3
+FASTER, SLOWER, NO_CHANGE, NO_DATA = "faster", "slower", "no change", "insufficient data"
 
 
 def clean(samples: Sequence[float] | None) -> np.ndarray:
@@ -31,13 +38,19 @@ def clean(samples: Sequence[float] | None) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
+def clean_groups(groups: Sequence[Sequence[float]] | None) -> list[np.ndarray]:
+    """Per-process sample arrays, cleaned, without the processes that have no finite sample."""
+    out = [clean(g) for g in (groups or [])]
+    return [g for g in out if g.size]
+
+
 def median(samples: Sequence[float]) -> float | None:
     a = clean(samples)
     return float(np.median(a)) if a.size else None
 
 
 def quartiles(samples: Sequence[float]) -> tuple[float | None, float | None]:
-    """(25th, 75th) percentiles; the IQR band drawn in the plots."""
+    """(25th, 75th) percentiles."""
     a = clean(samples)
     if not a.size:
         return None, None
@@ -45,86 +58,106 @@ def quartiles(samples: Sequence[float]) -> tuple[float | None, float | None]:
     return float(q1), float(q3)
 
 
-def rankdata(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Average ranks (1-based) and the sizes of every group of tied values."""
-    values = np.asarray(values, dtype=float)
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    # Boundaries of runs of equal values in sorted order.
-    new_group = np.concatenate(([True], sorted_vals[1:] != sorted_vals[:-1]))
-    group_id = np.cumsum(new_group) - 1
-    starts = np.flatnonzero(new_group)
-    counts = np.diff(np.concatenate((starts, [values.size])))
-    # A tied run occupying positions s..s+c-1 (0-based) gets the mean 1-based rank s + (c+1)/2.
-    avg_rank = starts + (counts + 1) / 2.0
-    ranks = np.empty(values.size)
-    ranks[order] = avg_rank[group_id]
-    return ranks, counts
+def lower_median(a: np.ndarray) -> float:
+    """The m-th smallest of n values, m = ceil(n / 2): the median for odd n, the lower middle value
+    for even n (half a gap between neighbours away from np.median). It is the statistic whose
+    bootstrap distribution has the closed form below, so estimate and bootstrap agree."""
+    s = np.sort(a)
+    return float(s[(s.size + 1) // 2 - 1])
 
 
-def mann_whitney_u(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
-    """Two-sided Mann-Whitney U test, normal approximation with tie and continuity correction.
+def process_medians(groups) -> np.ndarray:
+    return np.array([lower_median(g) for g in clean_groups(groups)])
 
-    Returns (U of x, p-value). Matches ``scipy.stats.mannwhitneyu(x, y, method="asymptotic")``.
-    The normal approximation is what we want even for small samples: benchmark timings are
-    almost always tied somewhere (timer resolution), where an exact test does not apply.
+
+def centre(groups) -> float | None:
+    """The cell's value: the mean over processes of each process's median."""
+    meds = process_medians(groups)
+    return float(meds.mean()) if meds.size else None
+
+
+def spread(groups) -> dict:
+    """Within- and between-process spread, in percent of the cell's centre.
+
+    within_pct: the median over processes of (IQR / median) of each process's samples;
+    between_pct: the standard deviation (ddof 1) of the process medians over their mean
+    (None with fewer than two processes: not measured, never zero).
     """
+    gs = clean_groups(groups)
+    meds = process_medians(gs)
+    out = {"processes": len(gs), "samples": int(sum(g.size for g in gs)), "within_pct": None, "between_pct": None}
+    if not gs:
+        return out
+    rel_iqr = []
+    for g, m in zip(gs, meds):
+        q1, q3 = np.percentile(g, [25, 75])
+        if m:
+            rel_iqr.append((q3 - q1) / abs(m) * 100.0)
+    out["within_pct"] = float(np.median(rel_iqr)) if rel_iqr else None
+    if meds.size >= 2 and meds.mean():
+        out["between_pct"] = float(meds.std(ddof=1) / abs(meds.mean()) * 100.0)
+    return out
+
+
+def _median_index_cdf(n: int) -> np.ndarray:
+    """P(resample's m-th smallest <= the i-th smallest of the sample), i = 1..n, m = ceil(n/2).
+
+    A resample of size n draws, for each i, Binomial(n, i/n) values at or below the sample's i-th
+    smallest; its m-th smallest is at or below that value iff at least m draws are. Sampling the
+    index from this CDF is exactly the bootstrap of ``lower_median`` without drawing n values.
+    """
+    m = (n + 1) // 2
+    i = np.arange(1, n + 1)
+    cdf = sps.binom.sf(m - 1, n, i / n)
+    cdf[-1] = 1.0
+    return np.maximum.accumulate(cdf)
+
+
+def hierarchical_bootstrap_centres(groups, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """n_boot bootstrap replicates of ``centre``: draw k processes with replacement, then, for each
+    drawn process independently, a resample of its own samples (through its median's CDF)."""
+    gs = clean_groups(groups)
+    k = len(gs)
+    sorted_groups = [np.sort(g) for g in gs]
+    cdfs = [_median_index_cdf(g.size) for g in gs]
+    which = rng.integers(0, k, size=(n_boot, k))
+    u = rng.random((n_boot, k))
+    values = np.empty((n_boot, k))
+    for j in range(k):
+        mask = which == j
+        idx = np.searchsorted(cdfs[j], u[mask], side="left")
+        values[mask] = sorted_groups[j][np.minimum(idx, sorted_groups[j].size - 1)]
+    return values.mean(axis=1)
+
+
+def bootstrap_centre_ci(groups, level: float = 0.99, n_boot: int = 4000, seed: int = 0):
+    gs = clean_groups(groups)
+    if not gs:
+        return None, None
+    reps = hierarchical_bootstrap_centres(gs, n_boot, np.random.default_rng(seed))
+    lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def welch_p_log(base_groups, cand_groups) -> float | None:
+    """Two-sided Welch t-test on the log process medians (processes are the replicates)."""
+    a, b = process_medians(base_groups), process_medians(cand_groups)
+    if a.size < 2 or b.size < 2 or (a <= 0).any() or (b <= 0).any():
+        return None
+    la, lb = np.log(a), np.log(b)
+    if la.std() == 0 and lb.std() == 0:
+        return 1.0 if la[0] == lb[0] else 0.0
+    with np.errstate(all="ignore"):
+        p = sps.ttest_ind(la, lb, equal_var=False).pvalue
+    return None if not np.isfinite(p) else float(p)
+
+
+def mann_whitney_p(x, y) -> float | None:
+    """Per-sample two-sided Mann-Whitney U p-value (kept to show, in the tests, what it gets wrong)."""
     a, b = clean(x), clean(y)
-    n1, n2 = a.size, b.size
-    if n1 == 0 or n2 == 0:
-        return None, None
-    ranks, ties = rankdata(np.concatenate((a, b)))
-    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2.0)
-    u2 = n1 * n2 - u1
-    n = n1 + n2
-    mu = n1 * n2 / 2.0
-    tie_term = float((ties.astype(float) ** 3 - ties).sum())
-    var = n1 * n2 / 12.0 * ((n + 1) - tie_term / (n * (n - 1))) if n > 1 else 0.0
-    if var <= 0:  # every value identical: no evidence of any difference
-        return u1, 1.0
-    # Two-sided: take the larger U, subtract 0.5 for continuity, double the upper tail.
-    z = (max(u1, u2) - mu - 0.5) / math.sqrt(var)
-    p = math.erfc(z / math.sqrt(2.0))  # = 2 * (1 - Phi(z))
-    return u1, min(1.0, max(0.0, p))
-
-
-def _boot_medians(a: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    idx = rng.integers(0, a.size, size=(n_boot, a.size))
-    return np.median(a[idx], axis=1)
-
-
-def bootstrap_median_ci(samples: Sequence[float], level: float = 0.99, n_boot: int = 4000,
-                        seed: int = 0) -> tuple[float | None, float | None]:
-    """Percentile bootstrap CI of the median of one sample (seeded: reruns give the same CI)."""
-    a = clean(samples)
-    if a.size < MIN_SAMPLES:
-        return None, None
-    rng = np.random.default_rng(seed)
-    meds = _boot_medians(a, n_boot, rng)
-    lo, hi = np.quantile(meds, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
-def bootstrap_ratio_ci(baseline: Sequence[float], candidate: Sequence[float], level: float = 0.99,
-                       n_boot: int = 4000, seed: int = 0) -> tuple[float | None, float | None]:
-    """Percentile bootstrap CI of median(candidate) / median(baseline).
-
-    The two samples are resampled independently (they come from different runs), each resample
-    of the same size as its sample, and the ratio of medians is taken per resample.
-    """
-    a, b = clean(baseline), clean(candidate)
-    if a.size < MIN_SAMPLES or b.size < MIN_SAMPLES:
-        return None, None
-    rng = np.random.default_rng(seed)
-    med_a = _boot_medians(a, n_boot, rng)
-    med_b = _boot_medians(b, n_boot, rng)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = med_b / med_a
-    ratios = ratios[np.isfinite(ratios)]
-    if not ratios.size:
-        return None, None
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    if not a.size or not b.size:
+        return None
+    return float(sps.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").pvalue)
 
 
 def delta_pct(base: float | None, value: float | None) -> float | None:
@@ -133,39 +166,49 @@ def delta_pct(base: float | None, value: float | None) -> float | None:
     return (value / base - 1.0) * 100.0
 
 
-def compare(baseline: Sequence[float], candidate: Sequence[float], *, tolerance_pct: float,
-            alpha: float = 0.01, lower_is_better: bool = True, level: float = 0.99,
-            n_boot: int = 4000, seed: int = 0) -> dict:
-    """Compare a candidate's raw samples with the baseline's.
+def z_for(level: float) -> float:
+    return float(sps.norm.ppf(1 - (1 - level) / 2))
 
-    The call is "faster"/"slower" only if the Mann-Whitney p-value is below ``alpha`` AND the
-    median moved by more than ``tolerance_pct`` percent; otherwise "no significant change".
-    ``lower_is_better`` says which direction is "faster" (latency: lower; throughput: higher).
+
+def compare(base_groups, cand_groups, *, threshold_pct: float, lower_is_better: bool = True,
+            level: float = 0.99, n_boot: int = 4000, seed: int = 0) -> dict:
+    """Compare two cells measured by several processes each.
+
+    delta = centre(candidate) / centre(baseline) - 1; its CI from independent hierarchical
+    bootstraps of both cells. A change is called only when the whole CI lies beyond
+    +-``threshold_pct`` (the caller passes max(tolerance, noise floor)); "faster"/"slower" follows
+    ``lower_is_better`` (latency: lower; throughput: higher).
     """
-    a, b = clean(baseline), clean(candidate)
-    base_med, cand_med = median(a), median(b)
-    d = delta_pct(base_med, cand_med)
-    _, p = mann_whitney_u(a, b)
-    lo, hi = bootstrap_ratio_ci(a, b, level=level, n_boot=n_boot, seed=seed)
-    out = {
-        "n": int(b.size), "baseline_n": int(a.size),
-        "median": cand_med, "baseline_median": base_med,
-        "delta_pct": d,
-        "ci_low_pct": None if lo is None else (lo - 1.0) * 100.0,
-        "ci_high_pct": None if hi is None else (hi - 1.0) * 100.0,
-        "ci_level": level,
-        "p_value": p,
-        "tolerance_pct": tolerance_pct,
-        "significant": bool(p is not None and p < alpha),
-    }
-    if a.size < MIN_SAMPLES or b.size < MIN_SAMPLES or d is None or p is None:
-        out["call"] = NO_DATA
-    elif p < alpha and abs(d) > tolerance_pct:
-        got_lower = d < 0
-        out["call"] = FASTER if got_lower == lower_is_better else SLOWER
+    a, b = clean_groups(base_groups), clean_groups(cand_groups)
+    base_c, cand_c = centre(a), centre(b)
+    out = {"processes": len(b), "baseline_processes": len(a), "value": cand_c, "baseline_value": base_c,
+           "delta_pct": delta_pct(base_c, cand_c), "ci_low_pct": None, "ci_high_pct": None, "ci_level": level,
+           "p_value": welch_p_log(a, b), "threshold_pct": threshold_pct, "call": NO_DATA}
+    if not a or not b or out["delta_pct"] is None:
+        return out
+    rng = np.random.default_rng(seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = hierarchical_bootstrap_centres(b, n_boot, rng) / hierarchical_bootstrap_centres(a, n_boot, rng)
+    ratios = ratios[np.isfinite(ratios)]
+    if not ratios.size:
+        return out
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    out["ci_low_pct"], out["ci_high_pct"] = float((lo - 1) * 100), float((hi - 1) * 100)
+    if out["ci_low_pct"] > threshold_pct:
+        out["call"] = SLOWER if lower_is_better else FASTER
+    elif out["ci_high_pct"] < -threshold_pct:
+        out["call"] = FASTER if lower_is_better else SLOWER
     else:
         out["call"] = NO_CHANGE
     return out
+
+
+def reference_noise_pct(between_pct: float | None, processes: int, level: float = 0.99) -> float | None:
+    """How far apart two cells of ``processes`` processes each of *identical* code land, at
+    ``level``: z * between-process CV * sqrt(2 / k) (the difference of two means of k)."""
+    if between_pct is None or processes < 2:
+        return None
+    return z_for(level) * between_pct * math.sqrt(2.0 / processes)
 
 
 def pow2_ceil(n: float | None) -> int | None:
