@@ -101,8 +101,16 @@ ENV_VARS = {
 }
 _ACCEPTED = {
     _FLAG: "0, 1, true or false", _COUNT: "an integer >= 0 in digits", _POSITIVE: "an integer >= 1 in digits",
-    _ENABLE: "1 (unset the variable to disable: the tests run when it is set to anything, 0 included)",
-    _SCALE: "a positive finite number",
+    _ENABLE: "1 (unset the variable to disable it)", _SCALE: "a positive finite number",
+}
+# What nsa-vibe does with a value outside what check_env accepts.
+_MISREAD = {
+    _FLAG: "nsa-vibe reads 1/true/yes as on ('on' too, but only in some modules) and anything else as off",
+    _COUNT: "nsa-vibe silently uses its default when int() fails, and clamps or ignores negatives",
+    _POSITIVE: "nsa-vibe silently uses its default when int() fails, and clamps values below 1",
+    _ENABLE: "its tests run whenever the variable is set, to 0 as well",
+    _SCALE: "nsa-vibe silently uses 1.0 unless it parses a positive number (and takes inf)",
+    _CHOICE: "nsa-vibe silently ignores any other value",
 }
 
 
@@ -121,10 +129,10 @@ def _problem(name: str, value: str, kind: str) -> str | None:
         except ValueError:
             ok = False
     else:
-        ok = value in CHOICES[name]
+        ok = value.strip().lower() in CHOICES[name]  # it lower-cases (and strips) these itself
     if not ok:
         accepted = _ACCEPTED.get(kind) or " or ".join(CHOICES[name])
-        return f"{name}={value!r} is invalid (nsa-vibe would silently read it as something else); accepted: {accepted}"
+        return f"{name}={value!r} is invalid ({_MISREAD[kind]}); accepted: {accepted}"
     bound = RESERVE_BOUNDS.get(name)
     if bound is not None and int(value) > bound:
         return (f"{name}={value!r} is above {bound}, which nsa-vibe (perf/workspace-presize) clamps to {bound} "
