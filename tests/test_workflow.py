@@ -218,7 +218,10 @@ BAD_CONFIGS = [
     ("selection blind", {"equivalence": {"cpu": {"batch": 1, "seq_len": 12, "decode_steps": 3}}},
      "config key equivalence.cpu.seq_len = 12 is too short to see the selection"),
     ("unknown ref", {"variants": {"base": "no-such-branch"}}, "git ref 'no-such-branch' does not name a commit"),
+    ("no such interpreter", {"python": "/nonexistent/python"}, "config key python = '/nonexistent/python': no such executable"),
 ]
+if not __import__("torch").cuda.is_available():
+    BAD_CONFIGS.append(("cuda on a CPU host", {"device": "cuda"}, "config key device = 'cuda', but"))
 
 
 @pytest.mark.workflow

@@ -6,15 +6,20 @@ localrules:
     meta,
 
 
+# A shell job, not `run:`: its values come from this process (refs resolved once, the config as
+# this process read it), never from a second Snakemake process that parses the config again.
 rule meta:
     output:
         f"{RESULTS}/meta/variants.json",
     params:
+        python=HOST_PYTHON,
         meta=as_json(META),
+        write=f"import sys; sys.path.insert(0, {SCRIPTS!r}); import json, harness; "
+        "harness.write_json(sys.argv[1], json.loads(sys.argv[2]))",
     log:
         f"{RESULTS}/logs/meta.log",
-    run:
-        harness.write_json(output[0], json.loads(params.meta))
+    shell:
+        "{params.python:q} -c {params.write:q} {output:q} {params.meta:q} > {log:q} 2>&1"
 
 
 rule checkout:

@@ -14,7 +14,10 @@ RESULTS = "results"
 HOST_PYTHON = config["python"] or sys.executable
 
 
-DEVICE = harness.detect_device(config["device"], HOST_PYTHON)
+try:
+    DEVICE = harness.check_host(HOST_PYTHON, config["device"])
+except ValueError as e:
+    raise WorkflowError(str(e)) from None
 
 # The implementation: its adapter file (loaded by every worker), install mode and capabilities.
 IMPL = config_check.implementation_problems(config, Path.cwd())[1]

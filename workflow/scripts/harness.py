@@ -169,6 +169,32 @@ def worker_record(run) -> dict:
         return {"status": "unsupported", "reason": str(e)}
 
 
+def check_host(python: str, device: str) -> str:
+    """The device the run uses, after checking that ``python`` (whose packages every environment
+    inherits) exists and has what building an environment needs. ValueError names the config key."""
+    import shutil
+
+    exe = shutil.which(python) or python
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        raise ValueError(f"config key python = {python!r}: no such executable; accepted: the path of a Python "
+                         f"interpreter that has torch (null: the one running snakemake)")
+    probe = subprocess.run([exe, "-c", "import importlib.util as u, json; print(json.dumps("
+                            "[m for m in ('torch', 'setuptools', 'pytest') if u.find_spec(m) is None]))"],
+                           capture_output=True, text=True)
+    missing = json.loads(probe.stdout or "null") if probe.returncode == 0 else None
+    if missing is None:
+        raise ValueError(f"config key python = {python!r} does not run: {probe.stderr.strip()[-300:]}")
+    if missing:
+        raise ValueError(f"{exe} lacks {', '.join(missing)}, which every commit's environment inherits; install "
+                         f"them first (the CPU build of torch: pip install torch --index-url "
+                         f"https://download.pytorch.org/whl/cpu; then pip install setuptools pytest)")
+    found = detect_device("auto", exe)
+    if device == "cuda" and found != "cuda":
+        raise ValueError(f"config key device = 'cuda', but {exe}'s torch sees no CUDA device here; "
+                         f"accepted on this host: auto or cpu")
+    return found if device == "auto" else device
+
+
 def detect_device(setting: str, python: str) -> str:
     """``auto`` -> ``cuda`` when ``python``'s torch sees a GPU. The cheap checks come first, so that
     start-up (and a rerun with nothing to do) stays fast on machines without a GPU."""
