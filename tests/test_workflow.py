@@ -362,3 +362,19 @@ def test_a_branch_known_only_as_origin_branch_resolves(fake_repo, tmp_path):
     git(Path(fake_repo["repo"]), "branch", "-f", "side", "slow")
     git(clone, "fetch", "-q", "origin")
     assert resolve_refs.resolve_ref(clone, "side") == fake_repo["slow"]
+
+
+def test_dependencies_come_from_the_commits_own_metadata(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "vibe"\ndependencies = ["numpy", "hydra-core>=1.3"]\n')
+    assert build_env.declared_requirements(tmp_path) == ["numpy", "hydra-core>=1.3"]
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\ndynamic = ["dependencies"]\n')
+    with pytest.raises(build_env.StepFailed, match="dynamic; use install: pip"):
+        build_env.declared_requirements(tmp_path)
+    # The distributions installed *into* an environment, not a same-named package on the host.
+    site = tmp_path / "site"
+    (site / "vibe-0.1.dist-info").mkdir(parents=True)
+    (site / "vibe-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vibe\nVersion: 0.1\n"
+                                                          "Requires-Dist: omegaconf\n")
+    out = subprocess.run([sys.executable, "-c", build_env.INSTALLED_REQUIRES, str(site)], capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == ["omegaconf"]
