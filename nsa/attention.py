@@ -91,7 +91,8 @@ class NSAAttention(nn.Module):
         parts = torch.split(y, self.split + ([3 * H] if self.gate_mlp is None else []), dim=-1)
         q, _, _, kc, vc, vs, vw = parts[:7]
         q = q.view(B, T, H, cfg.d_k)
-        kc, vc, vs, vw = (p.view(B, T, G, -1) for p in (kc, vc, vs, vw))
+        kc = kc.view(B, T, G, cfg.d_k)
+        vc, vs, vw = (p.view(B, T, G, cfg.d_v) for p in (vc, vs, vw))
         gate_logits = parts[7] if self.gate_mlp is None else self.gate_mlp(x)
         gates = torch.sigmoid(gate_logits).view(B, T, H, 3)
         # RoPE for the slc and win branches; compressed keys carry positions through phi instead.
@@ -113,7 +114,7 @@ class NSAAttention(nn.Module):
     def _combine(self, gates, o_cmp, o_slc, o_win):
         B, T = gates.shape[:2]
         o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win
-        return self.out(o.reshape(B, T, -1))
+        return self.out(o.reshape(B, T, self.cfg.num_heads * self.cfg.d_v))
 
     # --- prefill / training -----------------------------------------------------------------------
 

@@ -236,12 +236,14 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     provider, why = fa2_provider()
+    prefill = route_prefill()
     out = {}
     for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device, dtype, sel_block_len, d_k, d_v)),
                           ("slc_inference", route_slc(device, dtype, sel_block_len, d_k, d_v, needs_grad=False)),
                           ("win", route_win(device, dtype, d_k, d_v))):
+        if prefill.name == "sequential":  # the per-token references run instead of any branch route
+            route = Route("sequential-reference", f"{prefill.reason} (would be {route.name}: {route.reason})")
         out[branch] = {"route": route.name, "reason": route.reason}
-    prefill = route_prefill()
     out["prefill"] = {"route": prefill.name, "reason": prefill.reason}
     decode_slc = route_slc_decode()
     out["decode"] = {"route": "cached-masked-matmul, selection " + decode_slc.name,

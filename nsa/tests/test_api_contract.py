@@ -284,6 +284,22 @@ def test_empty_sequence_returns_empty_outputs(gen):
     assert ops.apply_rope(q, torch.zeros(0, dtype=torch.long)).shape == q.shape
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "sequential"])
+def test_module_empty_sequence(batched, make_cfg, override):
+    attn = nsa.NSAAttention(make_cfg())
+    with override(prefill_batched=batched):
+        assert attn(torch.zeros(2, 0, attn.cfg.dim)).shape == (2, 0, attn.cfg.dim)
+    cache = attn.new_cache(2, 4)
+    assert attn.prefill(torch.zeros(2, 0, attn.cfg.dim), cache).shape == (2, 0, attn.cfg.dim) and int(cache.pos) == 0
+
+
+def test_backends_reports_sequential_prefill(override):
+    """With NSA_PREFILL_BATCHED=0 the per-token references run, not the branch routes."""
+    with override(prefill_batched=False):
+        b = nsa.backends("cpu", torch.float32)
+    assert all(b[branch]["route"] == "sequential-reference" for branch in ("cmp", "slc", "slc_inference", "win"))
+
+
 # --- forced blocks whatever the scores ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
