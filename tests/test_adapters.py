@@ -185,3 +185,39 @@ def test_a_refused_model_field_is_not_supported_never_failed(tmp_path):
     assert runs["toy"]["status"] == "unsupported" and "block_stride=2" in runs["toy"]["reason"]
     eq = _stage(tmp_path, "equivalence.py", write_adapter(tmp_path, "toy_eq"), {"batch": 1, "seq_len": 12, "decode_steps": 2})
     assert eq["status"] == "ok" and eq["shapes"] == {"prefill": [1, 12, 8], "decode": [1, 2, 8]}
+
+
+@pytest.mark.workflow
+def test_no_worker_outlives_a_killed_parent(tmp_path):
+    """kill -9 of the process that started a benchmark job (Snakemake) leaves no coordinator or worker."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    adapter = write_adapter(tmp_path, "toy_long")
+    env_json = tmp_path / "env.json"
+    env_json.write_text(json.dumps({"status": "ok", "env_dir": sys.prefix}))
+    runs = [{"variant": "toy", "sha": "0" * 40, "reserve": "none", "env_json": str(env_json), "vars": {}}]
+    sizes = {**{k: DECODE_SPEC[k] for k in ("contexts", "warmup", "batch", "dtype", "modes")}, "steps": 200000,
+             "rounds": 50, "processes": 2}
+    marker = str(adapter)  # in the coordinator's command line and in each worker's spec
+    cmd = [sys.executable, str(ROOT / "workflow" / "scripts" / "bench_decode.py"), "--runs", json.dumps(runs),
+           "--sizes", json.dumps(sizes), "--model", json.dumps(MODEL), "--adapter", str(adapter), "--device", "cpu",
+           "--threads", "1", "--out", str(tmp_path / "d.json"), "--log-dir", str(tmp_path / "logs")]
+    parent = subprocess.Popen(["bash", "-c", f"{' '.join(map(repr, cmd))} & wait"], start_new_session=True)
+
+    def ours():
+        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        return [p for p in out if int(p) != parent.pid]
+
+    deadline = time.monotonic() + 60
+    while len(ours()) < 3 and time.monotonic() < deadline:  # the coordinator and its workers
+        time.sleep(0.5)
+    assert len(ours()) >= 3, "the benchmark did not start"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ours() == [], "processes outlived the killed parent"

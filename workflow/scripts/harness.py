@@ -115,10 +115,25 @@ def child_env(variables: dict | None = None, device: str | None = None, extra_pa
     return env
 
 
-def exit_on_sigterm() -> None:
+def exit_on_sigterm(poll_s: float = 2.0) -> None:
     """Turn SIGTERM (how Snakemake stops jobs on Ctrl-C) into SystemExit, so the ``finally`` and
-    ``except BaseException`` blocks kill the workers (they run in their own process groups)."""
+    ``except BaseException`` blocks kill the workers (they run in their own process groups).
+
+    A ``kill -9`` of Snakemake sends nothing: a watchdog thread notices that this process was
+    re-parented and stops it the same way, so no coordinator or worker outlives the run.
+    """
+    import threading
+    import time
+
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def stage_parser(description: str, worker_help: str, sizes_help: str, timeout: int) -> argparse.ArgumentParser:
