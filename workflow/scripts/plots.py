@@ -22,6 +22,10 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import write_atomic
 
+# Figures are shown at most ~870 px wide in the report: text sized for that, not for a poster.
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9, "xtick.labelsize": 9,
+                     "ytick.labelsize": 9})
+
 OK = "ok"
 CALL_COLORS = {"faster": "#2a9d3f", "slower": "#d1362f", "no change": "#4a4a4a"}
 
@@ -69,7 +73,7 @@ def _legend_below(fig, ax, ncol=3) -> None:
         fig.tight_layout()
         return
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=7, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), frameon=False)
         rows = (len(labels) + ncol - 1) // ncol
         fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
 
@@ -80,7 +84,7 @@ def decode_latency(s: dict, path: Path) -> str | None:
     if not cells:
         return "no decode results"
     modes = [m for m in s["decode"].get("modes") or sorted({c["mode"] for c in cells}) if any(c["mode"] == m for c in cells)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes) + 0.6, 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(3.4 * len(modes) + 0.8, 3.8), squeeze=False)
     judged = set(s["decode"].get("judged_modes") or modes)
     for ax, mode in zip(axes[0], modes):
         series = {}
@@ -126,12 +130,19 @@ def decode_delta(s: dict, path: Path) -> str | None:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y)
     ax.set_yticklabels([label(f"{r['variant']} / {r['reserve']} · {r['context']} · {r['mode']}"
-                              + ("" if r.get("judged", True) else " (info)")) for r in rows], fontsize=7)
+                              + ("" if r.get("judged", True) else " (info)")) for r in rows], fontsize=8)
     ax.invert_yaxis()
     span = max(abs(v) for r in rows for v in (_num(r.get("ci_low_pct")), _num(r.get("ci_high_pct")),
                                                _num(r["delta_pct"])) if v is not None)
+    thr = max((_num(r.get("threshold_pct")) or 0.0) for r in rows)
+    lo = min([-thr] + [v for r in rows for v in (_num(r.get("ci_low_pct")), _num(r["delta_pct"])) if v is not None])
+    hi = max([thr] + [v for r in rows for v in (_num(r.get("ci_high_pct")), _num(r["delta_pct"])) if v is not None])
     if span > 100:
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(lo * 2 if lo < 0 else lo, hi * 2)  # room for the markers at the ends
+    else:
+        pad = 0.1 * (hi - lo or 1.0)
+        ax.set_xlim(lo - pad, hi + pad)
     ax.set_xlabel("change vs baseline (%), with CI; grey: ± threshold")
     base = s.get("baseline", {})
     ax.set_title(label(f"decode vs {base.get('variant')}"), fontsize=10)
@@ -170,7 +181,7 @@ def training_throughput(s: dict, path: Path) -> str | None:
     ax.bar(x, vals, color=colors, yerr=err, capsize=3)
     ax.set_xticks(x)
     ax.set_xticklabels([label("reference\n(dense)" if c["kind"] == "reference" else f"{c['variant']}\n{c['reserve']}")
-                        for c in cells], fontsize=7)
+                        for c in cells], fontsize=8)
     if _log_if_wide(ax, vals):
         ax.set_ylabel("tokens/s (log scale)")
     else:
@@ -205,16 +216,16 @@ def memory(s: dict, path: Path) -> str | None:
                     g = growth.get(k)
                     if g is not None:
                         ax.annotate(f"{int(g)}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                                    va="bottom", fontsize=6)
+                                    va="bottom", fontsize=7)
             ax.set_xticks(range(len(runs)))
-            ax.set_xticklabels([label(f"{a}\n{b}\n{c}") for a, b, c in runs], fontsize=6)
+            ax.set_xticklabels([label(f"{a}\n{b}\n{c}") for a, b, c in runs], fontsize=7)
             ax.set_ylabel("workspace MiB reserved")
             ax.set_title("workspaces (numbers: growth events)", fontsize=10)
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         else:
             ax.bar(range(len(rows)), [_num(r["peak_bytes"]) / 2**20 for r in rows], color="#8c564b")
             ax.set_xticks(range(len(rows)))
-            ax.set_xticklabels([label(f"{r['source']}\n{r['variant']}\n{r['reserve']}") for r in rows], fontsize=6)
+            ax.set_xticklabels([label(f"{r['source']}\n{r['variant']}\n{r['reserve']}") for r in rows], fontsize=7)
             ax.set_ylabel("allocator peak MiB")
             ax.set_title("allocator peak memory", fontsize=10)
         ax.grid(axis="y", alpha=0.3)

@@ -44,17 +44,19 @@ PLOTS = {
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1100px;
-color:#1b1b1b;padding:0 1em;line-height:1.4;overflow-wrap:anywhere}
+color:#1b1b1b;padding:0 1em;line-height:1.4;overflow-wrap:break-word}
 h1{font-size:1.5em;margin-bottom:.3em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 h3{font-size:1em;margin:1.2em 0 .3em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.82em;width:100%;table-layout:auto}
-th,td{border:1px solid #d0d0d0;padding:.25em .45em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th,td{border:1px solid #d0d0d0;padding:.25em .45em;text-align:left;vertical-align:top}
+td.long{overflow-wrap:anywhere}
 th{background:#f3f3f3}td.bad{background:#fdecea}td.good{background:#eef7ee}
 .verdict{display:inline-block;color:#fff;font-weight:bold;padding:.25em .8em;border-radius:4px;font-size:1.2em}
 ul.reasons{margin:.4em 0 .8em 0;padding-left:1.3em}ul.reasons li{margin:.15em 0}
 pre{background:#f6f6f6;padding:.6em;font-size:.8em;max-height:30em;overflow-y:auto;white-space:pre-wrap;
 word-break:break-all}
-figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
+img{max-width:100%;height:auto;border:1px solid #eee;box-sizing:border-box;display:block}
 .note{color:#555;font-size:.9em}details{margin:.4em 0}summary{cursor:pointer}
 """
 
@@ -64,9 +66,13 @@ def esc(x) -> str:
 
 
 def cell_class(text: str) -> str:
-    if BAD_CELL.search(text):
-        return ' class="bad"'
-    return ' class="good"' if GOOD_CELL.search(text) else ""
+    # Only a cell with a long unbreakable token (a path, a URL) may break anywhere: letting every
+    # cell do so would let the table squeeze short columns into one letter per line.
+    classes = ["bad" if BAD_CELL.search(text) else "good" if GOOD_CELL.search(text) else ""]
+    if any(len(word) > 28 for word in text.split()):
+        classes.append("long")
+    joined = " ".join(c for c in classes if c)
+    return f' class="{joined}"' if joined else ""
 
 
 def html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -123,8 +129,8 @@ def run_facts(s: dict) -> list[str]:
     host = (s.get("conditions", {}).get("decode") or {}).get("host") or {}
     if host:
         lb, la = host.get("loadavg_before"), host.get("loadavg_after")
-        facts.append(f"Host: {host.get('cpu_model')}, {host.get('cores')} cores, {host.get('threads')} threads per "
-                     f"worker; load average {lb[0] if lb else '?'} before, {la[0] if la else '?'} after decode.")
+        facts.append(f"Host: {host.get('cpu_model')}, {host.get('cores')} cores, threads per worker: "
+                     f"{host.get('threads')}; load average {lb[0] if lb else '?'} before, {la[0] if la else '?'} after decode.")
     gpu = (s.get("conditions", {}).get("decode") or {}).get("gpu_before")
     if isinstance(gpu, dict) and gpu:
         facts.append("GPU before decode: " + ", ".join(f"{k} {v}" for k, v in gpu.items()
@@ -235,12 +241,17 @@ def render_html(s: dict, plots_dir: Path | None) -> str:
         if sec.get("warnings"):
             body.append('<p class="note"><b>Conditions changed during the run:</b> '
                         + "; ".join(esc(w) for w in sec["warnings"]) + "</p>")
+        # Explanations before a section's tables; on the first screen, the facts after the table.
+        paras = [f'<p class="note">{esc(p)}</p>' if sec["id"] == "summary" else f"<p>{esc(p)}</p>"
+                 for p in sec.get("paras", [])]
+        if sec["id"] != "summary":
+            body += paras
         for title, (header, rows) in sec.get("tables", []):
             if title:
                 body.append(f"<h3>{esc(title)}</h3>")
             body.append(html_table(header, rows))
-        for p in sec.get("paras", []):
-            body.append(f'<p class="note">{esc(p)}</p>' if sec["id"] == "summary" else f"<p>{esc(p)}</p>")
+        if sec["id"] == "summary":
+            body += paras
         for title, text in sec.get("logs", []):
             body.append(f"<details open><summary>{esc(title)}: log tail</summary><pre>{esc(text)}</pre></details>")
         for name, packages in sec.get("freeze", []):
