@@ -179,12 +179,19 @@ def selection_ranges(block_idx: torch.Tensor, *, sel_block_len: int, positions: 
     checks.need_nonnegative_positions(op, positions, validate)
     _check_block_values(op, block_idx, validate)
     block_idx = block_idx.long() if canonical else canonical_blocks(block_idx)
+    return _ranges(block_idx, sel_block_len, positions, version)
+
+
+def _ranges(block_idx: torch.Tensor, sel_block_len: int, positions: torch.Tensor | None,
+            version: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selection_ranges` for checked, canonical int64 block lists (no checks: hot path)."""
     if version == 1:
         from . import naive
 
         pos = None if positions is None else positions.cpu()
         s, e = naive.selection_ranges(block_idx.cpu(), sel_block_len=sel_block_len, positions=pos)
         return s.to(block_idx.device), e.to(block_idx.device)
+    B, T, G, n = block_idx.shape
     if positions is None:
         positions = torch.arange(T, device=block_idx.device)
     limit = (positions.long() + 1)[:, None, None]  # [T, 1, 1]
@@ -307,8 +314,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         pos, idx = positions[t0:t1], block_idx[:, t0:t1]
         Tc = t1 - t0
         if packed:
-            starts, ends = selection_ranges(idx, sel_block_len=sel_block_len, positions=pos,
-                                            version=2 if ranges_v2 else 1, canonical=True, validate=False)
+            starts, ends = _ranges(idx, sel_block_len, pos, 2 if ranges_v2 else 1)
             # Ranges past the last key (blocks beyond S, or positions >= S) keep only existing keys.
             starts, ends = starts.clamp_max(S), ends.clamp_max(S)
             tok, valid = _token_index_from_ranges(starts, ends, width)
