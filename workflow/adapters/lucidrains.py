@@ -55,6 +55,8 @@ NAME = "lucidrains"
 PACKAGE = "native_sparse_attention_pytorch"
 DISTRIBUTION = "native-sparse-attention-pytorch"
 INSTALL = "pip"
+# Its own tests import tqdm (its `test` extra; transformer.py needs it): installed beside it.
+EXTRA_REQUIREMENTS = ["tqdm"]
 CAPABILITIES = {
     "decode": True,  # forward(..., cache=, return_cache=True): a real KV cache, one token per step
     "backward": True,  # plain PyTorch ops throughout

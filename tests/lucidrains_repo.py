@@ -1,0 +1,123 @@
+"""A local git repository of lucidrains' native-sparse-attention-pytorch, built from PyPI sdists, and
+throwaway virtual environments to install it into.
+
+CI reaches PyPI but not GitHub, so the workflow's tests cannot clone the project. Each release's sdist
+holds its whole source tree (package, tests, pyproject.toml), so committing two of them, one after the
+other, gives a repository with real commits and the release tags configs/lucidrains.yaml names.
+The sdist's data/enwik8.gz (36 MB of training text no test reads) is left out of the commits.
+
+    python tests/lucidrains_repo.py DEST     # builds DEST/native-sparse-attention-pytorch, prints its path
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+DISTRIBUTION = "native-sparse-attention-pytorch"
+# Both sides of the 0.2.0 rename of the compression parameters (see configs/lucidrains.yaml).
+VERSIONS = ("0.1.27", "0.2.3")
+LEFT_OUT = ("data/enwik8.gz",)
+
+
+class Unavailable(RuntimeError):
+    """PyPI (or pip) could not give what was asked; tests skip with this message."""
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "pypi-sdist", "GIT_AUTHOR_EMAIL": "sdist@example.com",
+           "GIT_COMMITTER_NAME": "pypi-sdist", "GIT_COMMITTER_EMAIL": "sdist@example.com"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def download_sdist(version: str, dest: Path, timeout: int = 300) -> Path:
+    """``pip download`` of one release's sdist into ``dest``; raises ``Unavailable`` when pip cannot."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+           "-d", str(dest), f"{DISTRIBUTION}=={version}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise Unavailable(f"pip download {DISTRIBUTION}=={version}: no answer in {timeout} s") from exc
+    found = sorted(dest.glob(f"{DISTRIBUTION.replace('-', '_')}-{version}.tar.gz"))
+    if proc.returncode or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise Unavailable(f"pip download {DISTRIBUTION}=={version} failed: {tail[0]}")
+    return found[0]
+
+
+def _unpack_into(sdist: Path, repo: Path) -> None:
+    """Replace the repository's work tree (all but .git) with the sdist's top folder."""
+    for child in repo.iterdir():
+        if child.name != ".git":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if "/" in m.name and (m.isfile() or m.isdir())]
+        for member in members:
+            rel = member.name.split("/", 1)[1]
+            if not rel or rel in LEFT_OUT:
+                continue
+            target = repo / rel
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+
+
+def build_repo(root: Path, versions=VERSIONS) -> dict:
+    """``root/native-sparse-attention-pytorch``: one commit per release, in order, each tagged with its
+    version. Returns ``{"repo": path, version: full SHA, ...}``. Raises ``Unavailable`` without PyPI."""
+    root = Path(root)
+    sdists = [download_sdist(v, root / "sdists") for v in versions]
+    repo = root / DISTRIBUTION
+    repo.mkdir(parents=True)
+    _git(repo, "init", "-q", "-b", "main")
+    out = {"repo": str(repo)}
+    for version, sdist in zip(versions, sdists):
+        _unpack_into(sdist, repo)
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", f"{DISTRIBUTION} {version} (PyPI sdist)")
+        _git(repo, "tag", version)
+        out[version] = _git(repo, "rev-parse", "HEAD")
+    return out
+
+
+def make_venv(path: Path, *requirements: str, timeout: int = 600) -> Path:
+    """A throwaway venv at ``path`` that sees this interpreter's packages (torch) through a .pth file and
+    has ``requirements`` pip-installed into itself only. Returns its python. Raises ``Unavailable``."""
+    path = Path(path)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, capture_output=True)
+    python = path / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    Path(own, "_host_site_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    if requirements:
+        cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--disable-pip-version-check",
+               *requirements]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise Unavailable(f"pip install {' '.join(requirements)}: no answer in {timeout} s") from exc
+        if proc.returncode:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise Unavailable(f"pip install {' '.join(requirements)} failed: {tail[0]}")
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+        return 2
+    print(build_repo(Path(argv[0]))["repo"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
