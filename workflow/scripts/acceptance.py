@@ -150,8 +150,9 @@ def _perf_vs(s, acc, stage, table, cid, title, against):
     if not rows:
         return line(cid, title, NOT_JUDGED, "nothing to compare")
     worst = max(rows, key=lambda r: r["delta_pct"] if lower else -r["delta_pct"])
-    measured = (f"{len(slower)} slower, {len(faster)} faster, {len(rows) - len(slower) - len(faster)} unchanged of "
-                f"{len(rows)} cells; worst {pct(worst['delta_pct'])}")
+    noisy = sum(r["call"] == "within noise" for r in rows)
+    measured = (f"{len(slower)} slower, {len(faster)} faster, {len(rows) - len(slower) - len(faster) - noisy} unchanged"
+                + (f", {noisy} within noise" if noisy else "") + f" of {len(rows)} cells; worst {pct(worst['delta_pct'])}")
     threshold = "whole CI beyond ±max(tolerance, noise floor)"
     reasons = _perf_reasons(slower, stage, what, lower, acc["ci_level"], against)
     return line(cid, title, FAIL if slower else PASS, measured, threshold, reasons)

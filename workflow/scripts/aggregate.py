@@ -165,6 +165,16 @@ def equivalence_section(results: Path, meta: dict, acc: dict, jobs: list) -> dic
     return {"reference": {"variant": base, "sha": ref_key[0], "reserve": ref_key[1]}, "rows": rows}
 
 
+def mark_env_failed(s: dict) -> None:
+    """A commit whose environment failed ran nothing else: its later rows say that, briefly (the
+    environment's own row and log carry the details, once)."""
+    broken = {e["sha"] for e in s["environment"] if e["status"] in (FAILED, MISSING)}
+    for rows in (s["correctness"], s.get("consistency") or [], s["equivalence"]["rows"]):
+        for r in rows:
+            if r["sha"] in broken and r["status"] in (FAILED, MISSING):
+                r.update(status=NOT_RUN, error="environment failed", note="environment failed", log_tail=None)
+
+
 # ----------------------------------------------------------------------------- benchmarks
 
 def bench_jobs(stage: str, bench: dict, section: dict, jobs: list) -> None:
@@ -217,6 +227,9 @@ def _perf_cell(rows: list[dict], lower_is_better: bool, level: float) -> str:
     if slower or faster:
         more = f"; {len(pick) - 1} more cell{'s' if len(pick) > 2 else ''}" if len(pick) > 1 else ""
         return f"{acceptance.change_words(r['delta_pct'], lower_is_better)}{where}{res} ({ci}{more})"
+    if r["call"] == performance.WITHIN_NOISE:
+        return (f"not called: within the ±{r['threshold_pct']:.0f}% noise (largest "
+                f"{acceptance.pct(r['delta_pct'])}{where}{res}, {ci})")
     return f"no change (largest {acceptance.pct(r['delta_pct'])}{where}{res}, {ci})"
 
 
@@ -341,6 +354,7 @@ def build_summary(results: Path) -> dict:
     s["conditions"] = conditions(decode_bench, train_bench)
     s["equivalence"] = equivalence_section(results, meta, acc, jobs)
     s["jobs"] = jobs
+    mark_env_failed(s)
     s["acceptance"] = acceptance.checklist(s, acc)
     s["verdict"], s["reasons"] = acceptance.verdict(s["acceptance"], jobs)
     s["overview"] = overview(s)

@@ -29,6 +29,7 @@ RESERVE_VARS = {
 WORKSPACE_FIELDS = ("allocations", "growth_events", "bytes_reserved", "high_water_rows", "high_water_keys",
                     "capacity_rows", "capacity_keys", "requests")
 TRAIN_MODE = "train"
+WITHIN_NOISE = "within noise"
 
 
 def ctx_key(ctx):
@@ -97,6 +98,8 @@ def _compare(a_run, b_run, cell, metric, acc, threshold) -> dict:
                       lower_is_better=metric.lower_is_better, level=acc["ci_level"],
                       n_boot=int(acc["bootstrap_resamples"]))
     sp = stats.spread(metric.groups(b_run, cell))
+    if c["call"] == stats.NO_CHANGE and threshold > float(acc[metric.tolerance_key]):
+        c["call"] = WITHIN_NOISE  # not "no change": a change up to the noise floor would look the same
     return {"context": ctx_value(cell[0]), "mode": cell[1], "status": OK, "value": c["value"],
             "baseline_value": c["baseline_value"], "delta_pct": c["delta_pct"], "ci_low_pct": c["ci_low_pct"],
             "ci_high_pct": c["ci_high_pct"], "p_value": c["p_value"], "threshold_pct": threshold, "call": c["call"],

@@ -27,7 +27,7 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9
                      "ytick.labelsize": 9})
 
 OK = "ok"
-CALL_COLORS = {"faster": "#2a9d3f", "slower": "#d1362f", "no change": "#4a4a4a"}
+CALL_COLORS = {"faster": "#2a9d3f", "slower": "#d1362f", "no change": "#4a4a4a", "within noise": "#9a6700"}
 
 
 def label(text) -> str:

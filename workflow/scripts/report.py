@@ -274,12 +274,15 @@ def render_md(s: dict, plots_dir: Path | None, md_dir: Path | None = None) -> st
             out += [f"- {md_cell(i)}" for i in sec["items"]] + [""]
         if sec.get("warnings"):
             out += ["**Conditions changed during the run:** " + "; ".join(md_cell(w) for w in sec["warnings"]), ""]
+        paras = [line for p in sec.get("paras", []) for line in (md_cell(p), "")]
+        if sec["id"] != "summary":
+            out += paras
         for title, (header, rows) in sec.get("tables", []):
             if title:
                 out += [f"### {md_cell(title)}", ""]
             out += [markdown_table(header, rows)]
-        for p in sec.get("paras", []):
-            out += [md_cell(p), ""]
+        if sec["id"] == "summary":
+            out += paras
         for title, text in sec.get("logs", []):
             fence = "`" * max(3, _longest_backtick_run(text) + 1)  # a fence the log itself cannot close
             out += [f"**{md_cell(title)}** (log tail):", "", fence, text, fence, ""]
