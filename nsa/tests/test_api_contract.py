@@ -348,6 +348,19 @@ def test_float64_decode_scores_equal_prefill(make_cfg, gen, monkeypatch):
     assert (decode_scores - prefill_scores).abs().max() <= 1e-13
 
 
+def test_checks_add_no_graph_break_to_decode(make_cfg, gen):
+    """The host-side checks trace away: the compiled decode step is still one graph (fullgraph)."""
+    attn = nsa.NSAAttention(make_cfg())
+    x = torch.randn(1, 12, attn.cfg.dim, generator=gen)
+    with torch.no_grad():
+        ref = attn(x)
+    attn.compile_decode(backend="eager", fullgraph=True)
+    cache = attn.new_cache(1, 12)
+    with torch.no_grad():
+        y = torch.cat([attn.decode_step(x[:, t: t + 1], cache) for t in range(12)], 1)
+    torch.testing.assert_close(y, ref, **TOL)
+
+
 # --- settings fail early -----------------------------------------------------------------------------------------
 
 def test_bad_setting_fails_at_import():
