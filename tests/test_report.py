@@ -49,7 +49,7 @@ def _ws(presized: bool):
 def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"), evil=False, twin=True,
           factor=None, between_sd=0.005, within_sd=0.01, twin_eager=1.0, ref_between_sd=None,
           run_status=None, tests_status=None, consistency=None, flip_blocks=False, equiv_status=None,
-          acceptance_given=None, seed=0) -> Path:
+          acceptance_given=None, warnings=(), seed=0) -> Path:
     """A raw results tree of schema 2. ``factor``: {(variant, reserve, mode): slowdown}; ``run_status``:
     {(variant, reserve): (status, reason)}; ``tests_status``: {suite: entry overrides};
     ``consistency``: {(sha_key, reserve): record overrides}."""
@@ -73,7 +73,8 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                          "workspaces": True, "block_indices": True},
         "acceptance": acceptance_given if acceptance_given is not None else {"bootstrap_resamples": 400}})
     conditions = {"host": {"cpu_model": "Fake CPU", "cores": 2, "threads": 1, "loadavg_before": [0.1, 0.1, 0.1],
-                           "loadavg_after": [0.2, 0.1, 0.1]}, "gpu_before": None, "gpu_after": None, "warnings": []}
+                           "loadavg_after": [0.2, 0.1, 0.1]}, "gpu_before": None, "gpu_after": None,
+                  "warnings": list(warnings)}
     factor = factor or {}
     run_status = run_status or {}
 

@@ -129,8 +129,10 @@ def run_facts(s: dict) -> list[str]:
     host = (s.get("conditions", {}).get("decode") or {}).get("host") or {}
     if host:
         lb, la = host.get("loadavg_before"), host.get("loadavg_after")
+        load = (f"; load average {lb[0]:.2f} before, {la[0]:.2f} after decode"
+                if lb and la and isinstance(lb[0], (int, float)) and isinstance(la[0], (int, float)) else "")
         facts.append(f"Host: {host.get('cpu_model')}, {host.get('cores')} cores, threads per worker: "
-                     f"{host.get('threads')}; load average {lb[0] if lb else '?'} before, {la[0] if la else '?'} after decode.")
+                     f"{host.get('threads')}{load}.")
     gpu = (s.get("conditions", {}).get("decode") or {}).get("gpu_before")
     if isinstance(gpu, dict) and gpu:
         facts.append("GPU before decode: " + ", ".join(f"{k} {v}" for k, v in gpu.items()
@@ -238,9 +240,6 @@ def render_html(s: dict, plots_dir: Path | None) -> str:
             body.append(f'<h2 id="{esc(sec["id"])}">{esc(sec["title"])}</h2>')
         if "verdict" in sec:
             body.append('<ul class="reasons">' + "".join(f"<li>{esc(i)}</li>" for i in sec["items"]) + "</ul>")
-        if sec.get("warnings"):
-            body.append('<p class="note"><b>Conditions changed during the run:</b> '
-                        + "; ".join(esc(w) for w in sec["warnings"]) + "</p>")
         # Explanations before a section's tables; on the first screen, the facts after the table.
         paras = [f'<p class="note">{esc(p)}</p>' if sec["id"] == "summary" else f"<p>{esc(p)}</p>"
                  for p in sec.get("paras", [])]
@@ -252,6 +251,9 @@ def render_html(s: dict, plots_dir: Path | None) -> str:
             body.append(html_table(header, rows))
         if sec["id"] == "summary":
             body += paras
+        if sec.get("warnings"):
+            body.append('<p class="note"><b>Machine conditions:</b> ' + "; ".join(esc(w) for w in sec["warnings"])
+                        + "</p>")
         for title, text in sec.get("logs", []):
             body.append(f"<details open><summary>{esc(title)}: log tail</summary><pre>{esc(text)}</pre></details>")
         for name, packages in sec.get("freeze", []):
@@ -272,8 +274,6 @@ def render_md(s: dict, plots_dir: Path | None, md_dir: Path | None = None) -> st
             out += [f"## {sec['title']}", ""]
         if "verdict" in sec:
             out += [f"- {md_cell(i)}" for i in sec["items"]] + [""]
-        if sec.get("warnings"):
-            out += ["**Conditions changed during the run:** " + "; ".join(md_cell(w) for w in sec["warnings"]), ""]
         paras = [line for p in sec.get("paras", []) for line in (md_cell(p), "")]
         if sec["id"] != "summary":
             out += paras
@@ -283,6 +283,8 @@ def render_md(s: dict, plots_dir: Path | None, md_dir: Path | None = None) -> st
             out += [markdown_table(header, rows)]
         if sec["id"] == "summary":
             out += paras
+        if sec.get("warnings"):
+            out += ["**Machine conditions:** " + "; ".join(md_cell(w) for w in sec["warnings"]), ""]
         for title, text in sec.get("logs", []):
             fence = "`" * max(3, _longest_backtick_run(text) + 1)  # a fence the log itself cannot close
             out += [f"**{md_cell(title)}** (log tail):", "", fence, text, fence, ""]
