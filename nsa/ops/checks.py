@@ -12,7 +12,9 @@ import numbers
 
 import torch
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_INT_DTYPES = tuple(getattr(torch, name) for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
+                                                      "uint64") if hasattr(torch, name))
+_INT_NAMES = ", ".join(str(d).replace("torch.", "") for d in _INT_DTYPES)
 
 
 def fail(op: str, arg: str, value, accepted: str):
@@ -56,15 +58,16 @@ def need_tensor(op: str, arg: str, x, ndim: int, layout: str, *, floating: bool 
 
 
 def need_index(op: str, arg: str, x, shape: tuple | None, layout: str) -> torch.Tensor:
-    """An integer index tensor of any integer dtype (``shape`` entries of None are free)."""
+    """An integer index tensor of any integer dtype (``shape`` entries of None are free), returned
+    as int64: what every route computes with (a no-op for int64 input)."""
     if not isinstance(x, torch.Tensor):
         fail(op, arg, type(x).__name__, f"an integer torch.Tensor {layout}")
     if x.dtype not in _INT_DTYPES:
-        fail(op, f"{arg}.dtype", x.dtype, "any integer dtype (uint8, int8, int16, int32, int64)")
+        fail(op, f"{arg}.dtype", x.dtype, f"any integer dtype ({_INT_NAMES})")
     if shape is not None and (x.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape))):
         want = ", ".join("*" if s is None else str(s) for s in shape)
         fail(op, f"{arg}.shape", list(x.shape), f"[{want}] {layout}")
-    return x
+    return x.long()
 
 
 def need_same_dtype(op: str, **tensors: torch.Tensor) -> None:
@@ -107,12 +110,13 @@ def need_attention_inputs(op: str, q, k, v, *, q_name: str = "q", k_name: str = 
     return need_groups(op, H, k.shape[2], q_name, k_name)
 
 
-def need_positions(op: str, positions, T: int, device: torch.device) -> None:
+def need_positions(op: str, positions, T: int, device: torch.device) -> torch.Tensor | None:
+    """``positions [T]`` (or None) on ``device``, returned as int64."""
     if positions is None:
-        return
-    need_index(op, "positions", positions, (T,), "[T]: the absolute position of each query")
-    if positions.device != device:
+        return None
+    if isinstance(positions, torch.Tensor) and positions.device != device:
         fail(op, "positions.device", str(positions.device), f"the queries' device ({device})")
+    return need_index(op, "positions", positions, (T,), "[T]: the absolute position of each query")
 
 
 def check_values(validate: bool | None, *tensors: torch.Tensor) -> bool:

@@ -18,8 +18,7 @@ def num_cmp(positions: torch.Tensor, *, block_len: int, block_stride: int) -> to
     """
     op = "num_cmp"
     block_len, block_stride = checks.need_compression(op, block_len, block_stride)
-    checks.need_index(op, "positions", positions, None, "of absolute positions")
-    positions = positions.long()
+    positions = checks.need_index(op, "positions", positions, None, "of absolute positions")
     return ((positions + 1 - block_len).div(block_stride, rounding_mode="floor") + 1).clamp_min(0)
 
 
@@ -79,7 +78,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     scale = checks.need_scale(op, scale)
     B, T, H, Dk = q.shape
     N, G, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    checks.need_positions(op, positions, T, q.device)
+    positions = checks.need_positions(op, positions, T, q.device)
     checks.need_nonnegative_positions(op, positions, validate)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     if positions is None:

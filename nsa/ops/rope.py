@@ -17,9 +17,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000
     d = x.shape[-1]
     if d % 2:
         checks.fail(op, "x.shape", list(x.shape), "an even last dim d (RoPE rotates pairs)")
-    checks.need_positions(op, positions, x.shape[1], x.device)
     if positions is None:
         checks.fail(op, "positions", None, "an integer tensor [T]")
+    positions = checks.need_positions(op, positions, x.shape[1], x.device)
     if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not theta > 0:
         checks.fail(op, "theta", theta, "a number > 0")
     acc = torch.promote_types(x.dtype, torch.float32)

@@ -84,21 +84,19 @@ def select_blocks(scores: torch.Tensor, *, sel_block_len: int, n_sel: int, posit
     n_sel = checks.need_int(op, "n_sel", n_sel, minimum=3)  # room for block 0 and the two local blocks
     B, T, G, nb = scores.shape
     device = scores.device
-    checks.need_positions(op, positions, T, device)
+    positions = checks.need_positions(op, positions, T, device)
     if positions is None:
         if T and nb < -(-T // sel_block_len):
             checks.fail(op, "scores.shape", list(scores.shape),
                         f"nb >= {-(-T // sel_block_len)} blocks, to hold the block of position {T - 1}")
         positions = torch.arange(T, device=device)
-    else:
-        positions = positions.long()
-        if T and checks.check_values(validate, positions):
-            low, high = int(positions.min()), int(positions.max())
-            if low < 0:
-                checks.fail(op, "positions", f"tensor with min {low}", "positions >= 0")
-            if high // sel_block_len >= nb:
-                checks.fail(op, "scores.shape", list(scores.shape),
-                            f"nb > {high // sel_block_len} blocks, to hold the block of position {high}")
+    elif T and checks.check_values(validate, positions):
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0:
+            checks.fail(op, "positions", f"tensor with min {low}", "positions >= 0")
+        if high // sel_block_len >= nb:
+            checks.fail(op, "scores.shape", list(scores.shape),
+                        f"nb > {high // sel_block_len} blocks, to hold the block of position {high}")
     j = torch.arange(nb, device=device)
     current = (positions // sel_block_len)[:, None, None]  # [T, 1, 1] against [B, T, G, nb]
     candidate = j <= current  # [T, 1, nb]
@@ -136,7 +134,8 @@ def canonical_blocks(block_idx: torch.Tensor) -> torch.Tensor:
 
 
 def _need_block_idx(op: str, block_idx, B: int, T: int, G: int | None, device: torch.device) -> torch.Tensor:
-    checks.need_index(op, "block_idx", block_idx, (B, T, G, None), "[B, T, G, n]: selected blocks, -1 = empty")
+    """``block_idx [B, T, G, n]``, ``n >= 1``, on ``device``; returned as int64."""
+    block_idx = checks.need_index(op, "block_idx", block_idx, (B, T, G, None), "[B, T, G, n]: selected blocks, -1 = empty")
     if block_idx.shape[-1] < 1:
         checks.fail(op, "block_idx.shape", list(block_idx.shape), "[B, T, G, n] with n >= 1 slots")
     if block_idx.device != device:
@@ -174,8 +173,8 @@ def selection_ranges(block_idx: torch.Tensor, *, sel_block_len: int, positions: 
     if not isinstance(block_idx, torch.Tensor) or block_idx.dim() != 4:
         checks.need_index(op, "block_idx", block_idx, (None,) * 4, "[B, T, G, n]")
     B, T, G, n = block_idx.shape
-    _need_block_idx(op, block_idx, B, T, G, block_idx.device)
-    checks.need_positions(op, positions, T, block_idx.device)
+    block_idx = _need_block_idx(op, block_idx, B, T, G, block_idx.device)
+    positions = checks.need_positions(op, positions, T, block_idx.device)
     checks.need_nonnegative_positions(op, positions, validate)
     _check_block_values(op, block_idx, validate)
     block_idx = block_idx.long() if canonical else canonical_blocks(block_idx)
@@ -293,8 +292,8 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     workspace_reserve = _need_reserve(op, workspace_reserve)
     B, T, H, Dk = q.shape
     S, G, Dv = k.shape[1], k.shape[2], v.shape[3]
-    _need_block_idx(op, block_idx, B, T, G, q.device)
-    checks.need_positions(op, positions, T, q.device)
+    block_idx = _need_block_idx(op, block_idx, B, T, G, q.device)
+    positions = checks.need_positions(op, positions, T, q.device)
     checks.need_nonnegative_positions(op, positions, validate)
     _check_block_values(op, block_idx, validate)
     if T == 0 or S == 0:  # no queries, or no keys to attend to

@@ -30,14 +30,14 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     scale = checks.need_scale(op, scale)
     B, T, H, Dk = q.shape
     S, G, Dv = k.shape[1], k.shape[2], v.shape[3]
-    checks.need_positions(op, positions, T, q.device)
+    positions = checks.need_positions(op, positions, T, q.device)
     checks.need_nonnegative_positions(op, positions, validate)
     if T == 0:
         return q.new_zeros(B, 0, H, Dv)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     if positions is None and S == T:
         return _banded(q, k, v, window, scale, chunk or max(1, min(T, 1024 if q.is_cuda else 256)))
-    positions = torch.arange(T, device=q.device) if positions is None else positions.long()
+    positions = torch.arange(T, device=q.device) if positions is None else positions
     chunk = chunk or max(1, min(T, (1 << 24) // max(1, B * H * S)))
     tk = torch.arange(S, device=q.device)[None, :]
     outs = []

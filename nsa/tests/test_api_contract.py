@@ -26,7 +26,8 @@ pytestmark = pytest.mark.ops
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PUBLIC_OPS = [getattr(ops, name) for name in ops.__all__]
-INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+INT_DTYPES = [getattr(torch, name) for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")
+              if hasattr(torch, name)]
 
 
 def _qkv(gen, B=2, T=12, S=None, G=2, h=2, d_k=4, d_v=3, dtype=torch.float32):
@@ -175,7 +176,7 @@ def test_block_idx_of_any_integer_dtype(dtype, gen):
     q, k, v = _qkv(gen)
     idx = _blocks(gen)
     ref = ops.selection_attention(q, k, v, idx, sel_block_len=4)
-    if dtype == torch.uint8:  # cannot hold -1; select_blocks leaves none here (3 candidates from t = 0)
+    if not dtype.is_signed:  # cannot hold -1; select_blocks leaves none here (3 candidates from t = 0)
         idx = torch.where(idx < 0, idx[..., :1], idx)
     cast = idx.to(dtype)
     for packed in (True, False):
@@ -186,7 +187,7 @@ def test_block_idx_of_any_integer_dtype(dtype, gen):
         want = ops.selection_ranges(idx, sel_block_len=4, version=version)
         got = ops.selection_ranges(cast, sel_block_len=4, version=version)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
-    positions = torch.arange(12, dtype=dtype)
+    positions = torch.arange(12).to(dtype)
     scores = torch.rand(2, 12, 2, 3, generator=gen)
     assert torch.equal(ops.select_blocks(scores, sel_block_len=4, n_sel=3, positions=positions),
                        ops.select_blocks(scores, sel_block_len=4, n_sel=3))
