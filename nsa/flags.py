@@ -133,9 +133,10 @@ def device_memory_bytes(device: torch.device) -> int:
 
 def _largest_memory_bytes() -> int:
     # CUDA devices are asked only when CUDA is already initialised: initialising it here, at import,
-    # would cost seconds and break programs that fork workers after `import nsa`.
+    # would cost seconds and break programs that fork workers after `import nsa` (even
+    # torch.cuda.is_available() may touch the driver, so only is_initialized() is asked).
     sizes = [device_memory_bytes(torch.device("cpu"))]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         sizes += [device_memory_bytes(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
     return max(sizes)
 
