@@ -367,25 +367,14 @@ def test_unknown_schema_version_is_refused_with_a_message(tmp_path):
     assert "schema_version 7 is not one this report reads" in job["error"]
 
 
-def test_schema_1_files_are_still_read(tmp_path):
-    """Results written before the measurement rewrite: one process per run, training per commit."""
+def test_schema_1_benchmark_files_are_refused_saying_to_rerun(tmp_path):
+    """One process per run and no reference workload cannot give a noise floor: not read."""
     res = build(tmp_path)
-    dec = json.loads((res / "decode" / "decode.json").read_text())
-    runs = [{"variant": r["variant"], "sha": r["sha"], "reserve": r["reserve"], "status": "ok",
-             "contexts": r["processes"][0]["contexts"]} for r in dec["runs"] if r["kind"] == "impl"]
-    (res / "decode" / "decode.json").write_text(json.dumps({"device": "cpu", "timer": "perf_counter", "runs": runs}))
-    train = json.loads((res / "train" / "train.json").read_text())
-    (res / "train" / "train.json").unlink()
-    for r in train["runs"]:
-        if r["kind"] == "impl" and r["variant"] != "base-again":
-            p = r["processes"][0]
-            _dump(res / "train" / r["sha"] / f"{r['reserve']}.json",
-                  {"status": "ok", "nsa": {"tokens_per_s": p["tokens_per_s"], "loss": p["loss"]},
-                   "dense": {"tokens_per_s": [x * 5 for x in p["tokens_per_s"]], "loss": p["loss"]}})
+    (res / "decode" / "decode.json").write_text(json.dumps({"device": "cpu", "timer": "perf_counter", "runs": []}))
     s = aggregate.build_summary(res)
-    assert s["decode"]["rows"] and all(r["processes"] == 1 for r in s["decode"]["rows"])
-    assert s["training"]["noise"]["train"]["reference_processes"] == 4  # each file's dense twin: a process
-    assert s["verdict"] in ("PASS", "INCONCLUSIVE"), s["reasons"]
+    assert s["verdict"] == "INCOMPLETE"
+    job = next(j for j in s["jobs"] if j["stage"] == "decode")
+    assert "schema_version 1" in job["error"] and "rerun the stage" in job["error"]
 
 
 def test_acceptance_defaults_come_from_the_schema_only():

@@ -340,7 +340,7 @@ def build_summary(results: Path) -> dict:
     s["correctness"] = correctness_rows(results, meta, jobs)
     s["consistency"] = consistency_rows(results, meta, jobs)
     decode_bench = io.load_decode(results)
-    train_bench = io.load_train(results, meta["variants"], meta["reserves"])
+    train_bench = io.load_train(results)
     decode = performance.analyse(decode_bench, meta, acc, performance.DECODE)
     training = performance.analyse(train_bench, meta, acc, performance.TRAIN)
     performance.training_extras(training, acc)

@@ -153,8 +153,6 @@ def analyse(bench: dict, meta: dict, acc: dict, metric: Metric) -> dict:
                                      "conditions", "schema_version")}
     out["runs"], out["cells"] = [], []
     expected = [(n, r) for n in variants for r in reserves]
-    if metric.stage == "train" and bench.get("schema_version", 1) == 1:
-        expected = [(n, r) for n in first.values() for r in reserves]  # v1: one file per commit
     for name, reserve in expected:
         run = runs.get((name, reserve))
         if run is None:

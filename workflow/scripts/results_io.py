@@ -3,9 +3,9 @@
 Every loader returns dicts with a normalised ``status``: ``ok``, ``FAILED`` (the job ran and broke,
 or its file is unreadable), ``MISSING`` (the job never finished), ``unsupported`` (the
 implementation cannot do this; never a failure) or ``not run`` (a suite collected fewer tests than
-it requires). Records carry ``schema_version``; version 1 (one worker process per run, training as
-one file per commit x reserve configuration) is read into the same shape as version 2, so that the
-judge has one input format.
+it requires). Records carry ``schema_version`` and the reader checks it: the benchmark files must be version 2
+(k worker processes per run and a reference workload); version 1 is refused with a message saying
+to rerun the stage.
 """
 
 from __future__ import annotations
@@ -180,72 +180,28 @@ def _bench_file(rec: dict) -> dict:
             "runs": []}
 
 
+def _bench(path: Path) -> tuple[dict, dict]:
+    """(the file's record, its runs normalised) for decode.json or train.json, schema 2 only."""
+    rec = read_record(path, default_status="ok")
+    if rec["status"] == OK and rec["schema_version"] < 2:
+        rec = {**rec, "status": FAILED,
+               "error": f"{path}: schema_version 1 (one worker process per run, no reference workload) is no "
+                        f"longer read; rerun the stage with this checkout"}
+    out = _bench_file(rec)
+    if rec["status"] == OK:
+        out["runs"] = [_run(r, [_process(p, j) for j, p in enumerate(r.get("processes") or [])])
+                       for r in rec.get("runs") or [] if isinstance(r, dict)]
+    return rec, out
+
+
 def load_decode(results: Path) -> dict:
     """decode/decode.json: every run (impl and reference) with its processes' samples."""
-    rec = read_record(Path(results) / "decode" / "decode.json", default_status="ok")
-    out = _bench_file(rec)
-    if rec["status"] != OK:
-        return out
-    v1 = rec["schema_version"] == 1
-    merged = {}
-    for r in rec.get("runs") or []:
-        if not isinstance(r, dict):
-            continue
-        if v1:  # one process per run, its samples at the run's top level; merge duplicates
-            key = (r.get("variant"), r.get("reserve"))
-            run = merged.get(key)
-            if run is None:
-                run = merged[key] = _run(r, [_process(r, 0)])
-                out["runs"].append(run)
-            else:
-                for ctx, modes in _process(r, 0)["contexts"].items():
-                    for mode, samples in modes.items():
-                        run["processes"][0]["contexts"].setdefault(ctx, {}).setdefault(mode, []).extend(samples)
-            if norm_status(r.get("status"), "ok") != OK:
-                run.update(status=FAILED, error=run["error"] or r.get("error"), log_tail=tail(r.get("log_tail")))
-        else:
-            out["runs"].append(_run(r, [_process(p, j) for j, p in enumerate(r.get("processes") or [])]))
-    if v1:
-        found = {m for run in out["runs"] for p in run["processes"] for c in p["contexts"].values() for m in c}
-        out["modes"] = sorted(found)
-    return out
+    return _bench(Path(results) / "decode" / "decode.json")[1]
 
 
-def load_train(results: Path, variants: dict, reserves: list) -> dict:
-    """train/train.json (schema 2: one interleaved job), or the schema-1 files per commit x
-    reserve configuration, read into the same shape. In schema 1 the dense twin of every file is a
-    process of the reference workload (identical code, a separate process each)."""
-    results = Path(results)
-    path = results / "train" / "train.json"
-    if path.exists():
-        rec = read_record(path, default_status="ok")
-        out = _bench_file(rec)
-        if rec["status"] == OK:
-            out["runs"] = [_run(r, [_process(p, j) for j, p in enumerate(r.get("processes") or [])])
-                           for r in rec.get("runs") or [] if isinstance(r, dict)]
-        return out
-    out = {**_bench_file({"status": OK, "schema_version": 1}), "path": str(results / "train")}
-    reference = []
-    for sha, name in first_variant_per_sha(variants).items():
-        for reserve in reserves:
-            rec = read_record(results / "train" / str(sha) / f"{reserve}.json")
-            out["device"] = out["device"] or rec.get("device")
-            base = {"variant": name, "sha": sha, "reserve": reserve, "kind": "impl", "status": rec["status"],
-                    "error": rec.get("error"), "reason": rec.get("reason"), "log_tail": rec.get("log_tail")}
-            procs = []
-            if rec["status"] == OK:
-                nsa = {**(rec.get("nsa") or {}), "workspace_stats": rec.get("workspace_stats"),
-                       "memory": rec.get("memory")}
-                procs = [_process(nsa, 0)]
-                if rec.get("dense"):
-                    reference.append(_process(rec["dense"], len(reference)))
-                out["sizes"] = {"steps": rec.get("steps"), "warmup": rec.get("warmup"), "batch": rec.get("batch"),
-                                "seq_len": rec.get("seq_len")}
-            out["runs"].append(_run(base, procs))
-    if reference:
-        out["runs"].append(_run({"kind": "reference", "status": "ok"}, reference))
-    out["processes"] = 1
-    return out
+def load_train(results: Path) -> dict:
+    """train/train.json: one interleaved job, runs as in decode (tokens/s and loss per process)."""
+    return _bench(Path(results) / "train" / "train.json")[1]
 
 
 def ok_processes(run: dict | None) -> list[dict]:
