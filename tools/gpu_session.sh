@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # What we run on the lent H100 (the `device` tool), from the repo root, with `.whl` carried:
 #   bash tools/gpu_session.sh tests      nsa suites (junit), GPU checks, bench_smoke --compile
+#   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
 #   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report into $OUT
+#   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
-# (the device's copy of the tree has no git history, and the workflow checks out commits).
+# (the device's copy of the tree has no git history, and the workflow checks out commits); for
+# vibe also the wheels of nsa-vibe's dependencies (hydra-core, omegaconf, antlr4-python3-runtime)
+# and `git -C <nsa-vibe clone> bundle create .whl/vibe.bundle --all`.
 set -uo pipefail
 : "${OUT:?run this through the device tool, which sets OUT}"
 export PYTHONUNBUFFERED=1
@@ -26,11 +30,23 @@ case "${1:-tests}" in
     python3 -m nsa.bench_smoke --compile --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
     sed -n '/^summary/,$p' "$OUT/bench.log"
     ;;
-  workflow)
+  check)
+    for a in "--adapter nsa" "--dense"; do python3 tools/gpu_harness_check.py $a 2>&1 | tail -n 8 || exit 1; done
+    ;;
+  workflow|vibe)
+    extra=()
+    if [ "$1" = vibe ]; then
+      [ -d /tmp/vibe/.git ] || git clone -q "$OLDPWD/.whl/vibe.bundle" /tmp/vibe || exit 1
+      extra=(--configfile configs/nsa-vibe.yaml --config repo=/tmp/vibe)
+      mkdir -p /tmp/vibe-work && cp config.yaml /tmp/vibe-work/ && cd /tmp/vibe-work || exit 1
+      extra+=(--snakefile /tmp/repo/Snakefile)
+      extra[1]=/tmp/repo/configs/nsa-vibe.yaml
+    fi
     # Stop short of the 10-minute call limit; a second call resumes (--rerun-incomplete via profile).
-    timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 all > "$OUT/snakemake.log" 2>&1
-    echo "snakemake rc=$?"
-    tail -n 30 "$OUT/snakemake.log"
-    cp results/report.html results/report.md results/summary.json "$OUT/" 2>/dev/null
+    start=$(date +%s)
+    timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 all "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
+    echo "snakemake rc=$? after $(( $(date +%s) - start )) s"
+    grep -E "Finished jobid|Error|error" "$OUT/snakemake-$1.log" | tail -n 20
+    for f in report.html report.md summary.json; do cp "results/$f" "$OUT/$1-$f" 2>/dev/null; done
     ;;
 esac
