@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on CI or GPU hosts
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import write_atomic
@@ -62,6 +63,10 @@ def _log_if_wide(ax, values, axis="y") -> bool:
     vals = [v for v in values if v is not None and v > 0]
     if vals and max(vals) / min(vals) >= 10:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        # Plain numbers (2, 5, 20) read faster than 2×10⁰ on a log axis.
+        target = ax.yaxis if axis == "y" else ax.xaxis
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
         return True
     return False
 
@@ -100,6 +105,9 @@ def decode_latency(s: dict, path: Path) -> str | None:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label(key),
                         linestyle="--" if key.startswith("reference") else "-")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({c["context"] for pts in series.values() for c in pts}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         _log_if_wide(ax, [_num(c["value"]) for c in cells if c["mode"] == mode])
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("decode step, ms")
@@ -199,7 +207,7 @@ def memory(s: dict, path: Path) -> str | None:
     if not ws and not alloc:
         return "no memory counters"
     panels = [p for p in (("ws", ws), ("alloc", alloc)) if p[1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels) + 0.8, 4.0), squeeze=False)
     for ax, (kind, rows) in zip(axes[0], panels):
         if kind == "ws":
             runs = sorted({(r["source"], r["variant"], r["reserve"]) for r in rows})

@@ -159,7 +159,7 @@ METHOD = ("Every run (commit × reserve config, and a reference workload: the ha
 def sections(s: dict) -> list[dict]:
     """The report as sections of paragraphs, tables, plots and logs (format-neutral)."""
     t = build_tables(s)
-    acc = s.get("acceptance_settings", {})
+    acc = s["acceptance_settings"]
     dec = s["decode"]
     ref = s["equivalence"]["reference"]
     out = [{"id": "summary", "title": "Summary", "verdict": s["verdict"], "items": s["reasons"],
@@ -171,7 +171,7 @@ def sections(s: dict) -> list[dict]:
             "tables": [("", t["correctness"])]
             + ([("Decode matches forward (prefill + decode steps vs one forward pass)", t["consistency"])]
                if s.get("consistency") is not None else [])}]
-    lvl = f"{int(round(acc.get('ci_level', 0.99) * 100))}%"
+    lvl = f"{int(round(acc['ci_level'] * 100))}%"
     out.append({"id": "decode", "title": "Decode",
                 "paras": [f"Timer: {dec.get('timer')}. Deltas with their {lvl} CI; calls as in "
                           f"'Method'. Tolerance {acc.get('decode_tolerance_pct')}%."],
