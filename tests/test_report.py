@@ -49,7 +49,7 @@ def _ws(presized: bool):
 def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"), evil=False, twin=True,
           factor=None, between_sd=0.005, within_sd=0.01, twin_eager=1.0, ref_between_sd=None,
           run_status=None, tests_status=None, consistency=None, flip_blocks=False, equiv_status=None,
-          acceptance_given=None, warnings=(), seed=0) -> Path:
+          acceptance_given=None, warnings=(), modes=None, seed=0) -> Path:
     """A raw results tree of schema 2. ``factor``: {(variant, reserve, mode): slowdown}; ``run_status``:
     {(variant, reserve): (status, reason)}; ``tests_status``: {suite: entry overrides};
     ``consistency``: {(sha_key, reserve): record overrides}."""
@@ -62,7 +62,7 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
     if evil:
         variants[EVIL] = {"ref": "<b>bad</b>", "sha": SHA["evil"], "subject": "<i>hostile</i>"}
     configs = {r: (PRESIZED if r != reserves[0] else {}) for r in reserves}
-    modes = ["eager"] if device == "cpu" else ["eager", "graph", "compiled_graph"]
+    modes = modes or (["eager"] if device == "cpu" else ["eager", "graph", "compiled_graph"])
     _dump(res / "meta" / "variants.json", {
         "repo": "/tmp/<repo>", "baseline": "base", "device": device, "variants": variants,
         # Written sorted, as a JSON writer may: the declared order is reserve_order.
@@ -242,6 +242,13 @@ def test_host_bound_eager_on_a_gpu_is_information_not_judged(tmp_path):
     assert s["decode"]["noise"]["eager"]["too_noisy"] and not s["decode"]["noise"]["eager"]["judged"]
     assert s["verdict"] == "PASS", s["reasons"]
     assert "eager (not judged" in crit(s, "decode_noise")["measured"]
+
+
+def test_gpu_without_cuda_graphs_judges_eager_and_says_why(tmp_path):
+    s = aggregate.build_summary(build(tmp_path, device="cuda", modes=["eager"]))
+    assert s["decode"]["judged_modes"] == ["eager"]
+    assert "graph, compiled_graph not measured here" in s["decode"]["judged_note"]
+    assert s["verdict"] == "PASS", s["reasons"]
 
 
 def test_noisy_machine_is_inconclusive_with_the_numbers_and_unchanged_code_never_fails(tmp_path):

@@ -188,9 +188,11 @@ def build_tables(s: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
                           "" if r.get("blocks_equal") is None else
                           ("identical" if r["blocks_equal"] else f"{r['blocks_differ']} of {r['blocks_total']} differ"),
                           fmt_num(r.get("bit_identical"))] for r in s["equivalence"]["rows"]])
-    t["acceptance"] = (["criterion", "result", "measured", "threshold"],
+    # Reasons of decisive lines are the verdict's, on the first screen; only information notes here.
+    t["acceptance"] = (["criterion", "result", "measured", "threshold", "notes"],
                        [[c["title"], RESULT_WORDS.get(c["status"], c["status"]), str(c["measured"]),
-                         str(c["threshold"])] for c in s["acceptance"]])
+                         str(c["threshold"]), "; ".join(c["reasons"]) if c["status"] == "info" else ""]
+                        for c in s["acceptance"]])
     t["jobs"] = (["stage", "variant", "reserve", "status", "error"],
                  [[j["stage"], str(j.get("variant") or ""), str(j.get("reserve") or ""), j["status"],
                    str(j.get("error") or "")] for j in s["jobs"]])
