@@ -392,6 +392,13 @@ def test_acceptance_defaults_come_from_the_schema_only():
     assert acc["decode_tolerance_pct"] == 1.0 and acc["ci_level"] == 0.99
     assert acc["judge_modes"] == ["graph", "compiled_graph"]
     assert not hasattr(aggregate, "DEFAULT_ACCEPTANCE")
+    # As config_check hands it over (defaults merged in): the user's top-level value wins over a
+    # device default, a device value the user changed wins over both.
+    merged = {**acceptance.schema_defaults(), "decode_tolerance_pct": 3.0}
+    assert acceptance.effective_acceptance(merged, "cpu")["decode_tolerance_pct"] == 3.0
+    assert acceptance.effective_acceptance(merged, "cpu")["train_tolerance_pct"] == 15.0
+    merged["cpu"] = {**merged["cpu"], "decode_tolerance_pct": 20.0}
+    assert acceptance.effective_acceptance(merged, "cpu")["decode_tolerance_pct"] == 20.0
 
 
 def test_verdict_precedence():

@@ -37,10 +37,17 @@ def schema_defaults() -> dict:
 
 def effective_acceptance(given: dict | None, device: str | None) -> dict:
     """Schema defaults <- the run's acceptance <- its per-device overrides (cpu / cuda)."""
-    defaults = schema_defaults()
-    acc = {}
-    for layer in (defaults, defaults.get(device) or {}, given or {}, (given or {}).get(device) or {}):
-        acc.update({k: v for k, v in layer.items() if not isinstance(v, dict)})
+    defaults, given = schema_defaults(), dict(given or {})
+    acc = {k: v for layer in (defaults, given) for k, v in layer.items() if not isinstance(v, dict)}
+    dev_default, dev_given = defaults.get(device) or {}, given.get(device) or {}
+    # config_check merged the default device blocks into the run's acceptance, so a device value
+    # equal to the default is the default: it must not hide a top-level value the user set
+    # (`decode_tolerance_pct: 3` means 3 on a CPU too, not the CPU default of 10).
+    for key, value in {**dev_default, **dev_given}.items():
+        user_top = key in given and given[key] != defaults.get(key)
+        user_dev = key in dev_given and dev_given[key] != dev_default.get(key)
+        if user_dev or not user_top:
+            acc[key] = value
     for key in NUMERIC:
         cast = int if key in ("bootstrap_resamples", "loss_window") else float
         try:
