@@ -16,6 +16,8 @@ max(tolerance, noise floor) (see ``stats.compare``).
 
 from __future__ import annotations
 
+import math
+
 import results_io as io
 import stats
 from results_io import FAILED, MISSING, OK
@@ -120,23 +122,24 @@ def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys) -> list[dict]:
 
 
 def noise_floors(aa: list[dict], reference, metric, acc, modes, judged) -> dict:
+    """Per timing mode: the A/A twins' largest |delta|, and the reference workload's between-process
+    spread, pooled over contexts (root mean square: one context's estimate from k processes is
+    itself noisy) and turned into how far two cells of identical code land apart."""
     tol = float(acc[metric.tolerance_key])
     out = {}
     for mode in modes:
         aa_d = [abs(r["delta_pct"]) for r in aa if r.get("mode") == mode and r.get("delta_pct") is not None]
-        ref_rows = [(_cell_row(reference, c, metric), c) for c in metric.cells(reference) if c[1] == mode] \
+        ref = [_cell_row(reference, c, metric) for c in metric.cells(reference) if c[1] == mode] \
             if reference and reference["status"] == OK else []
-        ref_noise = [(stats.reference_noise_pct(row["between_pct"], row["processes"], acc["ci_level"]), row)
-                     for row, _ in ref_rows]
-        ref_noise = [(n, row) for n, row in ref_noise if n is not None]
-        worst_ref = max(ref_noise, key=lambda t: t[0], default=(None, None))
-        parts = [x for x in (max(aa_d, default=None), worst_ref[0]) if x is not None]
+        ref = [r for r in ref if r["between_pct"] is not None]
+        between = math.sqrt(sum(r["between_pct"] ** 2 for r in ref) / len(ref)) if ref else None
+        k = min((r["processes"] for r in ref), default=0)
+        ref_pct = stats.reference_noise_pct(between, k, acc["ci_level"])
+        parts = [x for x in (max(aa_d, default=None), ref_pct) if x is not None]
         floor = max(parts) if parts else None
         out[mode] = {"mode": mode, "aa_pct": max(aa_d, default=None), "aa_cells": len(aa_d),
-                     "reference_pct": worst_ref[0],
-                     "reference_between_pct": worst_ref[1]["between_pct"] if worst_ref[1] else None,
-                     "reference_processes": worst_ref[1]["processes"] if worst_ref[1] else None,
-                     "reference_context": worst_ref[1]["context"] if worst_ref[1] else None,
+                     "reference_pct": ref_pct, "reference_between_pct": between,
+                     "reference_processes": k or None, "reference_contexts": len(ref),
                      "floor_pct": floor, "tolerance_pct": tol, "threshold_pct": max(tol, floor or 0.0),
                      "too_noisy": floor is not None and floor > tol, "judged": mode in judged,
                      "measured": floor is not None}
