@@ -52,7 +52,7 @@ def environment_rows(results: Path, meta: dict, jobs: list) -> list[dict]:
                      **{k: rec.get(k) for k in ("python", "torch", "cuda", "gpu", "driver", "adapter",
                                                 "implementation_version", "nsa_version", "api_version",
                                                 "installer", "error", "log_tail")},
-                     "backends": rec.get("backends") or {}, "pip_freeze": list(rec.get("pip_freeze") or [])})
+                     "pip_freeze": list(rec.get("pip_freeze") or [])})
     return rows
 
 
@@ -193,7 +193,7 @@ def conditions(decode: dict, train: dict) -> dict:
     return out
 
 
-def routes_rows(decode_bench: dict, env_rows: list) -> list[dict]:
+def routes_rows(decode_bench: dict) -> list[dict]:
     """Which implementation each branch dispatched to, and why, once per commit."""
     rows, seen = [], set()
     for run in decode_bench["runs"]:
@@ -202,12 +202,6 @@ def routes_rows(decode_bench: dict, env_rows: list) -> list[dict]:
             rows += [{"variant": run["variant"], "sha": run["sha"], "branch": b,
                       "route": r.get("route") if isinstance(r, dict) else r,
                       "reason": r.get("reason") if isinstance(r, dict) else None} for b, r in run["routes"].items()]
-    for e in env_rows:  # schema 1: routes were probed in the env job
-        if e["sha"] not in seen and e["backends"]:
-            seen.add(e["sha"])
-            rows += [{"variant": e["variant"], "sha": e["sha"], "branch": b,
-                      "route": r.get("route") if isinstance(r, dict) else r,
-                      "reason": r.get("reason") if isinstance(r, dict) else None} for b, r in e["backends"].items()]
     return rows
 
 
@@ -231,6 +225,22 @@ def _perf_cell(rows: list[dict], lower_is_better: bool, level: float) -> str:
         return (f"not called: within the ±{r['threshold_pct']:.0f}% noise (largest "
                 f"{acceptance.pct(r['delta_pct'])}{where}{res}, {ci})")
     return f"no change (largest {acceptance.pct(r['delta_pct'])}{where}{res}, {ci})"
+
+
+def _correctness_cell(s: dict, sha) -> str:
+    corr = [r for r in s["correctness"] if r["sha"] == sha]
+    bad = [r for r in corr if r["status"] == FAILED]
+    nr = [r for r in corr if r["status"] in (NOT_RUN, MISSING)]
+    passed = sum(int(r.get("passed") or 0) for r in corr if r["status"] == OK)
+    text = (f"FAILED: {', '.join(sorted({r['suite'] for r in bad}))}" if bad else
+            f"not run: {', '.join(sorted({r['suite'] for r in nr}))}" if nr else
+            f"passed ({passed} tests)" if passed else ("no suites" if not corr else "not supported"))
+    cons = [r for r in (s.get("consistency") or []) if r["sha"] == sha]
+    if any(r["status"] == OK and r.get("passed") is False for r in cons):
+        text += "; decode ≠ forward"
+    elif cons and all(r["status"] == OK and r.get("passed") for r in cons):
+        text += "; decode = forward"
+    return text
 
 
 def _status_words(statuses: list[dict]) -> str | None:
@@ -271,19 +281,7 @@ def overview(s: dict) -> list[dict]:
                             _status_words([r for r in sec["runs"] if r["variant"] == name]) or twin)
             out.append(row)
             continue
-        corr = [r for r in s["correctness"] if r["sha"] == sha]
-        bad = [r for r in corr if r["status"] == FAILED]
-        nr = [r for r in corr if r["status"] in (NOT_RUN, MISSING)]
-        passed = sum(int(r.get("passed") or 0) for r in corr if r["status"] == OK)
-        text = (f"FAILED: {', '.join(sorted({r['suite'] for r in bad}))}" if bad else
-                f"not run: {', '.join(sorted({r['suite'] for r in nr}))}" if nr else
-                f"passed ({passed} tests)" if passed else ("no suites" if not corr else "not supported"))
-        cons = [r for r in (s.get("consistency") or []) if r["sha"] == sha]
-        if any(r["status"] == OK and r.get("passed") is False for r in cons):
-            text += "; decode ≠ forward"
-        elif cons and all(r["status"] == OK and r.get("passed") for r in cons):
-            text += "; decode = forward"
-        row["correctness"] = text
+        row["correctness"] = _correctness_cell(s, sha)
         for key, sec, lower in (("decode", s["decode"], True), ("training", s["training"], False)):
             runs = [r for r in sec["runs"] if r["variant"] == name]
             row[key] = _status_words(runs) or ("baseline" if name == base else
@@ -350,7 +348,7 @@ def build_summary(results: Path) -> dict:
     for sec in (decode, training):
         sec.pop("_runs"), sec.pop("_reference")
     s["decode"], s["training"] = decode, training
-    s["routes"] = routes_rows(decode_bench, s["environment"])
+    s["routes"] = routes_rows(decode_bench)
     s["conditions"] = conditions(decode_bench, train_bench)
     s["equivalence"] = equivalence_section(results, meta, acc, jobs)
     s["jobs"] = jobs

@@ -237,7 +237,7 @@ def _flat(row: dict, prefix: str = "") -> dict:
     """One CSV row: nested dicts become dotted columns, lists JSON; log tails stay in the JSON/report."""
     out = {}
     for k, v in row.items():
-        if k in ("log_tail", "pip_freeze", "backends"):
+        if k in ("log_tail", "pip_freeze"):
             continue
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
