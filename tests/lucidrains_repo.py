@@ -6,7 +6,7 @@ holds its whole source tree (package, tests, pyproject.toml), so committing two 
 other, gives a repository with real commits and the release tags configs/lucidrains.yaml names.
 The sdist's data/enwik8.gz (36 MB of training text no test reads) is left out of the commits.
 
-    python tests/lucidrains_repo.py DEST     # builds DEST/native-sparse-attention-pytorch, prints its path
+    python tests/lucidrains_repo.py DEST     # builds DEST/native-sparse-attention-pytorch (~1 MB), prints its path
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import site
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 DISTRIBUTION = "native-sparse-attention-pytorch"
@@ -29,9 +30,11 @@ class Unavailable(RuntimeError):
     """PyPI (or pip) could not give what was asked; tests skip with this message."""
 
 
-def _git(repo: Path, *args: str) -> str:
+def _git(repo: Path, *args: str, date: int | None = None) -> str:
     env = {**os.environ, "GIT_AUTHOR_NAME": "pypi-sdist", "GIT_AUTHOR_EMAIL": "sdist@example.com",
            "GIT_COMMITTER_NAME": "pypi-sdist", "GIT_COMMITTER_EMAIL": "sdist@example.com"}
+    if date is not None:  # the sdist's file time (hatchling writes 2020-02-02): the same SHAs on every build
+        env["GIT_AUTHOR_DATE"] = env["GIT_COMMITTER_DATE"] = f"@{date} +0000"
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
                           env=env).stdout.strip()
 
@@ -52,13 +55,15 @@ def download_sdist(version: str, dest: Path, timeout: int = 300) -> Path:
     return found[0]
 
 
-def _unpack_into(sdist: Path, repo: Path) -> None:
-    """Replace the repository's work tree (all but .git) with the sdist's top folder."""
+def _unpack_into(sdist: Path, repo: Path) -> int:
+    """Replace the repository's work tree (all but .git) with the sdist's top folder; returns the
+    newest file time in the sdist."""
     for child in repo.iterdir():
         if child.name != ".git":
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if "/" in m.name and (m.isfile() or m.isdir())]
+        newest = max(int(m.mtime) for m in members)
         for member in members:
             rel = member.name.split("/", 1)[1]
             if not rel or rel in LEFT_OUT:
@@ -69,23 +74,24 @@ def _unpack_into(sdist: Path, repo: Path) -> None:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())
+    return newest
 
 
 def build_repo(root: Path, versions=VERSIONS) -> dict:
     """``root/native-sparse-attention-pytorch``: one commit per release, in order, each tagged with its
     version. Returns ``{"repo": path, version: full SHA, ...}``. Raises ``Unavailable`` without PyPI."""
-    root = Path(root)
-    sdists = [download_sdist(v, root / "sdists") for v in versions]
-    repo = root / DISTRIBUTION
-    repo.mkdir(parents=True)
-    _git(repo, "init", "-q", "-b", "main")
+    repo = Path(root) / DISTRIBUTION
     out = {"repo": str(repo)}
-    for version, sdist in zip(versions, sdists):
-        _unpack_into(sdist, repo)
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "-m", f"{DISTRIBUTION} {version} (PyPI sdist)")
-        _git(repo, "tag", version)
-        out[version] = _git(repo, "rev-parse", "HEAD")
+    with tempfile.TemporaryDirectory(prefix="sdists-") as tmp:  # 36 MB each: not kept
+        sdists = [download_sdist(v, Path(tmp)) for v in versions]
+        repo.mkdir(parents=True)
+        _git(repo, "init", "-q", "-b", "main")
+        for version, sdist in zip(versions, sdists):
+            date = _unpack_into(sdist, repo)
+            _git(repo, "add", "-A")
+            _git(repo, "commit", "-q", "-m", f"{DISTRIBUTION} {version} (PyPI sdist)", date=date)
+            _git(repo, "tag", version)
+            out[version] = _git(repo, "rev-parse", "HEAD")
     return out
 
 
