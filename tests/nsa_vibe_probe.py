@@ -71,7 +71,7 @@ def reserves(extra_env: dict) -> dict:
     with torch.no_grad():
         y = adapter.forward(layer, inputs())
     routes = adapter.routes(layer)
-    return {"y": y, "fallbacks": routes["fallbacks_so_far"], "reserves": routes["reserves"],
+    return {"y": y, "fallbacks": routes["fallbacks"]["counters"], "reserves": routes["reserves"]["detail"],
             "workspaces": adapter.workspace_stats()}
 
 
@@ -81,7 +81,7 @@ def backward() -> dict:
     x = inputs(requires_grad=True)
     adapter.forward(layer, x).pow(2).mean().backward()
     return {"grad_finite": bool(torch.isfinite(x.grad).all()), "grad_nonzero": bool(x.grad.abs().sum() > 0),
-            "fallbacks": adapter.routes(layer)["fallbacks_so_far"]}
+            "fallbacks": adapter.routes(layer)["fallbacks"]["counters"]}
 
 
 def one_query_causal_sdpa() -> dict:
@@ -95,7 +95,15 @@ def one_query_causal_sdpa() -> dict:
                torch.randn(1, 1, 5, 8, generator=g))
     out = attention_bgh(q, k, v, causal=True)[0, 0, 0]
     full = torch.softmax(q[0, 0] @ k[0, 0].T / 8 ** 0.5, dim=-1) @ v[0, 0]
-    return {"vs_first_value": float((out - v[0, 0, 0]).abs().max()), "vs_all_keys": float((out - full).abs().max())}
+    # Its packed selection attention makes the same call per row: over the selected tokens 4..7 and
+    # 12..15 it returns the value of token 4.
+    from nsa.core.attention_kernels import grouped_selection_attention_packed
+
+    Q, K, V = (torch.randn(1, 1, 1, 2, 8, generator=g), torch.randn(1, 1, 16, 8, generator=g),
+               torch.randn(1, 1, 16, 8, generator=g))
+    sel = grouped_selection_attention_packed(Q, K, V, torch.tensor([[[[[4, 8], [12, 16]]]]]))[0, 0, 0]
+    return {"vs_first_value": float((out - v[0, 0, 0]).abs().max()), "vs_all_keys": float((out - full).abs().max()),
+            "selection_vs_first_selected_value": float((sel - V[0, 0, 4]).abs().max())}
 
 
 adapter = adapter_api.load(adapter_api.adapter_path("nsa-vibe"))

@@ -13,6 +13,8 @@ What nsa-vibe was found to do is asserted as measured, so a change in it shows h
   decode window branch attends only to the oldest token of the window (``attention_bgh`` calls
   SDPA with ``is_causal=True`` on one query, and PyTorch aligns that mask top-left), while its
   batched prefill attends to the whole window;
+- its selection (packed and gather) makes the same one-query ``is_causal=True`` call, so it
+  returns the value of the first selected token only, in prefill and decode alike;
 - on perf/workspace-presize, the packed selection raises whenever reserves make a workspace larger
   than the call (``expand`` of the whole buffer) and, under autograd, always (``need_new`` unbound
   since its indentation "fix"); it then falls back to the gather path, counted but silent.
@@ -179,6 +181,9 @@ def test_decode_disagrees_with_forward_in_the_window_branch_only(probe):
     # Why: one query, five keys, is_causal=True -> exactly the first key's value.
     sdpa = probe["one_query_causal_sdpa"]
     assert sdpa["vs_first_value"] == 0.0 and sdpa["vs_all_keys"] > 0.1
+    # The selection branch is the same call everywhere, so decode and forward agree on it -- on
+    # attending to the first selected token only (a finding about nsa-vibe, not about its decode).
+    assert sdpa["selection_vs_first_selected_value"] == 0.0
 
 
 @needs_clone
@@ -193,11 +198,14 @@ def test_selected_blocks(probe):
 @needs_clone
 def test_routes_report_what_it_used(probe):
     r = probe["routes"]
-    assert r["flags_as_parsed"]["prefill_batched"] is True and r["prefill"]["path"] == "batched"
-    fa2 = r["fa2_effective"]
-    assert (fa2["all"], fa2["cmp"], fa2["win"]) == (True, True, False)  # NSA_USE_FA2=1, _CMP=1, _WIN=0
-    assert r["prefill"]["window"]["kernel"] == "masked sdpa band"
-    assert "first key" in r["decode"]["window"]["kernel"]  # no flash-attn here
+    assert all(set(v) >= {"route", "reason"} for v in r.values())  # the report's {branch: {route, reason}}
+    assert r["prefill"]["route"] == "batched" and r["flags"]["parsed"]["prefill_batched"] is True
+    assert r["fa2"]["route"] == "on: all, cmp"  # NSA_USE_FA2=1, _CMP=1, _WIN=0
+    assert r["prefill.win"]["route"] == "masked sdpa band" and "NSA_ALLOW_SLIDING_FA2" in r["prefill.win"]["reason"]
+    assert "first key" in r["decode.win"]["route"]  # no flash-attn here
+    assert r["prefill.slc"]["route"].startswith("packed sdpa")
+    if probe["commit"] == "baseline":
+        assert r["reserves"]["route"] == "none read"
     reserves = probe["reserves"]["presized"]["reserves"]
     if probe["commit"] == "baseline":
         assert all(v["read_by_commit"] is False for v in reserves.values())

@@ -304,10 +304,17 @@ def _env_on(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _route(kernel: str, why: str, **detail) -> dict:
+    return {"route": kernel, "reason": why, **detail}
+
+
 def routes(layer) -> dict:
-    """The flags as the layer parsed them, the kernel each branch takes under them and why, and the
-    fallbacks taken so far (nsa-vibe falls back silently on any exception and only counts it)."""
+    """``{branch: {"route", "reason"}}`` as the report shows them: the kernel each branch takes
+    under the flags the layer parsed, the flags themselves, the reserves as this commit uses them,
+    and the fallbacks taken so far (nsa-vibe falls back silently on any exception, only counting)."""
     import os
+
+    import torch
 
     env = dict(getattr(layer, "_env_cache", {}))
     parity = bool(env.get("force_parity"))
@@ -319,78 +326,84 @@ def routes(layer) -> dict:
     except Exception:  # noqa: BLE001 - an old commit without the probes
         dense_ok = varlen_ok = False
     cuda = ref.device.type == "cuda"
-    sm89 = cuda and __import__("torch").cuda.get_device_capability(ref.device) == (8, 9) and not _env_on("NSA_FA2_FORCE")
+    sm89 = cuda and torch.cuda.get_device_capability(ref.device) == (8, 9) and not _env_on("NSA_FA2_FORCE")
     fa2_hw = cuda and layer.d_k % 8 == 0 and not sm89
     fa2_cmp = bool(env.get("fa2_all_eff") or env.get("fa2_cmp_eff")) and not parity
     fa2_win = bool(env.get("fa2_all_eff") or env.get("fa2_win_eff")) and not parity
     no_fa2 = ("flash_attn not importable" if not (dense_ok or varlen_ok) else "not on CUDA" if not cuda else
               "head dim not a multiple of 8" if layer.d_k % 8 else "RTX 4090 guard" if sm89 else "")
     bgh = ("flash_attn dense" if dense_ok and cuda else
-           "sdpa with is_causal=True on one query (it attends only to the first key given)")
+           "sdpa, is_causal=True on one query (attends to the first key given only)")
 
     def pick(*rows):  # (condition, kernel, why): the first that holds
-        for cond, kernel, why in rows:
-            if cond:
-                return {"kernel": kernel, "why": why}
-        return None
+        return next(_route(kernel, why) for cond, kernel, why in rows if cond)
 
     if env.get("use_triton_sel") and not parity:
-        sel = {"kernel": "triton", "why": "NSA_USE_TRITON_SEL=1 (packed sdpa if it raises)"}
+        sel = _route("triton", "NSA_USE_TRITON_SEL=1; packed sdpa if it raises")
     elif env.get("use_sel_pack", True) and not parity:
-        sel = {"kernel": "packed sdpa", "why": "NSA_USE_SEL_PACK (default 1); gather if it raises"}
+        sel = _route("packed sdpa, is_causal=True on one query (attends to the first selected token only)",
+                     "NSA_USE_SEL_PACK (default 1); gather if it raises")
     elif env.get("use_sel_mask") and not parity:
-        sel = {"kernel": "masked sdpa", "why": "NSA_USE_SEL_MASK=1"}
+        sel = _route("masked sdpa", "NSA_USE_SEL_MASK=1")
     else:
-        sel = {"kernel": "gather", "why": "NSA_FORCE_PARITY=1" if parity else "packed and masked paths off"}
-    decode_sel = dict(sel)
+        sel = _route("gather sdpa, is_causal=True on one query (attends to the first selected token only)",
+                     "NSA_FORCE_PARITY=1" if parity else "packed and masked paths off")
+    decode_sel = sel
     if env.get("use_cuda_sel") and not parity and not env.get("use_triton_sel"):
-        decode_sel = {"kernel": "cuda selection kernel", "why": "NSA_SEL_CUDA=1 (packed sdpa if it raises)"}
+        decode_sel = _route("cuda selection kernel", "NSA_SEL_CUDA=1; packed sdpa if it raises")
     sliding_policy = _env_on("NSA_ALLOW_SLIDING_FA2") or _env_on("NSA_FA2_FORCE_VARLEN") or _env_on("NSA_FA2_FORCE_DENSE")
     tile = int(getattr(layer, "prefill_tile", 0) or 0)
-    prefill = {
-        "path": ("decode steps" if tile else "batched" if env.get("prefill_batched") else "sequential"),
-        "path_why": ("NSA_PREFILL_TILE > 0" if tile else "NSA_PREFILL_BATCHED (default 0)"),
-        "selection": sel,
-        "compressed": pick(
-            (fa2_cmp and fa2_hw and varlen_ok, "fa2 varlen",
-             "FA-2 on; masked below NSA_FA2_MIN_LEN_CMP compressed tokens"),
+    masks_off = "its masks off (NSA_USE_*_MASK=0 or NSA_FORCE_PARITY=1)"
+    out = {
+        "prefill": (_route("decode steps", f"NSA_PREFILL_TILE={tile}") if tile else
+                    _route("batched" if env.get("prefill_batched") else "sequential",
+                           "NSA_PREFILL_BATCHED (default 0)")),
+        "prefill.cmp": pick(
+            (fa2_cmp and fa2_hw and varlen_ok, "fa2 varlen", "FA-2 on; masked below NSA_FA2_MIN_LEN_CMP tokens"),
             (fa2_cmp, "masked (first compressed token only)", f"FA-2 on but unusable: {no_fa2}"),
             (env.get("use_cmp_mask", True) and not parity, "masked (first compressed token only)",
              "NSA_USE_CMP_MASK (default 1)"),
-            (True, f"per token: {bgh}", "masks off")),
-        "window": pick(
+            (True, f"per token: {bgh}", masks_off)),
+        "prefill.slc": sel,
+        "prefill.win": pick(
             (fa2_win and not sliding_policy, "masked sdpa band",
              "FA-2 on, but its policy keeps sliding FA-2 off without NSA_ALLOW_SLIDING_FA2=1"),
             (fa2_win and fa2_hw and varlen_ok, "fa2 varlen", "FA-2 on; masked below NSA_FA2_MIN_LEN_WIN"),
             (fa2_win, "masked sdpa band", f"FA-2 on but unusable: {no_fa2}"),
             (env.get("use_win_mask", True) and not parity, "masked sdpa band", "NSA_USE_WIN_MASK (default 1)"),
-            (True, f"per token: {bgh}", "masks off")),
-    }
-    decode = {
-        "selection": decode_sel,
-        "compressed": pick(
+            (True, f"per token: {bgh}", masks_off)),
+        "decode.cmp": pick(
             (fa2_cmp and fa2_hw and dense_ok, "fa2 dense", f"FA-2 on; {bgh} below NSA_FA2_MIN_LEN_CMP"),
             (True, bgh, f"FA-2 on but unusable: {no_fa2}" if fa2_cmp else "FA-2 off")),
-        "window": pick(
+        "decode.slc": decode_sel,
+        "decode.win": pick(
             (fa2_win and fa2_hw and dense_ok, "fa2 dense", f"FA-2 on; {bgh} below NSA_FA2_MIN_LEN_WIN"),
             (True, bgh, f"FA-2 on but unusable: {no_fa2}" if fa2_win else "FA-2 off")),
     }
     ranges_v2 = os.environ.get("NSA_SEL_RANGES_V2", "1").lower() in ("1", "true", "yes")
-    return {
-        "prefill": prefill,
-        "decode": decode,
-        "selection_ranges": "v2" if ranges_v2 else "v1",
-        "fa2_effective": {"all": bool(env.get("fa2_all_eff")), "cmp": bool(env.get("fa2_cmp_eff")),
-                          "win": bool(env.get("fa2_win_eff")),
-                          "note": "NSA_USE_FA2 unset means the layer's own default (use_flash=True)"},
-        "flash_attn": {"dense": dense_ok, "varlen": varlen_ok},
-        "flags_as_parsed": {k: v for k, v in env.items() if isinstance(v, (bool, int, float, str, type(None)))},
-        "rope_scale": float(getattr(layer, "rope_scale", 1.0)),
-        "prefill_tile": tile,
-        "reserves": _reserves_as_read(),
-        "fallbacks_so_far": dict(layer.get_fallback_counters()) if hasattr(layer, "get_fallback_counters") else None,
-        "dtype": str(ref.dtype).replace("torch.", ""),
-    }
+    out["ranges"] = _route("v2" if ranges_v2 else "v1", "NSA_SEL_RANGES_V2 (default 1), read at every call")
+    fa2_on = [b for b in ("all", "cmp", "win") if env.get(f"fa2_{b}_eff")]
+    out["fa2"] = _route("on: " + ", ".join(fa2_on) if fa2_on else "off",
+                        "NSA_USE_FA2 unset means the layer's default use_flash=True; NSA_USE_FA2=0 turns all off; "
+                        f"flash_attn importable: dense {dense_ok}, varlen {varlen_ok}")
+    flags = {k: v for k, v in env.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    on = sorted(k for k, v in flags.items() if v is True)
+    out["flags"] = _route("on: " + ", ".join(on), "as NSAAttention parsed NSA_* at construction (all others off"
+                          + (f"; NSA_FORCE_BRANCH={flags['force_branch']!r}" if flags.get("force_branch") else "")
+                          + f"; rope_scale {float(getattr(layer, 'rope_scale', 1.0))})", parsed=flags)
+    reserves = _reserves_as_read()
+    read = {n: r for n, r in reserves.items() if r["read_by_commit"]}
+    out["reserves"] = _route(
+        ", ".join(f"{n}={r['used']}" for n, r in read.items()) if read else "none read",
+        ("this commit does not read NSA_*_RESERVE_*" if not read else
+         "as this commit parses them" + "".join(f"; {n}: {r['note']}" for n, r in read.items() if r.get("note"))),
+        detail=reserves)
+    fallbacks = dict(layer.get_fallback_counters()) if hasattr(layer, "get_fallback_counters") else {}
+    taken = {k: v for k, v in fallbacks.items() if v and k != "total_fallbacks"}
+    out["fallbacks"] = _route(", ".join(f"{k}={v}" for k, v in taken.items()) or "none",
+                              "fallbacks taken by this layer so far (its kernels catch every exception)",
+                              counters=fallbacks)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
