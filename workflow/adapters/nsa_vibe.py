@@ -57,6 +57,7 @@ FORCED_BLOCKS = 3  # it always selects block 0 and the two most recent blocks (p
 # Its variables. Kinds: what check_env accepts, chosen so that every parser in the project reads
 # the value the same way (e.g. "on" is true in kernels/ but false in core/nsa_attention.py).
 _FLAG = "flag"  # 0, 1, true or false (any case)
+_FLAG01 = "flag01"  # 0 or 1
 _COUNT = "count"  # a non-negative integer written in digits
 _POSITIVE = "positive"  # an integer >= 1
 _ENABLE = "enable"  # read as "set at all": only 1 is accepted (unset it to disable)
@@ -93,6 +94,13 @@ ENV_VARS = {
     **{name: _POSITIVE for name in ("NSA_SEL_TRITON_MIN_L", "NSA_SEL_TRITON_PACK_CACHE_MAX_ENTRIES",
                                     "NSA_SEL_TRITON_PACK_CACHE_MAX_MB", "NSA_SEL_TRITON_BLOCK_D",
                                     "NSA_SEL_TRITON_BLOCK_L", "NSA_SEL_TRITON_BLOCK_DV", "NSA_SEL_TRITON_BLOCK_H")},
+    # read only on other branches (FA-2 hardening, selection varlen, mixed precision, gate fusion)
+    **{name: _FLAG for name in ("NSA_FA2_ALLOW_D_GT_128", "NSA_FA2_ALLOW_FP32", "NSA_FA2_ALLOW_LARGE_BATCH",
+                                "NSA_FA2_AUDIT", "NSA_FA2_PREF_FP16", "NSA_FORCE_SEL_MASK", "NSA_GATE_COMPILE",
+                                "NSA_P_CMP_MIXED", "NSA_P_GRP_FP32", "NSA_P_SLC_MIXED", "NSA_SEL_VARLEN_FORCE_PARITY",
+                                "NSA_SEL_VARLEN_V2", "NSA_USE_SEL_VARLEN")},
+    "NSA_SEL_VARLEN_MIN_L": _COUNT,
+    "NSA_REQUIRE_VARLEN_SEMANTIC": _FLAG01,  # compared without lower(): "True" would read as off
     # its test suite (nsa/tests/): opt-in switches and the seed
     **{name: _FLAG for name in ("NSA_TEST_FA2", "NSA_TEST_TRAIN", "NSA_TEST_MASKED", "NSA_TEST_SEL_MASK",
                                 "NSA_TEST_SEL_PACK", "NSA_TEST_TRITON_SEL")},
@@ -100,12 +108,13 @@ ENV_VARS = {
     "NSA_INTEGRATION_TESTS": _ENABLE,  # skipif(not os.getenv(...)): "0" would enable them
 }
 _ACCEPTED = {
-    _FLAG: "0, 1, true or false", _COUNT: "an integer >= 0 in digits", _POSITIVE: "an integer >= 1 in digits",
+    _FLAG: "0, 1, true or false", _FLAG01: "0 or 1", _COUNT: "an integer >= 0 in digits", _POSITIVE: "an integer >= 1 in digits",
     _ENABLE: "1 (unset the variable to disable it)", _SCALE: "a positive finite number",
 }
 # What nsa-vibe does with a value outside what check_env accepts.
 _MISREAD = {
     _FLAG: "nsa-vibe reads 1/true/yes as on ('on' too, but only in some modules) and anything else as off",
+    _FLAG01: "nsa-vibe reads exactly 1, true or yes as on, and anything else (True included) as off",
     _COUNT: "nsa-vibe silently uses its default when int() fails, and clamps or ignores negatives",
     _POSITIVE: "nsa-vibe silently uses its default when int() fails, and clamps values below 1",
     _ENABLE: "its tests run whenever the variable is set, to 0 as well",
@@ -118,6 +127,8 @@ def _problem(name: str, value: str, kind: str) -> str | None:
     """Why nsa-vibe would misread ``value`` for ``name`` (None when every parser of it agrees)."""
     if kind == _FLAG:
         ok = value.lower() in ("0", "1", "true", "false")
+    elif kind == _FLAG01:
+        ok = value in ("0", "1")
     elif kind in (_COUNT, _POSITIVE):
         ok = value.isascii() and value.isdigit() and (kind == _COUNT or int(value) >= 1)
     elif kind == _ENABLE:
