@@ -23,8 +23,19 @@ Capabilities, and why:
   without counters; this adapter counts their allocations by replacing each dictionary with an
   equivalent one that counts (the implementation's code is not changed). High-water marks of the
   requests are not observable from outside and are reported as None.
-- block_indices: True. The selected block indices of one forward are read from the selection
-  ranges the layer computes (its range builder is wrapped for that one call).
+- block_indices: True. The selected block indices of one forward are read from the token ranges
+  its top-n selection returns (that function is wrapped for the one call).
+
+What the workflow finds with it (tests/test_adapter_nsa_vibe.py pins each, at 27efbae and 9fe0530):
+- decode != forward. Without flash-attn, decode's window branch calls SDPA with ``is_causal=True``
+  on a single query, a mask PyTorch aligns top-left: it attends to the oldest token of the window
+  only, while the batched prefill attends to the whole window.
+- The same one-query call makes its selection branch (packed and gather) return the value of the
+  first selected token only, and its compressed branch is defined as the first compressed value;
+  both agree between decode and forward, so only a comparison with the paper shows them.
+- perf/workspace-presize: the packed selection raises whenever a reserve makes the workspace larger
+  than the call, and always under autograd (``need_new`` unbound), then falls back to gather; the
+  fallbacks are counted in ``routes(layer)["fallbacks"]``.
 """
 
 from __future__ import annotations
