@@ -15,7 +15,9 @@ What the package was found to do is asserted as measured, so a change in it show
 - decode == forward to float32 rounding once the first compressed token exists (t >= block_stride);
   before that, its decode attends to no compressed key (0) while its forward attends to the learned
   memory key (the memory value): equal only while that value is zero, as initialised;
-- 0.1.27 and 0.2.3 build the same parameters from the same model and compute the same outputs.
+- 0.1.27 and 0.2.3 build the same parameters from the same model and compute the same outputs;
+- in bfloat16 (and float16) its decode raises once selection starts when einx >= 0.4 is installed
+  (which its ``einx>=0.3.0`` lets pip pick): ``einx.where`` with a Python float promotes to float32.
 """
 
 from __future__ import annotations
@@ -179,6 +181,25 @@ def probe() -> dict:
     out["grad_finite"] = bool(all(torch.isfinite(g).all() for g in grads if g is not None))
     out["grad_x_nonzero"] = bool(x.grad.abs().sum() > 0)
     out["routes"] = ad.routes(layer)
+
+    # bfloat16 decode, past the first selection block (where its decode masks with einx.where)
+    from importlib import metadata
+
+    out["einx"] = metadata.version("einx")
+    layer = ad.build_layer(MODEL, device="cpu", dtype="bfloat16")
+    xb = torch.randn(1, 24, MODEL["dim"], dtype=torch.bfloat16)
+    try:
+        with torch.no_grad():
+            yb = ad.forward(layer, xb)
+            cache = ad.new_cache(layer, 1, 24)
+            y_p, cache = ad.prefill(layer, xb[:, :16], cache)
+            parts = [y_p]
+            for t in range(16, 24):
+                y_t, cache = ad.decode_step(layer, xb[:, t:t + 1], cache)
+                parts.append(y_t)
+        out["bf16_decode"] = {"max_abs_err": (torch.cat(parts, 1).float() - yb.float()).abs().max().item()}
+    except RuntimeError as exc:
+        out["bf16_decode"] = {"error": str(exc)}
     try:
         ad.build_layer({**MODEL, "d_v": 16}, device="cpu", dtype="float32")
         out["unsupported"] = None
@@ -229,6 +250,21 @@ def test_decode_equals_forward_after_the_first_compressed_token(probed):
     assert min(err[:stride]) > 0.05
     assert probed["decode_err_from_0_zero_memory"] <= TOL * max(1.0, probed["forward_max_abs"])
     assert probed["prefill_on_full_cache"].startswith("unsupported: prefill=")
+
+
+@pytest.mark.workflow
+def test_bfloat16_decode_fails_with_einx_0_4(probed):
+    """Its decode masks with ``einx.where(mask, sim, python_float)``; einx >= 0.4 promotes that to
+    float32 (torch.where keeps bfloat16), and the next einsum mixes float32 with bfloat16. It
+    declares einx>=0.3.0, so a fresh install gets 0.4.x; with einx 0.3.0 the same decode agrees
+    with forward to 5e-4."""
+    major_minor = tuple(int(p) for p in probed["einx"].split(".")[:2])
+    if major_minor >= (0, 4):
+        # "expected m1 and m2 to have the same dtype" or "expected scalar type Float but found BFloat16"
+        error = probed["bf16_decode"].get("error", "")
+        assert "same dtype" in error or "scalar type Float" in error, probed["bf16_decode"]
+    else:
+        assert probed["bf16_decode"]["max_abs_err"] < 5e-2, probed["bf16_decode"]
 
 
 @pytest.mark.workflow

@@ -44,6 +44,12 @@ Where its semantics differ from the paper as our spec fixes it (../shared/docs/n
   key at all (output 0) whereas its forward attends to the memory key (output = memory value),
   so decode == forward holds there only while that memory value is zero (its initialisation).
 
+Found with this adapter: in bfloat16/float16 its decode raises ("expected m1 and m2 to have the same
+dtype") as soon as selection has candidates, when einx >= 0.4 is installed (its ``einx>=0.3.0``
+lets pip pick 0.4.x): ``einx.where(mask, sim, <python float>)`` returns float32 there (einx 0.3.0
+and ``torch.where`` keep the input dtype), and the next einsum mixes float32 with bfloat16. Its
+forward is unaffected. The adapter does not paper over it: the decode stages report the error.
+
 ``selected_blocks`` records the top-k of the selection branch by intercepting
 ``torch.Tensor.topk`` during one forward (the only top-k that layer takes); masked picks are -1.
 """
