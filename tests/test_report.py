@@ -49,7 +49,7 @@ def _ws(presized: bool):
 def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"), evil=False, twin=True,
           factor=None, between_sd=0.005, within_sd=0.01, twin_eager=1.0, ref_between_sd=None,
           run_status=None, tests_status=None, consistency=None, flip_blocks=False, equiv_status=None,
-          acceptance_given=None, warnings=(), modes=None, seed=0) -> Path:
+          acceptance_given=None, warnings=(), modes=None, spread_of=None, seed=0) -> Path:
     """A raw results tree of schema 2. ``factor``: {(variant, reserve, mode): slowdown}; ``run_status``:
     {(variant, reserve): (status, reason)}; ``tests_status``: {suite: entry overrides};
     ``consistency``: {(sha_key, reserve): record overrides}."""
@@ -78,7 +78,7 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
     factor = factor or {}
     run_status = run_status or {}
 
-    def procs(level_of, mode_list, train=False):
+    def procs(level_of, mode_list, train=False, sd_override=None):
         out = []
         for j in range(k):
             p = {"index": j, "pid": 1000 + j, "status": "ok", "workspace_stats": None, "memory": {"peak_bytes": 3 << 20}}
@@ -93,6 +93,7 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                     p["contexts"][str(c)] = {}
                     for m in mode_list:
                         sd = ref_between_sd if (ref_between_sd is not None and level_of is ref_level) else between_sd
+                        sd = sd_override if sd_override is not None else sd
                         level = level_of((c, m)) * math.exp(rng.normal(0, sd))
                         p["contexts"][str(c)][f"{m}_ms"] = (level * np.exp(rng.normal(0, within_sd, n))).tolist()
             out.append(p)
@@ -120,7 +121,7 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                 f = factor.get((name, r, m), 1.0) * (twin_eager if name == "base-again" and m == "eager" else 1.0)
                 return (1.0 + c / 1024) * (0.5 if m != "eager" else 1.0) * f
 
-            ps = procs(level, modes)
+            ps = procs(level, modes, sd_override=(spread_of or {}).get(name))
             for p in ps:
                 p["workspace_stats"] = _ws(r != reserves[0])
             runs.append({**base, "status": "ok", "routes": {"slc": {"route": "packed", "reason": "cpu"}},
@@ -261,7 +262,20 @@ def test_noisy_machine_is_inconclusive_with_the_numbers_and_unchanged_code_never
                      r"spread", reason), reason
     # The first screen says "not called", never "no change", when the noise could hide a change.
     assert s["overview"][2]["decode"].startswith("not called: within the ±")
-    assert {r["call"] for r in s["decode"]["rows"]} == {"within noise"}
+    assert {r["call"] for r in s["decode"]["rows"]} <= {"within noise", "uncertain"}
+
+
+def test_a_ci_too_wide_to_rule_out_a_regression_is_inconclusive_not_no_change(tmp_path):
+    # Quiet machine (twins and reference agree), but the feature commit's own processes scatter 20%:
+    # its CI holds changes beyond the tolerance either way, so nothing can be said about it.
+    s = aggregate.build_summary(build(tmp_path, spread_of={"feature": 0.2}, seed=4))
+    assert not s["decode"]["noise"]["eager"]["too_noisy"]
+    assert crit(s, "decode")["status"] == "inconclusive"
+    assert s["verdict"] == "INCONCLUSIVE"
+    assert any(re.match(r"decode cannot be judged: [+-]\d+\.\d+% at ctx \d+, eager mode: feature vs base .*"
+                        r"beyond ±10\.0% \(5 processes per run: more narrow the CI\)", r) for r in s["reasons"]), \
+        s["reasons"]
+    assert s["overview"][2]["decode"].startswith("uncertain: the CI reaches beyond ±10%")
 
 
 def test_noise_from_the_reference_alone_without_a_twin(tmp_path):

@@ -90,11 +90,13 @@ def test_pseudo_replication_per_sample_test_is_wrongly_significant_per_process_i
     p_samples = stats.mann_whitney_p(np.concatenate(a), np.concatenate(b))
     assert p_samples < 1e-10
     # Per-process: the CI of the delta covers 0, the Welch test on process medians is not significant,
-    # and no change is called even at a zero threshold.
+    # and neither faster nor slower is called even at a zero threshold ("uncertain": the CI straddles
+    # it); with a 10% tolerance the whole CI lies inside: no change.
     out = stats.compare(a, b, threshold_pct=0.0)
     assert out["ci_low_pct"] < 0 < out["ci_high_pct"]
     assert out["p_value"] > 0.05
-    assert out["call"] == stats.NO_CHANGE
+    assert out["call"] == stats.UNCERTAIN
+    assert stats.compare(a, b, threshold_pct=10.0)["call"] == stats.NO_CHANGE
     # The spread says why: between-process spread dwarfs within-process spread.
     sp = stats.spread(a)
     assert sp["between_pct"] > 4 * sp["within_pct"]
@@ -112,8 +114,9 @@ def test_real_change_across_processes_is_called_with_its_size():
     assert stats.compare(b, a, threshold_pct=5.0)["call"] == stats.FASTER
     # Throughput: higher is better, so the same increase is "faster".
     assert stats.compare(a, b, threshold_pct=5.0, lower_is_better=False)["call"] == stats.FASTER
-    # A threshold above the whole CI (a noisy run's floor) calls nothing.
+    # A threshold above the whole CI (a noisy run's floor) calls nothing; one inside it, "uncertain".
     assert stats.compare(a, b, threshold_pct=50.0)["call"] == stats.NO_CHANGE
+    assert stats.compare(a, b, threshold_pct=out["ci_low_pct"] + 1.0)["call"] == stats.UNCERTAIN
 
 
 def test_compare_is_seeded_and_handles_missing_data():

@@ -89,17 +89,22 @@ def where(r, stage) -> str:
     return f" at ctx {r['context']}, {r['mode']} mode"
 
 
-def _perf_reasons(rows, stage, what, lower_is_better, level, against) -> list[str]:
-    """One sentence per compared pair (variant, reserve): its worst cell, and how many more."""
+def _perf_reasons(rows, stage, what, lower_is_better, level, against, words=True, note=None) -> list[str]:
+    """One sentence per compared pair (variant, reserve): its worst cell, and how many more.
+    ``words``: say the change ("3.0× slower"); else the delta, for a cell whose CI decides nothing,
+    and the worst such cell is the one whose CI reaches furthest to the worse side."""
     by_pair = {}
     for r in rows:
         by_pair.setdefault((r["variant"], r["reserve"]), []).append(r)
     out = []
     for (variant, reserve), cells in by_pair.items():
-        worst = max(cells, key=lambda r: abs(r["delta_pct"]))
+        worst = max(cells, key=(lambda r: abs(r["delta_pct"])) if words else
+                    (lambda r: r["ci_high_pct"] if lower_is_better else -r["ci_low_pct"]))
         more = f" (and {len(cells) - 1} more cell{'s' if len(cells) > 2 else ''})" if len(cells) > 1 else ""
-        out.append(f"{what} {change_words(worst['delta_pct'], lower_is_better)}{where(worst, stage)}: "
-                   f"{against(worst)}, {ci_words(worst, level)}{more}")
+        change = f" {change_words(worst['delta_pct'], lower_is_better)}" if words else \
+            f" {pct(worst['delta_pct'])}"
+        tail = note(worst) if note else ""
+        out.append(f"{what}{change}{where(worst, stage)}: {against(worst)}, {ci_words(worst, level)}{tail}{more}")
     return out
 
 
@@ -147,22 +152,39 @@ def consistency(s, acc):
                 "every position within the dtype's tolerance", reasons)
 
 
+def _may_be_worse(r, lower_is_better) -> bool:
+    """An uncertain cell whose CI reaches past the threshold on the worse side."""
+    bound = r["ci_high_pct"] if lower_is_better else -r["ci_low_pct"]
+    return r["call"] == stats.UNCERTAIN and bound > r["threshold_pct"]
+
+
 def _perf_vs(s, acc, stage, table, cid, title, against):
     sec = s["decode" if stage == "decode" else "training"]
     lower = stage == "decode"
     what = "decode" if stage == "decode" else "training"
     rows = [r for r in sec[table] if r["status"] == OK and r.get("judged") and r.get("delta_pct") is not None]
-    slower = [r for r in rows if r["call"] == stats.SLOWER]
-    faster = [r for r in rows if r["call"] == stats.FASTER]
     if not rows:
         return line(cid, title, NOT_JUDGED, "nothing to compare")
+    calls = {c: [r for r in rows if r["call"] == c] for c in (stats.SLOWER, stats.FASTER, stats.NO_CHANGE,
+                                                                stats.UNCERTAIN, "within noise")}
     worst = max(rows, key=lambda r: r["delta_pct"] if lower else -r["delta_pct"])
-    noisy = sum(r["call"] == "within noise" for r in rows)
-    measured = (f"{len(slower)} slower, {len(faster)} faster, {len(rows) - len(slower) - len(faster) - noisy} unchanged"
-                + (f", {noisy} within noise" if noisy else "") + f" of {len(rows)} cells; worst {pct(worst['delta_pct'])}")
+    measured = ", ".join(f"{len(v)} {k}" for k, v in calls.items() if v) + \
+        f" of {len(rows)} cells; worst {pct(worst['delta_pct'])}"
     threshold = "whole CI beyond ±max(tolerance, noise floor)"
-    reasons = _perf_reasons(slower, stage, what, lower, acc["ci_level"], against)
-    return line(cid, title, FAIL if slower else PASS, measured, threshold, reasons)
+    if calls[stats.SLOWER]:
+        return line(cid, title, FAIL, measured, threshold,
+                    _perf_reasons(calls[stats.SLOWER], stage, what, lower, acc["ci_level"], against))
+    # A CI wide enough to hold a regression beyond the threshold proves nothing either way; where the
+    # mode is too noisy, the noise criterion says so already (once).
+    noise = sec.get("noise") or {}
+    unsure = [r for r in rows if _may_be_worse(r, lower) and not noise.get(r["mode"], {}).get("too_noisy")]
+    if unsure:
+        procs = min(min(r["processes"], r["baseline_processes"]) for r in unsure)
+        reasons = _perf_reasons(unsure, stage, f"{what} cannot be judged:", lower, acc["ci_level"], against,
+                                words=False, note=lambda r: f", beyond ±{r['threshold_pct']:.1f}% "
+                                                            f"({procs} processes per run: more narrow the CI)")
+        return line(cid, title, INCONCLUSIVE, measured, threshold, reasons)
+    return line(cid, title, PASS, measured, threshold)
 
 
 def _vs_baseline(stage, title):

@@ -207,24 +207,26 @@ def routes_rows(decode_bench: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- first screen
 
-def _perf_cell(rows: list[dict], lower_is_better: bool, level: float) -> str:
+def _perf_cell(rows: list[dict], lower_is_better: bool, acc: dict, tolerance: float) -> str:
+    """The first screen's words for one variant's comparisons: the cell that matters most."""
     rows = [r for r in rows if r.get("status") == OK and r.get("judged") and r.get("delta_pct") is not None]
     if not rows:
         return ""
-    slower = [r for r in rows if r["call"] == stats.SLOWER]
-    faster = [r for r in rows if r["call"] == stats.FASTER]
-    pick = slower or faster or rows
+    order = (stats.SLOWER, stats.FASTER, stats.UNCERTAIN, performance.WITHIN_NOISE, stats.NO_CHANGE)
+    pick = next((p for p in ([r for r in rows if r["call"] == c] for c in order) if p), rows)
     r = max(pick, key=lambda r: abs(r["delta_pct"]))
     where = acceptance.where(r, "decode" if r["mode"] != performance.TRAIN_MODE else "train")
-    ci = acceptance.ci_words(r, level)
+    ci = acceptance.ci_words(r, acc["ci_level"])
     res = f", {r['reserve']}" if r.get("reserve") else ""
-    if slower or faster:
+    largest = f"largest {acceptance.pct(r['delta_pct'])}{where}{res}, {ci}"
+    if r["call"] in (stats.SLOWER, stats.FASTER):
         more = f"; {len(pick) - 1} more cell{'s' if len(pick) > 2 else ''}" if len(pick) > 1 else ""
         return f"{acceptance.change_words(r['delta_pct'], lower_is_better)}{where}{res} ({ci}{more})"
-    if r["call"] == performance.WITHIN_NOISE:
-        return (f"not called: within the ±{r['threshold_pct']:.0f}% noise (largest "
-                f"{acceptance.pct(r['delta_pct'])}{where}{res}, {ci})")
-    return f"no change (largest {acceptance.pct(r['delta_pct'])}{where}{res}, {ci})"
+    if r["call"] in (stats.UNCERTAIN, performance.WITHIN_NOISE) and r["threshold_pct"] > tolerance:
+        return f"not called: within the ±{r['threshold_pct']:.0f}% noise ({largest})"
+    if r["call"] == stats.UNCERTAIN:
+        return f"uncertain: the CI reaches beyond ±{r['threshold_pct']:.0f}% ({largest})"
+    return f"no change ({largest})"
 
 
 def _correctness_cell(s: dict, sha) -> str:
@@ -282,11 +284,12 @@ def overview(s: dict) -> list[dict]:
             out.append(row)
             continue
         row["correctness"] = _correctness_cell(s, sha)
-        for key, sec, lower in (("decode", s["decode"], True), ("training", s["training"], False)):
+        for key, sec, lower, tol in (("decode", s["decode"], True, "decode_tolerance_pct"),
+                                     ("training", s["training"], False, "train_tolerance_pct")):
             runs = [r for r in sec["runs"] if r["variant"] == name]
             row[key] = _status_words(runs) or ("baseline" if name == base else
                                                _perf_cell([r for r in sec["rows"] if r["variant"] == name], lower,
-                                                          acc["ci_level"]))
+                                                          acc, acc[tol]))
         eq = [r for r in s["equivalence"]["rows"] if r["sha"] == sha]
         row["equivalence"] = _equiv_cell(eq)
         lr = [r for r in s["training"].get("loss_rows", []) if r["variant"] == name and r.get("peak_mem_bytes")]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats as sps
 
-FASTER, SLOWER, NO_CHANGE, NO_DATA = "faster", "slower", "no change", "insufficient data"
+FASTER, SLOWER, NO_CHANGE, UNCERTAIN, NO_DATA = "faster", "slower", "no change", "uncertain", "insufficient data"
 
 
 def clean(samples: Sequence[float] | None) -> np.ndarray:
@@ -177,7 +177,8 @@ def compare(base_groups, cand_groups, *, threshold_pct: float, lower_is_better: 
     delta = centre(candidate) / centre(baseline) - 1; its CI from independent hierarchical
     bootstraps of both cells. A change is called only when the whole CI lies beyond
     +-``threshold_pct`` (the caller passes max(tolerance, noise floor)); "faster"/"slower" follows
-    ``lower_is_better`` (latency: lower; throughput: higher).
+    ``lower_is_better`` (latency: lower; throughput: higher). "no change" needs the whole CI inside
+    +-``threshold_pct``; a CI reaching across it is "uncertain" (too few processes to say).
     """
     a, b = clean_groups(base_groups), clean_groups(cand_groups)
     base_c, cand_c = centre(a), centre(b)
@@ -198,8 +199,10 @@ def compare(base_groups, cand_groups, *, threshold_pct: float, lower_is_better: 
         out["call"] = SLOWER if lower_is_better else FASTER
     elif out["ci_high_pct"] < -threshold_pct:
         out["call"] = FASTER if lower_is_better else SLOWER
-    else:
+    elif out["ci_low_pct"] >= -threshold_pct and out["ci_high_pct"] <= threshold_pct:
         out["call"] = NO_CHANGE
+    else:
+        out["call"] = UNCERTAIN
     return out
 
 
