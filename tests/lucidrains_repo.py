@@ -39,19 +39,19 @@ def _git(repo: Path, *args: str, date: int | None = None) -> str:
                           env=env).stdout.strip()
 
 
-def download_sdist(version: str, dest: Path, timeout: int = 300) -> Path:
+def download_sdist(version: str, dest: Path, distribution: str = DISTRIBUTION, timeout: int = 300) -> Path:
     """``pip download`` of one release's sdist into ``dest``; raises ``Unavailable`` when pip cannot."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "-d", str(dest), f"{DISTRIBUTION}=={version}"]
+           "-d", str(dest), f"{distribution}=={version}"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise Unavailable(f"pip download {DISTRIBUTION}=={version}: no answer in {timeout} s") from exc
-    found = sorted(dest.glob(f"{DISTRIBUTION.replace('-', '_')}-{version}.tar.gz"))
+        raise Unavailable(f"pip download {distribution}=={version}: no answer in {timeout} s") from exc
+    found = sorted(dest.glob(f"{distribution.replace('-', '_')}-{version}.tar.gz"))
     if proc.returncode or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise Unavailable(f"pip download {DISTRIBUTION}=={version} failed: {tail[0]}")
+        raise Unavailable(f"pip download {distribution}=={version} failed: {tail[0]}")
     return found[0]
 
 
@@ -77,19 +77,20 @@ def _unpack_into(sdist: Path, repo: Path) -> int:
     return newest
 
 
-def build_repo(root: Path, versions=VERSIONS) -> dict:
-    """``root/native-sparse-attention-pytorch``: one commit per release, in order, each tagged with its
-    version. Returns ``{"repo": path, version: full SHA, ...}``. Raises ``Unavailable`` without PyPI."""
-    repo = Path(root) / DISTRIBUTION
+def build_repo(root: Path, versions=VERSIONS, distribution: str = DISTRIBUTION) -> dict:
+    """``root/<distribution>``: one commit per release, in order, each tagged with its version (any
+    project whose sdist holds its source tree works: tests/test_adapter_fla.py uses fla-core).
+    Returns ``{"repo": path, version: full SHA, ...}``. Raises ``Unavailable`` without PyPI."""
+    repo = Path(root) / distribution
     out = {"repo": str(repo)}
     with tempfile.TemporaryDirectory(prefix="sdists-") as tmp:  # 36 MB each: not kept
-        sdists = [download_sdist(v, Path(tmp)) for v in versions]
+        sdists = [download_sdist(v, Path(tmp), distribution) for v in versions]
         repo.mkdir(parents=True)
         _git(repo, "init", "-q", "-b", "main")
         for version, sdist in zip(versions, sdists):
             date = _unpack_into(sdist, repo)
             _git(repo, "add", "-A")
-            _git(repo, "commit", "-q", "-m", f"{DISTRIBUTION} {version} (PyPI sdist)", date=date)
+            _git(repo, "commit", "-q", "-m", f"{distribution} {version} (PyPI sdist)", date=date)
             _git(repo, "tag", version)
             out[version] = _git(repo, "rev-parse", "HEAD")
     return out

@@ -169,3 +169,59 @@ def test_glue_decode_matches_forward_with_a_stand_in_op(monkeypatch):
     assert layer.block_counts(torch.zeros(2, 5, 1, 1)).shape == (2, 5, model["groups"])  # n_sel=12: a tensor
     with pytest.raises(adapter_api.Unsupported, match="^unsupported: prefill="):
         ad.prefill(layer, x, cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole workflow with the fla adapter on CPU: every stage "not supported", nothing FAILED
+
+
+FLA_ON_CPU = {
+    "implementation": {"adapter": "fla"},
+    "variants": {FLA_CORE: FLA_CORE},
+    "baseline": FLA_CORE,
+    "reserve_configs": {"none": {}},
+    "common_env": {},
+    "suites": {},
+    "device": "cpu",
+    "model": MODEL,
+    "decode": {"cpu": {"contexts": [64, 128], "steps": 4, "warmup": 1, "rounds": 2, "processes": 2}},
+    "train": {"cpu": {"steps": 4, "warmup": 1, "rounds": 2, "processes": 2, "batch": 2, "seq_len": 64, "layers": 1,
+                      "vocab": 32, "lr": 0.02}},
+    "equivalence": {"cpu": {"batch": 1, "seq_len": 640, "decode_steps": 3}},
+    "consistency": {"cpu": {"batch": 1, "seq_len": 576, "prefix": 544, "dtype": "float32"}},
+    "acceptance": {"bootstrap_resamples": 200},
+}
+
+
+@pytest.mark.workflow
+def test_snakemake_on_cpu_reports_not_supported(tmp_path):
+    """A local repository of fla-core's sdist, snakemake all on CPU: the env installs it, and every
+    stage that runs it records "unsupported" with the adapter's reason (no FAILED row)."""
+    import json
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lucidrains_repo
+
+    try:
+        repo = lucidrains_repo.build_repo(tmp_path / "repo", (FLA_CORE,), distribution="fla-core")
+    except lucidrains_repo.Unavailable as exc:
+        pytest.skip(f"cannot build a repository from fla-core's sdist: {exc}")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    (work / "fla.yaml").write_text(yaml.safe_dump({**FLA_ON_CPU, "repo": repo["repo"]}, sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+         "--cores", "2", "all", "--configfile", str(work / "fla.yaml")],
+        cwd=work, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results, sha = work / "results", repo[FLA_CORE]
+    env = json.loads((results / "env" / sha / "env.json").read_text())
+    assert env["status"] == "ok" and env["implementation_version"] == FLA_CORE, env.get("error")
+    reason = "unsupported: device=cpu (this implementation runs on cuda)"
+    for rel in (f"consistency/{sha}/none.json", f"equiv/{sha}/none.json"):
+        assert json.loads((results / rel).read_text()) == {"status": "unsupported", "reason": reason}, rel
+    report = (results / "report.md").read_text()
+    assert "FAILED" not in report and report.count(f"not supported: {reason}") >= 3
