@@ -10,7 +10,8 @@ into a temporary folder put first on sys.path (triton comes with CUDA torch). Th
 needs flash-attn. Prints one line per check, then a JSON summary.
 Exit status: 0 all good; 1 an error (exception, wrong shape, non-finite output, a refused model
 that should run); 2 no CUDA; 3 the adapter works but decode disagrees with forward beyond the
-workflow's bfloat16 tolerance (a finding about fla, reported with its numbers).
+workflow's bfloat16 tolerance (a finding about fla, reported with its numbers); 4 flash-attn is
+not installed (no window branch, so nothing to run).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def check(args, out: dict) -> int:
     out["cached_inference"] = ad._has_cached_inference()
     print(f"fla {out['fla_version']} from {Path(parallel.__file__).parents[2]}; flash-attn: {out['flash_attn']}; "
           f"cached inference: {out['cached_inference']}")
+    if not out["flash_attn"]:
+        print("cannot check: fla computes the window branch with flash_attn.flash_attn_func and flash-attn is not "
+              "installed (the workflow reports every stage 'not supported' here)")
+        return 4
 
     for change in ({"heads_per_group": 8}, {"block_stride": 16}, {"d_v": 32}):
         try:
