@@ -279,7 +279,7 @@ def test_selected_blocks_are_past_blocks(probed):
 @pytest.mark.workflow
 def test_gradients_flow(probed):
     assert probed["grad_none"] == [] and probed["grad_finite"] and probed["grad_x_nonzero"]
-    assert probed["routes"]["selection"]["kernel"] == "torch gather"
+    assert probed["routes"]["selection"]["route"] == "torch gather"
 
 
 @pytest.mark.workflow

@@ -141,7 +141,7 @@ def check(args, out: dict) -> int:
     b12 = ad.selected_blocks(layer12, x)
     out["n_sel_12"] = {"finite": bool(torch.isfinite(y12).all()), "blocks_shape": list(b12.shape),
                        "forced_blocks_present": forced_blocks_present(b12, MODEL["block_len"]),
-                       "route": ad.routes(layer12)["selection"]["why"]}
+                       "route": ad.routes(layer12)["selection"]["reason"]}
     print(f"n_sel=12: {out['n_sel_12']}")
 
     if not out["cached_inference"]:

@@ -256,12 +256,13 @@ def decode_step(layer, x_t, cache):
 
 
 def routes(layer) -> dict:
+    """``{branch: {"route", "reason"}}`` as the report shows them."""
     n_sel = layer.model["n_sel"]
     return {
-        "compressed": {"kernel": "fla parallel_nsa_compression (Triton)", "why": "mean-pooled blocks of block_len"},
-        "selection": {"kernel": "fla ParallelNSAFunction (Triton), blocks from parallel_nsa_topk",
-                      "why": "block_counts " + ("int" if _power_of_two(n_sel) else "tensor (n_sel not a power of 2)")},
-        "window": {"kernel": "flash_attn.flash_attn_func", "why": "the op's only window path"},
+        "compressed": {"route": "fla parallel_nsa_compression (Triton)", "reason": "mean-pooled blocks of block_len"},
+        "selection": {"route": "fla ParallelNSAFunction (Triton), blocks from parallel_nsa_topk",
+                      "reason": "block_counts " + ("int" if _power_of_two(n_sel) else "tensor (n_sel not a power of 2)")},
+        "window": {"route": "flash_attn.flash_attn_func", "reason": "the op's only window path"},
     }
 
 

@@ -203,13 +203,14 @@ def decode_step(layer, x_t, cache):
 
 
 def routes(layer) -> dict:
+    """``{branch: {"route", "reason"}}`` as the report shows them."""
     triton = bool(getattr(layer, "use_triton_kernel", False))
     return {
-        "compressed": {"kernel": "torch einsum", "why": "the package has one compressed path"},
-        "selection": {"kernel": "triton native_sparse_attend" if triton else "torch gather",
-                      "why": "use_triton_kernel=True" if triton else "use_triton_kernel=False (the adapter's choice)"},
-        "window": {"kernel": "local_attention.LocalAttention", "why": "no flex mask passed"},
-        "decode": {"kernel": "forward_inference (torch einsum)", "why": "the package has one decode path"},
+        "compressed": {"route": "torch einsum", "reason": "the package has one compressed path"},
+        "selection": {"route": "triton native_sparse_attend" if triton else "torch gather",
+                      "reason": "use_triton_kernel=True" if triton else "use_triton_kernel=False (the adapter's choice)"},
+        "window": {"route": "local_attention.LocalAttention", "reason": "no flex mask passed"},
+        "decode": {"route": "forward_inference (torch einsum)", "reason": "the package has one decode path"},
     }
 
 
