@@ -7,6 +7,7 @@ other, gives a repository with real commits and the release tags configs/lucidra
 The sdist's data/enwik8.gz (36 MB of training text no test reads) is left out of the commits.
 
     python tests/lucidrains_repo.py DEST     # builds DEST/native-sparse-attention-pytorch (~1 MB), prints its path
+    python tests/lucidrains_repo.py DEST fla-core 0.6.0    # another distribution, its versions in order
 """
 
 from __future__ import annotations
@@ -119,10 +120,12 @@ def make_venv(path: Path, *requirements: str, timeout: int = 600) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+    if not argv:
+        print("\n".join(__doc__.strip().splitlines()[-2:]), file=sys.stderr)
         return 2
-    print(build_repo(Path(argv[0]))["repo"])
+    dest, rest = Path(argv[0]), argv[1:]
+    repo = build_repo(dest, tuple(rest[1:]), distribution=rest[0]) if len(rest) >= 2 else build_repo(dest)
+    print(repo["repo"])
     return 0
 
 
