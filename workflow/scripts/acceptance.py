@@ -89,23 +89,29 @@ def where(r, stage) -> str:
     return f" at ctx {r['context']}, {r['mode']} mode"
 
 
-def _perf_reasons(rows, stage, what, lower_is_better, level, against, words=True, note=None) -> list[str]:
-    """One sentence per compared pair (variant, reserve): its worst cell, and how many more.
-    ``words``: say the change ("3.0× slower"); else the delta, for a cell whose CI decides nothing,
-    and the worst such cell is the one whose CI reaches furthest to the worse side."""
+def _worst_per_pair(rows, key):
+    """(worst cell, text naming how many more) per compared pair (variant, reserve)."""
     by_pair = {}
     for r in rows:
         by_pair.setdefault((r["variant"], r["reserve"]), []).append(r)
-    out = []
-    for (variant, reserve), cells in by_pair.items():
-        worst = max(cells, key=(lambda r: abs(r["delta_pct"])) if words else
-                    (lambda r: r["ci_high_pct"] if lower_is_better else -r["ci_low_pct"]))
-        more = f" (and {len(cells) - 1} more cell{'s' if len(cells) > 2 else ''})" if len(cells) > 1 else ""
-        change = f" {change_words(worst['delta_pct'], lower_is_better)}" if words else \
-            f" {pct(worst['delta_pct'])}"
-        tail = note(worst) if note else ""
-        out.append(f"{what}{change}{where(worst, stage)}: {against(worst)}, {ci_words(worst, level)}{tail}{more}")
-    return out
+    return [(max(cells, key=key), f" (and {len(cells) - 1} more cell{'s' if len(cells) > 2 else ''})"
+             if len(cells) > 1 else "") for cells in by_pair.values()]
+
+
+def _perf_reasons(rows, stage, what, lower_is_better, level, against) -> list[str]:
+    """'decode 3.0× slower at ctx 512, graph mode: feature vs base (reserve none), 99% CI ...'."""
+    return [f"{what} {change_words(w['delta_pct'], lower_is_better)}{where(w, stage)}: {against(w)}, "
+            f"{ci_words(w, level)}{more}" for w, more in _worst_per_pair(rows, lambda r: abs(r["delta_pct"]))]
+
+
+def _uncertain_reasons(rows, stage, what, lower_is_better, level, against) -> list[str]:
+    """'decode at ctx 32, eager mode: slow vs base (reserve none) cannot be judged: ...', naming the
+    cell whose CI reaches furthest to the worse side."""
+    procs = min(min(r["processes"], r["baseline_processes"]) for r in rows)
+    worse = (lambda r: r["ci_high_pct"]) if lower_is_better else (lambda r: -r["ci_low_pct"])
+    return [f"{what}{where(w, stage)}: {against(w)} cannot be judged: {pct(w['delta_pct'])}, {ci_words(w, level)} "
+            f"reaches beyond ±{w['threshold_pct']:.1f}% ({procs} processes per run: more narrow the CI){more}"
+            for w, more in _worst_per_pair(rows, worse)]
 
 
 # ----------------------------------------------------------------------------- criteria
@@ -179,11 +185,8 @@ def _perf_vs(s, acc, stage, table, cid, title, against):
     noise = sec.get("noise") or {}
     unsure = [r for r in rows if _may_be_worse(r, lower) and not noise.get(r["mode"], {}).get("too_noisy")]
     if unsure:
-        procs = min(min(r["processes"], r["baseline_processes"]) for r in unsure)
-        reasons = _perf_reasons(unsure, stage, f"{what} cannot be judged:", lower, acc["ci_level"], against,
-                                words=False, note=lambda r: f", beyond ±{r['threshold_pct']:.1f}% "
-                                                            f"({procs} processes per run: more narrow the CI)")
-        return line(cid, title, INCONCLUSIVE, measured, threshold, reasons)
+        return line(cid, title, INCONCLUSIVE, measured, threshold,
+                    _uncertain_reasons(unsure, stage, what, lower, acc["ci_level"], against))
     return line(cid, title, PASS, measured, threshold)
 
 
