@@ -42,6 +42,8 @@ case "${1:-tests}" in
       extra+=(--snakefile /tmp/repo/Snakefile)
       extra[1]=/tmp/repo/configs/nsa-vibe.yaml
     fi
+    # GPU_SESSION_CONFIG: extra `--config` values (e.g. smaller sizes to fit a call).
+    [ -n "${GPU_SESSION_CONFIG:-}" ] && extra+=(--config $GPU_SESSION_CONFIG)
     # Stop short of the 10-minute call limit; a second call resumes (--rerun-incomplete via profile).
     start=$(date +%s)
     timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 all "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
