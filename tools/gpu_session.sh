@@ -37,13 +37,13 @@ case "${1:-tests}" in
     extra=()
     if [ "$1" = vibe ]; then
       [ -d /tmp/vibe/.git ] || git clone -q "$OLDPWD/.whl/vibe.bundle" /tmp/vibe || exit 1
-      extra=(--configfile configs/nsa-vibe.yaml --config repo=/tmp/vibe)
       mkdir -p /tmp/vibe-work && cp config.yaml /tmp/vibe-work/ && cd /tmp/vibe-work || exit 1
-      extra+=(--snakefile /tmp/repo/Snakefile)
-      extra[1]=/tmp/repo/configs/nsa-vibe.yaml
+      extra=(--snakefile /tmp/repo/Snakefile --configfile /tmp/repo/configs/nsa-vibe.yaml --config repo=/tmp/vibe)
     fi
-    # GPU_SESSION_CONFIG: extra `--config` values (e.g. smaller sizes to fit a call).
-    [ -n "${GPU_SESSION_CONFIG:-}" ] && extra+=(--config $GPU_SESSION_CONFIG)
+    # GPU_SESSION_CONFIG: extra `--config` values (e.g. smaller sizes to fit a call); one --config.
+    if [ -n "${GPU_SESSION_CONFIG:-}" ]; then
+      if [ "$1" = vibe ]; then extra+=($GPU_SESSION_CONFIG); else extra+=(--config $GPU_SESSION_CONFIG); fi
+    fi
     # Stop short of the 10-minute call limit; a second call resumes (--rerun-incomplete via profile).
     start=$(date +%s)
     timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 all "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
