@@ -34,16 +34,16 @@ case "${1:-tests}" in
     for a in "--adapter nsa" "--dense"; do python3 tools/gpu_harness_check.py $a 2>&1 | tail -n 8 || exit 1; done
     ;;
   workflow|vibe)
+    # GPU_SESSION_CONFIGFILE (absolute path): merged over the others, e.g. smaller sizes to fit a call.
+    files=(${GPU_SESSION_CONFIGFILE:-})
     extra=()
     if [ "$1" = vibe ]; then
       [ -d /tmp/vibe/.git ] || git clone -q "$OLDPWD/.whl/vibe.bundle" /tmp/vibe || exit 1
       mkdir -p /tmp/vibe-work && cp config.yaml /tmp/vibe-work/ && cd /tmp/vibe-work || exit 1
-      extra=(--snakefile /tmp/repo/Snakefile --configfile /tmp/repo/configs/nsa-vibe.yaml --config repo=/tmp/vibe)
+      files=(/tmp/repo/configs/nsa-vibe.yaml "${files[@]}")
+      extra=(--snakefile /tmp/repo/Snakefile --config repo=/tmp/vibe)
     fi
-    # GPU_SESSION_CONFIG: extra `--config` values (e.g. smaller sizes to fit a call); one --config.
-    if [ -n "${GPU_SESSION_CONFIG:-}" ]; then
-      if [ "$1" = vibe ]; then extra+=($GPU_SESSION_CONFIG); else extra+=(--config $GPU_SESSION_CONFIG); fi
-    fi
+    [ ${#files[@]} -gt 0 ] && extra+=(--configfile "${files[@]}")
     # Stop short of the 10-minute call limit; a second call resumes (--rerun-incomplete via profile).
     start=$(date +%s)
     timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 all "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
