@@ -311,14 +311,6 @@ TINY = {
 }
 
 
-def host_has_build_backend() -> bool:
-    """Whether this interpreter (which the workflow's environments inherit) can import hatchling, the
-    build backend of native-sparse-attention-pytorch's pyproject.toml."""
-    import importlib.util
-
-    return importlib.util.find_spec("hatchling") is not None
-
-
 @pytest.fixture(scope="module")
 def local_repo(tmp_path_factory):
     try:
@@ -328,9 +320,6 @@ def local_repo(tmp_path_factory):
 
 
 @pytest.mark.workflow
-@pytest.mark.xfail(not host_has_build_backend(), strict=False, reason=(
-    "the env stage installs a commit with pip --no-build-isolation but does not install its [build-system] "
-    "requires; native-sparse-attention-pytorch builds with hatchling, which this host lacks"))
 def test_snakemake_end_to_end(local_repo, tmp_path):
     """snakemake all --configfile configs/lucidrains.yaml --config repo=<local repo>, with tiny sizes."""
     yaml = pytest.importorskip("yaml")

@@ -63,12 +63,10 @@ def version() -> str | None:
 def build_layer(model: dict, *, device: str, dtype: str):
     import torch
 
-    nsa = _nsa()
-    unknown = sorted(set(model) - set(MODEL_FIELDS))
-    if unknown:
-        from adapter_api import Unsupported
+    from adapter_api import check_fields
 
-        raise Unsupported(f"unsupported: {unknown[0]}={model[unknown[0]]!r} (nsa takes {', '.join(MODEL_FIELDS)})")
+    check_fields(model, MODEL_FIELDS)
+    nsa = _nsa()
     layer = nsa.NSAAttention(nsa.NSAConfig(**model))
     return layer.to(device=device, dtype=getattr(torch, dtype))
 

@@ -122,7 +122,16 @@ def check_env(module, variables: dict) -> list[str]:
     fn = getattr(module, "check_env", None)
     if fn is None:
         return []
-    return [str(p) for p in (fn({str(k): str(v) for k, v in variables.items()}) or [])]
+    # Values as the job's environment will hold them (harness.child_env: a YAML true becomes "1").
+    as_env = {str(k): str(int(v)) if isinstance(v, bool) else str(v) for k, v in variables.items()}
+    return [str(p) for p in (fn(as_env) or [])]
+
+
+def check_fields(model: dict, accepted) -> None:
+    """Raise Unsupported naming the first model field the adapter does not know (never ignore one)."""
+    unknown = [k for k in model if k not in accepted]
+    if unknown:
+        raise Unsupported(f"unsupported: {unknown[0]}={model[unknown[0]]!r} (this adapter knows {', '.join(accepted)})")
 
 
 def call_optional(module, name: str, *args, default=None, **kwargs):

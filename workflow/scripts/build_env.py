@@ -142,17 +142,28 @@ print(json.dumps(reqs))
 """
 
 
-def declared_requirements(checkout: Path) -> list[str]:
-    """``[project].dependencies`` of the commit's pyproject.toml (the checkout-on-sys.path mode)."""
+def _pyproject(checkout: Path) -> dict:
     import tomllib
 
     path = Path(checkout) / "pyproject.toml"
     if not path.exists():
-        return []
+        return {}
     try:
-        project = tomllib.loads(path.read_text()).get("project", {})
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise StepFailed(f"{path} is not valid TOML ({e}): cannot read the commit's dependencies") from None
+        raise StepFailed(f"{path} is not valid TOML ({e}): cannot read the commit's requirements") from None
+
+
+def build_requirements(checkout: Path) -> list[str]:
+    """``[build-system].requires`` of the commit (setuptools when it declares none, as pip does):
+    installing without build isolation needs them in the environment first."""
+    return list(_pyproject(checkout).get("build-system", {}).get("requires", ["setuptools>=40.8.0"]))
+
+
+def declared_requirements(checkout: Path) -> list[str]:
+    """``[project].dependencies`` of the commit's pyproject.toml (the checkout-on-sys.path mode)."""
+    path = Path(checkout) / "pyproject.toml"
+    project = _pyproject(checkout).get("project", {})
     if "dependencies" in project.get("dynamic", []):
         raise StepFailed(f"{path} declares its dependencies as dynamic; use install: pip for this implementation")
     return list(project.get("dependencies", []))
@@ -171,6 +182,7 @@ def install(py: str, checkout: Path, env_dir: Path, mode: str, extra: list[str],
             run([py, "-m", "ensurepip", "--default-pip"], log, env=env, timeout=timeout)
     site_dir = env_site_packages(env_dir)
     if mode == "pip":
+        install_missing(py, build_requirements(checkout), installer, uv, log, env, timeout, "build requirements")
         run(cmd, log, env=env, timeout=timeout)
         wanted = json.loads(run([py, "-c", INSTALLED_REQUIRES, str(site_dir)], log, env=env, timeout=timeout) or "[]")
     else:
@@ -179,14 +191,20 @@ def install(py: str, checkout: Path, env_dir: Path, mode: str, extra: list[str],
             f"import sys; sys.path.insert(0, {str(Path(checkout).resolve())!r})\n")
         wanted = declared_requirements(checkout)
         installer = "pythonpath"
-    wanted += list(extra)
+    install_missing(py, wanted + list(extra), installer, uv, log, env, timeout, "requirements")
+    return installer
+
+
+def install_missing(py: str, wanted: list[str], installer: str, uv, log, env, timeout: int, what: str) -> None:
+    """Install those of ``wanted`` that the environment (with the host's packages) does not satisfy."""
+    if not wanted:
+        return
     missing = json.loads(run([py, "-c", MISSING_DEPS, json.dumps(wanted)], log, env=env, timeout=timeout).strip() or "[]")
     if missing:
-        log.write(f"requirements not satisfied by the host: {missing}; installing them (needs an index)\n")
+        log.write(f"{what} not satisfied by the host: {missing}; installing them (needs an index)\n")
         deps_cmd = ([uv, "pip", "install", "--python", py] if uv
                     else [py, "-m", "pip", "install", "--no-input", "--disable-pip-version-check"])
         run(deps_cmd + missing, log, env=env, timeout=timeout)
-    return installer
 
 
 def probe(py: str, device: str, adapter: str, log, timeout: int) -> dict:

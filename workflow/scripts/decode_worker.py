@@ -73,11 +73,7 @@ class DecodeWorker:
                     self.graphs["compiled_graph"][ctx] = self._capture(compiled, copy.deepcopy(cache))
         if hasattr(a, "reset_workspaces"):
             a.reset_workspaces()  # counters from here on describe steady-state decode, not the prefill
-        try:
-            routes = adapter_api.call_optional(a, "routes", self.layer)
-        except Exception as e:  # the record says why rather than failing the measurement
-            routes = {"error": f"{type(e).__name__}: {e}"}
-        self.info = {"modes": self.modes, "routes": routes}
+        self.info = {"modes": self.modes, "routes": harness.safe_routes(a, self.layer)}
 
     def _capture(self, layer, cache):
         torch, step = self.torch, self.adapter.decode_step
@@ -121,7 +117,7 @@ class DecodeWorker:
 
     def finish(self) -> dict:
         stats = adapter_api.call_optional(self.adapter, "workspace_stats")
-        return {"workspace_stats": stats, "memory": self.probe.as_dict()}
+        return {"workspace_stats": stats, "memory": self.probe.as_dict(), "routes": harness.safe_routes(self.adapter, self.layer)}
 
 
 def main(argv=None) -> int:

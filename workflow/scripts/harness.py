@@ -279,6 +279,16 @@ def worker_adapter(spec: dict):
     return adapter_api.load(spec["adapter"])
 
 
+def safe_routes(adapter, layer):
+    """The adapter's routes for ``layer``; an error in them is recorded, never fatal to a measurement."""
+    import adapter_api
+
+    try:
+        return adapter_api.call_optional(adapter, "routes", layer)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def set_threads(n: int | None) -> None:
     """Intra-op threads of a benchmark worker: from the config, never from Snakemake's --cores."""
     if n:

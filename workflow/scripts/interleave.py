@@ -167,7 +167,10 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
             print(f"{script}: round {r + 1}/{rounds} done", flush=True)
         for w in list(alive):
             try:
-                workers[w][1].update(workers[w][2].ask({"cmd": "finish"}, timeout))
+                end = workers[w][2].ask({"cmd": "finish"}, timeout)
+                if end.get("routes") is not None:  # routes at the end include fallbacks taken meanwhile
+                    results[workers[w][0]]["routes"] = end["routes"]
+                workers[w][1].update({k: v for k, v in end.items() if k != "routes"})
             except (RuntimeError, TimeoutError, ValueError) as e:
                 drop(w, e)
     finally:

@@ -84,7 +84,7 @@ class TrainWorker:
         torch = self.torch
         peak = int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else harness.peak_rss_bytes()
         return {"peak_mem_bytes": peak, "workspace_stats": adapter_api.call_optional(self.adapter, "workspace_stats"),
-                "memory": self.probe.as_dict()}
+                "memory": self.probe.as_dict(), "routes": harness.safe_routes(self.adapter, self.model.blocks[0].attn)}
 
 
 def main(argv=None) -> int:
