@@ -1,7 +1,7 @@
 # NSA validation workflow: commits x reserve configurations -> tests, benchmarks, deltas, report.
 #
 #     snakemake --cores 1 all      # then open results/report.html
-#     snakemake --cores 1 gate     # exit status for CI: non-zero when the verdict is FAIL
+#     snakemake --cores 1 gate     # exit status for CI: non-zero unless the verdict is PASS
 #
 # Stages live in workflow/rules/ (one each), the Python they run in workflow/scripts/.
 import os

@@ -1,9 +1,14 @@
-"""Exit status from the verdict, for CI: 0 PASS, 1 FAIL, 2 INCOMPLETE (or no readable summary).
+"""Exit status from the verdict, for CI: 0 PASS, 1 FAIL, 2 INCOMPLETE (or no readable summary),
+3 INCONCLUSIVE (the run's own noise floor was above the tolerance: measure again on a quieter machine).
 
 Usage: gate.py --summary results/summary.json [--allow-incomplete]
 
 INCOMPLETE fails the gate by default: a run where jobs crashed has not shown that the code is
 good. ``--allow-incomplete`` lets it through (e.g. on hosts without a GPU for the CUDA suites).
+INCONCLUSIVE always fails the gate: nothing was shown either way.
+
+``snakemake gate`` runs this as a job, and Snakemake exits 1 whatever the job's own code; run the
+script directly where CI must tell the verdicts apart.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-EXIT = {"PASS": 0, "FAIL": 1, "INCOMPLETE": 2}
+EXIT = {"PASS": 0, "FAIL": 1, "INCOMPLETE": 2, "INCONCLUSIVE": 3}
 
 
 def gate_status(verdict: str | None, allow_incomplete: bool = False) -> int:
