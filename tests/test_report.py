@@ -450,3 +450,12 @@ def test_read_record_statuses(tmp_path):
     (tmp_path / "f.json").write_text(json.dumps({"status": "failed", "log_tail": ["a", "b"]}))
     rec = results_io.read_record(tmp_path / "f.json")
     assert rec["status"] == "FAILED" and rec["log_tail"] == "a\nb"
+
+
+def test_a_noisy_reference_decides_nothing_when_no_run_of_the_implementation_was_measured(tmp_path):
+    # e.g. fla on a CPU host: every run "not supported"; only the reference workload ran, noisily.
+    gone = {(v, r): ("unsupported", "unsupported: device=cpu") for v in ("base", "feature") for r in ("none", "presized")}
+    s = aggregate.build_summary(build(tmp_path, twin=False, ref_between_sd=0.3, run_status=gone, seed=1))
+    assert s["decode"]["noise"]["eager"]["too_noisy"]  # measured and shown...
+    assert not any(c["id"].endswith("_noise") for c in s["acceptance"])  # ...but judges nothing
+    assert s["verdict"] != "INCONCLUSIVE", s["reasons"]

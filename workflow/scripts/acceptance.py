@@ -232,6 +232,8 @@ def _noise(s, acc, stage):
     title = f"{what.capitalize()} noise floor within tolerance"
     if not judged:
         return None
+    if not any(r.get("kind") != "reference" and r.get("status") == "ok" for r in sec.get("runs", [])):
+        return None  # no run of the implementation was measured: there is no comparison to doubt
     if not measured:
         return line(f"{stage}_noise", title, NOT_JUDGED, "not measured (no A/A twin, no reference workload)")
     noisy = [n for n in measured if n["too_noisy"]]
