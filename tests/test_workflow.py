@@ -86,7 +86,7 @@ def test_full_run_finishes_despite_a_broken_commit(e2e):
     # The broken commit: a FAILED environment record with the installer's log, and its later
     # jobs record why they could not run instead of crashing the workflow.
     env = _read(work, f"env/{repo['broken']}/env.json")
-    assert env["status"] == "failed" and "pip" in env["error"] and env["log_tail"]
+    assert env["status"] == "failed" and "pyproject.toml is not valid TOML" in env["error"] and env["log_tail"]
     assert _read(work, f"tests/{repo['broken']}/none/summary.json")["status"] == "failed"
     train = {(r["variant"], r["reserve"]): r for r in _read(work, "train/train.json")["runs"]}
     assert train[("broken", "presized")]["error"].startswith("environment failed")
