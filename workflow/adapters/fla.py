@@ -23,7 +23,7 @@ before fla is imported, each violation an ``Unsupported`` naming the field:
 - ``d_k == d_v`` (flash-attn's window takes one head size), ``16 <= d_k <= 256`` (kernel tiles).
 - ``window >= 1`` (0 switches the branch off in the op).
 
-Semantics compared with our spec (../shared/docs/nsa-spec.md):
+Semantics compared with our spec (the paper, arXiv 2502.11089, §3):
 - Compression is mean pooling, with no learned map and no intra-block position (the spec's
   default is a learned linear map; mean pooling is its named alternative), of *rotated* keys.
 - Compressed token i covers ``[i l, (i+1) l)`` and is visible once complete, as in the spec; with no

@@ -21,7 +21,7 @@ Model fields (config key ``model``) and how they map:
   ``exact_windowsize``) reads keys ``[t - size, t]``, i.e. size + 1 keys; so ``w = 1`` is unsupported.
 Any other field raises ``Unsupported``.
 
-Where its semantics differ from the paper as our spec fixes it (../shared/docs/nsa-spec.md):
+Where its semantics differ from the paper as our spec fixes it (the paper, arXiv 2502.11089, §3):
 - One key/value projection shared by all three branches (spec: one per branch). No model field
   says which, so this is recorded here, not refused.
 - Compression: compressed token i summarises raw positions ``[(i+1)d - l, (i+1)d)``, left-padded
