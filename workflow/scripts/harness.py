@@ -203,6 +203,8 @@ def check_host(python: str, device: str) -> str:
         raise ValueError(f"{exe} lacks {', '.join(missing)}, which every commit's environment inherits; install "
                          f"them first (the CPU build of torch: pip install torch --index-url "
                          f"https://download.pytorch.org/whl/cpu; then pip install setuptools pytest)")
+    if device == "cpu":
+        return "cpu"
     found = detect_device("auto", exe)
     if device == "cuda" and found != "cuda":
         raise ValueError(f"config key device = 'cuda', but {exe}'s torch sees no CUDA device here; "
