@@ -221,3 +221,16 @@ def test_no_worker_outlives_a_killed_parent(tmp_path):
     while ours() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ours() == [], "processes outlived the killed parent"
+
+
+def test_condition_warnings_name_other_work_and_gpu_changes():
+    quiet, busy = {"cores": 2, "busy_cores": 0.1}, {"cores": 2, "busy_cores": 1.6}
+    assert interleave.condition_warnings(quiet, quiet, None, None) == []
+    assert interleave.condition_warnings(busy, quiet, None, None) == [
+        "other work kept 1.6 of 2 cores busy before the measurement"]
+    gpu0 = {"clocks.sm": "1980", "temperature.gpu": "40", "processes": []}
+    gpu1 = {"clocks.sm": "1500", "temperature.gpu": "55", "processes": []}
+    text = " ".join(interleave.condition_warnings(quiet, quiet, {**gpu0, "processes": ["123, python, 500"]}, gpu1))
+    assert "SM clock changed from 1980 to 1500 MHz" in text and "rose from 40 to 55 C" in text
+    assert "other processes were on the GPU" in text
+    assert 0 <= interleave.busy_cores(0.05) <= 2 * (__import__("os").cpu_count() or 1)

@@ -73,7 +73,8 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                          "workspaces": True, "block_indices": True},
         "acceptance": acceptance_given if acceptance_given is not None else {"bootstrap_resamples": 400}})
     conditions = {"host": {"cpu_model": "Fake CPU", "cores": 2, "threads": 1, "loadavg_before": [0.1, 0.1, 0.1],
-                           "loadavg_after": [0.2, 0.1, 0.1]}, "gpu_before": None, "gpu_after": None,
+                           "loadavg_after": [0.2, 0.1, 0.1], "busy_cores_before": 0.1, "busy_cores_after": 0.2},
+                  "gpu_before": None, "gpu_after": None,
                   "warnings": list(warnings)}
     factor = factor or {}
     run_status = run_status or {}

@@ -196,13 +196,36 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def busy_cores(window_s: float = 0.5) -> float | None:
+    """Cores kept busy by *other* work right now (/proc/stat over ``window_s``), taken while none of
+    our workers runs. The load average cannot tell that: it lags a minute behind, so it still counts
+    the workers of the job that just ended."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
 def host_conditions(threads: int | None) -> dict:
     try:
         load = list(os.getloadavg())
     except OSError:
         load = None
     return {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "loadavg": load,
-            "hostname": platform.node()}
+            "busy_cores": busy_cores(), "hostname": platform.node()}
 
 
 GPU_FIELDS = ("name", "clocks.sm", "clocks.mem", "clocks.max.sm", "temperature.gpu", "power.draw", "utilization.gpu",
@@ -238,9 +261,9 @@ def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | N
     out = []
     cores = host_before.get("cores") or 1
     for when, host in (("before", host_before), ("after", host_after)):
-        load = (host.get("loadavg") or [None])[0]
-        if load is not None and load > 0.75 * cores:
-            out.append(f"host load average {load:.2f} on {cores} cores {when} the measurement: other work competed")
+        busy = host.get("busy_cores")
+        if busy is not None and busy > 0.5 * cores:
+            out.append(f"other work kept {busy:.1f} of {cores} cores busy {when} the measurement")
     if gpu_before and gpu_after:
         b, a = _num(gpu_before.get("clocks.sm")), _num(gpu_after.get("clocks.sm"))
         if b and a and abs(a - b) / b > 0.05:
@@ -260,8 +283,9 @@ def measure_conditions(threads: int | None, device: str, body):
     result = body()
     host_after, gpu_after = host_conditions(threads), gpu_conditions() if device == "cuda" else None
     warnings = condition_warnings(host_before, host_after, gpu_before, gpu_after)
-    host = {k: v for k, v in host_before.items() if k != "loadavg"}
-    host.update(loadavg_before=host_before["loadavg"], loadavg_after=host_after["loadavg"])
+    host = {k: v for k, v in host_before.items() if k not in ("loadavg", "busy_cores")}
+    host.update(loadavg_before=host_before["loadavg"], loadavg_after=host_after["loadavg"],
+                busy_cores_before=host_before["busy_cores"], busy_cores_after=host_after["busy_cores"])
     return result, {"host": host, "gpu_before": gpu_before, "gpu_after": gpu_after, "warnings": warnings}
 
 

@@ -128,9 +128,9 @@ def run_facts(s: dict) -> list[str]:
              + (f", {dec.get('rounds')} rounds" if dec.get("rounds") else "") + f". Repository: {s.get('repo')}."]
     host = (s.get("conditions", {}).get("decode") or {}).get("host") or {}
     if host:
-        lb, la = host.get("loadavg_before"), host.get("loadavg_after")
-        load = (f"; load average {lb[0]:.2f} before, {la[0]:.2f} after decode"
-                if lb and la and isinstance(lb[0], (int, float)) and isinstance(la[0], (int, float)) else "")
+        bb, ba = host.get("busy_cores_before"), host.get("busy_cores_after")
+        load = (f"; cores busy with other work {bb:.1f} before, {ba:.1f} after decode"
+                if isinstance(bb, (int, float)) and isinstance(ba, (int, float)) else "")
         facts.append(f"Host: {host.get('cpu_model')}, {host.get('cores')} cores, threads per worker: "
                      f"{host.get('threads')}{load}.")
     gpu = (s.get("conditions", {}).get("decode") or {}).get("gpu_before")
