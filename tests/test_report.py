@@ -274,7 +274,7 @@ def test_a_ci_too_wide_to_rule_out_a_regression_is_inconclusive_not_no_change(tm
     assert crit(s, "decode")["status"] == "inconclusive"
     assert s["verdict"] == "INCONCLUSIVE"
     assert any(re.match(r"decode at ctx \d+, eager mode: feature vs base \(reserve \w+\) cannot be judged: "
-                        r"[+-]\d+\.\d+%, 99% CI .* reaches beyond ±10\.0% \(5 processes per run: more narrow the CI\)",
+                        r"[+-]\d+\.\d+%, 99% CI .* reaches beyond ±10\.0% \(5 processes per run: more processes would narrow the CI\)",
                         r) for r in s["reasons"]), s["reasons"]
     assert s["overview"][2]["decode"].startswith("uncertain: the CI reaches beyond ±10%")
 

@@ -110,7 +110,7 @@ def _uncertain_reasons(rows, stage, what, lower_is_better, level, against) -> li
     procs = min(min(r["processes"], r["baseline_processes"]) for r in rows)
     worse = (lambda r: r["ci_high_pct"]) if lower_is_better else (lambda r: -r["ci_low_pct"])
     return [f"{what}{where(w, stage)}: {against(w)} cannot be judged: {pct(w['delta_pct'])}, {ci_words(w, level)} "
-            f"reaches beyond ±{w['threshold_pct']:.1f}% ({procs} processes per run: more narrow the CI){more}"
+            f"reaches beyond ±{w['threshold_pct']:.1f}% ({procs} processes per run: more processes would narrow the CI){more}"
             for w, more in _worst_per_pair(rows, worse)]
 
 
@@ -150,8 +150,8 @@ def consistency(s, acc):
     gone = [r for r in rows if r["status"] in (FAILED, MISSING)]
     ok = [r for r in rows if r["status"] == OK and r.get("passed")]
     reasons = [f"decode does not match forward for {r['variant']} (reserve {r['reserve']}): max abs error "
-               f"{r.get('max_abs_err'):.3g} at position {r.get('worst_position')} (tolerance {r.get('tolerance')}, "
-               f"{r.get('dtype')})" for r in bad]
+               f"{_g(r.get('max_abs_err'), '.3g')} at position {r.get('worst_position')} (tolerance "
+               f"{_g(r.get('tolerance'), '.2g')}, {r.get('dtype')})" for r in bad]
     status = FAIL if bad else INCOMPLETE if gone else PASS if ok else NOT_JUDGED
     return line("consistency", "Decode matches forward within each commit", status,
                 f"{len(ok)} of {len(rows)} match" + (f", {len(gone)} did not run" if gone else ""),
