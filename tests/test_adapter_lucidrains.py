@@ -298,7 +298,7 @@ def test_releases_agree(tmp_path_factory):
 TINY = {
     "device": "cpu",
     "model": {"dim": 32, "groups": 2, "heads_per_group": 2, "d_k": 8, "d_v": 8, "block_len": 4, "block_stride": 2,
-              "sel_block_len": 4, "n_sel": 3, "window": 8},
+              "sel_block_len": 4, "n_sel": 4, "window": 8},
     "decode": {"cpu": {"contexts": [16, 32], "steps": 4, "warmup": 1, "rounds": 2, "processes": 2}},
     "train": {"cpu": {"steps": 4, "warmup": 1, "rounds": 2, "processes": 2, "batch": 2, "seq_len": 32, "layers": 1,
                       "vocab": 32, "lr": 0.02}},

@@ -30,7 +30,7 @@ import resolve_refs  # noqa: E402
 import run_suites  # noqa: E402
 
 TINY_MODEL = {"dim": 16, "groups": 1, "heads_per_group": 2, "d_k": 8, "d_v": 8, "block_len": 4, "block_stride": 2,
-              "sel_block_len": 4, "n_sel": 3, "window": 8}
+              "sel_block_len": 4, "n_sel": 4, "window": 8}
 
 
 def tiny_config(fake_repo: dict, **overrides) -> dict:
@@ -224,6 +224,7 @@ BAD_CONFIGS = [
     ("name escaping results", {"suites": {"../../x": "core_invariants"}}, "config key suites: the name '../../x' is not accepted"),
     ("selection blind", {"equivalence": {"cpu": {"batch": 1, "seq_len": 12, "decode_steps": 3}}},
      "config key equivalence.cpu.seq_len = 12 is too short to see the selection"),
+    ("only forced blocks", {"model": {**TINY_MODEL, "n_sel": 3}}, "config key model.n_sel = 3 leaves no block"),
     ("unknown ref", {"variants": {"base": "no-such-branch"}}, "git ref 'no-such-branch' does not name a commit"),
     ("no such interpreter", {"python": "/nonexistent/python"}, "config key python = '/nonexistent/python': no such executable"),
 ]
@@ -385,3 +386,19 @@ def test_dependencies_come_from_the_commits_own_metadata(tmp_path):
     out = subprocess.run([sys.executable, "-c", build_env.INSTALLED_REQUIRES, str(site)], capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out) == ["omegaconf"]
+
+
+@pytest.mark.workflow
+def test_unchanged_code_never_fails(fake_repo, tmp_path):
+    """An A/A-only configuration (one commit under two names): PASS, or INCONCLUSIVE with a reason on
+    a noisy machine, never FAIL."""
+    cfg = tiny_config(fake_repo, variants={"base": "base", "base-again": "base"}, suites={"core": "core_invariants"},
+                      reserve_configs={"none": {}})
+    work = workdir_with(tmp_path / "w", cfg)
+    proc = snakemake(work, "--cores", "2", "all", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = _read(work, "summary.json")
+    assert summary["verdict"] in ("PASS", "INCONCLUSIVE"), summary["reasons"]
+    assert not [c for c in summary["acceptance"] if c["status"] == "fail"], summary["acceptance"]
+    if summary["verdict"] == "INCONCLUSIVE":
+        assert summary["reasons"], "INCONCLUSIVE must say why"

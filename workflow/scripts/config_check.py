@@ -143,6 +143,9 @@ def check_semantics(cfg: dict) -> list[str]:
     return problems
 
 
+FORCED_BLOCKS = 3
+
+
 def selection_blind_spots(cfg: dict) -> list[str]:
     """Output checks at lengths where every block is selected cannot see the selection (a commit
     that flips the sign of the selection scores would pass): each compared length must hold more
@@ -151,8 +154,13 @@ def selection_blind_spots(cfg: dict) -> list[str]:
     block, n_sel = model.get("sel_block_len"), model.get("n_sel")
     if not (isinstance(block, int) and isinstance(n_sel, int) and block > 0):
         return []
-    need = n_sel * block + 1
     out = []
+    if n_sel <= FORCED_BLOCKS:
+        # The first block and the two most recent ones are always selected (the paper, §3.3.2):
+        # with no slot left for the scores, no output check can see them.
+        out.append(f"config key model.n_sel = {n_sel} leaves no block for the selection scores to choose "
+                   f"(the first and the two most recent blocks are always selected); accepted: >= {FORCED_BLOCKS + 1}")
+    need = n_sel * block + 1
     for stage in ("equivalence", "consistency"):
         for device, sizes in (cfg.get(stage) or {}).items():
             if device in ("cpu", "cuda") and isinstance(sizes, dict) and isinstance(sizes.get("seq_len"), int) \
