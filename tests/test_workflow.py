@@ -402,3 +402,17 @@ def test_unchanged_code_never_fails(fake_repo, tmp_path):
     assert not [c for c in summary["acceptance"] if c["status"] == "fail"], summary["acceptance"]
     if summary["verdict"] == "INCONCLUSIVE":
         assert summary["reasons"], "INCONCLUSIVE must say why"
+
+
+def test_an_unreachable_url_is_an_error_not_stale_refs(fake_repo, tmp_path):
+    source = tmp_path / "upstream"
+    subprocess.run(["git", "clone", "-q", "--bare", fake_repo["repo"], str(source)], check=True)
+    url = f"file://{source}"
+    mirror = resolve_refs.local_repo(url, tmp_path / "mirrors")
+    assert resolve_refs.resolve_ref(mirror, "base") == fake_repo["base"]
+    import shutil
+
+    shutil.rmtree(source)  # the URL no longer answers
+    with pytest.raises(resolve_refs.RefError, match="git fetch failed .* set repo to that path to use them offline"):
+        resolve_refs.local_repo(url, tmp_path / "mirrors")
+    assert resolve_refs.resolve_ref(mirror, "base") == fake_repo["base"]  # the offline path still works

@@ -41,8 +41,11 @@ def local_repo(repo: str, mirrors: Path) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", repo.rstrip("/").rsplit("/", 1)[-1]) or "repo"
     mirror = Path(mirrors) / f"{slug}-{hashlib.sha1(repo.encode()).hexdigest()[:8]}.git"
     if mirror.exists():
-        # A failed fetch (offline) keeps the refs we already have: resolution below says if one is missing.
-        git(mirror, "fetch", "--prune", "origin", "+refs/*:refs/*", check=False)
+        r = git(mirror, "fetch", "--prune", "origin", "+refs/*:refs/*", check=False)
+        if r.returncode != 0:
+            # Never measure yesterday's branches silently: say so, and how to use them on purpose.
+            raise RefError(f"config key repo = {repo!r}: git fetch failed ({' '.join(r.stderr.split())[-300:]}); the "
+                           f"refs fetched earlier are in {mirror}: set repo to that path to use them offline")
     else:
         mirror.parent.mkdir(parents=True, exist_ok=True)
         r = subprocess.run(["git", "clone", "--mirror", "--quiet", repo, str(mirror)], capture_output=True, text=True)
