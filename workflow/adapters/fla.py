@@ -96,12 +96,9 @@ def _next_power_of_two(n: int) -> int:
 
 def check_model(model: dict, device: str, dtype: str) -> None:
     """Raise ``Unsupported`` for the first thing fla's NSA cannot do (standard library only, no fla)."""
-    unknown = sorted(set(model) - set(MODEL_FIELDS))
-    if unknown:
-        raise _unsupported(unknown[0], model[unknown[0]], f"this adapter maps {', '.join(MODEL_FIELDS)}")
-    missing = [f for f in MODEL_FIELDS if f not in model]
-    if missing:
-        raise _unsupported(missing[0], None, "every model field must be given")
+    from adapter_api import check_fields
+
+    check_fields(model, MODEL_FIELDS)
     if not str(device).startswith("cuda"):
         raise _unsupported("device", device, "not supported by this implementation: fla's NSA is Triton kernels "
                                              "and flash-attn, CUDA only")
@@ -271,19 +268,8 @@ def selected_blocks(layer, x):
     fewer blocks exist. Recorded by wrapping that name in fla.ops.nsa.parallel for one forward."""
     import torch
 
-    ops = _ops()
-    original = ops.parallel_nsa_topk
-    seen = []
+    from adapter_api import recording
 
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out.detach().clone())
-        return out
-
-    ops.parallel_nsa_topk = recording
-    try:
-        with torch.no_grad():
-            layer(x)
-    finally:
-        ops.parallel_nsa_topk = original
+    with recording(_ops(), "parallel_nsa_topk") as seen, torch.no_grad():
+        layer(x)
     return seen[-1][..., :layer.model["n_sel"]] if seen else None

@@ -102,12 +102,9 @@ def _unsupported(field: str, value, why: str):
 def layer_kwargs(model: dict, parameters) -> dict:
     """``SparseAttention`` keyword arguments for ``model``, given the names its constructor takes
     (they changed between releases). Raises ``Unsupported`` for a field it cannot honour."""
-    unknown = sorted(set(model) - set(MODEL_FIELDS))
-    if unknown:
-        raise _unsupported(unknown[0], model[unknown[0]], f"this adapter maps {', '.join(MODEL_FIELDS)}")
-    missing = [f for f in MODEL_FIELDS if f not in model]
-    if missing:
-        raise _unsupported(missing[0], None, "every model field must be given")
+    from adapter_api import check_fields
+
+    check_fields(model, MODEL_FIELDS)
     G, h = model["groups"], model["heads_per_group"]
     d_k, d_v = model["d_k"], model["d_v"]
     l, d, l_sel = model["block_len"], model["block_stride"], model["sel_block_len"]

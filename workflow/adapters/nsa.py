@@ -114,23 +114,14 @@ def selected_blocks(layer, x):
     Recorded by wrapping the name ``select_blocks`` in ``nsa.attention`` for one forward, so it
     works whatever that op's signature is in the commit under test.
     """
+    from adapter_api import recording
+
     try:
         import nsa.attention as attention
     except ImportError:  # a commit without that module: the indices are not observable
         return None
-    original = getattr(attention, "select_blocks", None)
-    if original is None:
+    if not hasattr(attention, "select_blocks"):
         return None
-    seen = []
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out.detach().clone())
-        return out
-
-    attention.select_blocks = recording
-    try:
+    with recording(attention, "select_blocks") as seen:
         layer(x)
-    finally:
-        attention.select_blocks = original
     return seen[-1] if seen else None

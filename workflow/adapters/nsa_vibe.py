@@ -196,12 +196,9 @@ def build_layer(model: dict, *, device: str, dtype: str):
     from adapter_api import Unsupported
     from nsa.core.nsa_attention import NSAAttention
 
-    unknown = sorted(set(model) - set(MODEL_FIELDS))
-    if unknown:
-        raise Unsupported(f"unsupported: {unknown[0]}={model[unknown[0]]!r} (nsa-vibe takes {', '.join(MODEL_FIELDS)})")
-    missing = [f for f in MODEL_FIELDS if f not in model]
-    if missing:
-        raise ValueError(f"model is missing {', '.join(missing)} (workflow/adapters/README.md lists the fields)")
+    from adapter_api import check_fields
+
+    check_fields(model, MODEL_FIELDS)
     m = {k: int(model[k]) for k in MODEL_FIELDS}
     for field in ("dim", "groups", "heads_per_group", "d_k", "d_v", "block_len", "block_stride", "sel_block_len"):
         if m[field] < 1:

@@ -11,6 +11,7 @@ Only the standard library is imported here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -128,10 +129,34 @@ def check_env(module, variables: dict) -> list[str]:
 
 
 def check_fields(model: dict, accepted) -> None:
-    """Raise Unsupported naming the first model field the adapter does not know (never ignore one)."""
-    unknown = [k for k in model if k not in accepted]
+    """Raise Unsupported naming the first model field the adapter does not know (never ignore one)
+    or the first of ``accepted`` that is missing."""
+    unknown = sorted(set(model) - set(accepted))
     if unknown:
-        raise Unsupported(f"unsupported: {unknown[0]}={model[unknown[0]]!r} (this adapter knows {', '.join(accepted)})")
+        raise Unsupported(f"unsupported: {unknown[0]}={model[unknown[0]]!r} (this adapter maps {', '.join(accepted)})")
+    missing = [f for f in accepted if f not in model]
+    if missing:
+        raise Unsupported(f"unsupported: {missing[0]}=None (every model field must be given)")
+
+
+@contextlib.contextmanager
+def recording(owner, name: str):
+    """Within the block, ``owner.name`` also appends each of its results (detached copies) to the
+    list this yields: how adapters observe e.g. the selected blocks without changing the code under
+    test, whatever the wrapped function's signature is in that commit."""
+    original = getattr(owner, name)
+    seen = []
+
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out.detach().clone())
+        return out
+
+    setattr(owner, name, wrapper)
+    try:
+        yield seen
+    finally:
+        setattr(owner, name, original)
 
 
 def call_optional(module, name: str, *args, default=None, **kwargs):

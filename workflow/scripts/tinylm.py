@@ -138,6 +138,8 @@ class TinyLM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
+# nsa.models has its own copy for the library's benchmarks; this one is the harness's, because the
+# harness must train every implementation the same way and import nothing from the code under test.
 def synthetic_batches(vocab: int, batch: int, seq_len: int, *, seed: int = 0, device="cpu", ngrams: int = 64,
                       ngram_len: int = 8):
     """Endless ``[batch, seq_len]`` batches of a fixed set of random n-grams in random order: a model
