@@ -50,5 +50,7 @@ case "${1:-tests}" in
     echo "snakemake rc=$? after $(( $(date +%s) - start )) s"
     grep -E "Finished jobid|Error|error" "$OUT/snakemake-$1.log" | tail -n 20
     for f in report.html report.md summary.json; do cp "results/$f" "$OUT/$1-$f" 2>/dev/null; done
+    # Everything but environments and checkouts (junit files carry per-test times), and the log.
+    tar czf "$OUT/$1-results.tgz" --exclude=results/env --exclude=results/checkouts --exclude=results/repos results
     ;;
 esac
