@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,39 @@ def test_training_without_backward_is_not_supported(tmp_path):
     assert none["toy"]["status"] == "unsupported" and "backward" in none["toy"]["reason"]
 
 
+def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypatch):
+    state = {"setting_up": 0, "most": 0, "started": 0}
+
+    class FakeRemote:  # says ready when received from; answers every request with one sample
+        def __init__(self, cmd, env, log_path):
+            state["setting_up"] += 1
+            state["started"] += 1
+            state["most"] = max(state["most"], state["setting_up"])
+            self.log_path, self.proc = log_path, types.SimpleNamespace(pid=state["started"])
+
+        def receive(self, timeout):
+            state["setting_up"] -= 1
+            return {"info": {}}
+
+        def ask(self, obj, timeout):
+            return {} if obj["cmd"] == "finish" else {"sample": 1.0}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(interleave, "Remote", FakeRemote)
+    runs = [{"variant": f"v{i}", "sha": "0" * 40, "reserve": "none", "kind": "impl", "env_dir": sys.prefix,
+             "vars": {}, "spec": {}} for i in range(3)]
+    for parallel, most in ((0, 6), (1, 1), (4, 4)):
+        state.update(setting_up=0, most=0, started=0)
+        results = interleave.coordinate(runs, script="worker.py", request={"cmd": "sample"},
+                                        merge=lambda p, a: p.setdefault("samples", []).append(a["sample"]),
+                                        processes=2, rounds=3, device="cpu", log_dir=tmp_path, timeout=1, seed=0,
+                                        threads=None, setup_parallel=parallel)
+        assert state["most"] == most and state["started"] == 6
+        assert all(r["status"] == "ok" and [len(p["samples"]) for p in r["processes"]] == [3, 3] for r in results)
+
+
 def _stage(tmp_path, script: str, adapter: Path, sizes: dict, **extra) -> dict:
     import subprocess
 
@@ -228,9 +262,13 @@ def test_condition_warnings_name_other_work_and_gpu_changes():
     assert interleave.condition_warnings(quiet, quiet, None, None) == []
     assert interleave.condition_warnings(busy, quiet, None, None) == [
         "other work kept 1.6 of 2 cores busy before the measurement"]
-    gpu0 = {"clocks.sm": "1980", "temperature.gpu": "40", "processes": []}
-    gpu1 = {"clocks.sm": "1500", "temperature.gpu": "55", "processes": []}
-    text = " ".join(interleave.condition_warnings(quiet, quiet, {**gpu0, "processes": ["123, python, 500"]}, gpu1))
-    assert "SM clock changed from 1980 to 1500 MHz" in text and "rose from 40 to 55 C" in text
+    idle = {"clocks.sm": "345", "clocks.max.sm": "1980", "temperature.gpu": "34", "processes": [],
+            "clocks_throttle_reasons.active": "0x0000000000000001"}
+    boosted = {**idle, "clocks.sm": "1980", "clocks_throttle_reasons.active": "0x0000000000000000"}
+    assert interleave.condition_warnings(quiet, quiet, idle, boosted) == []  # idle -> boost is no warning
+    hot = {**idle, "clocks.max.sm": "1500", "temperature.gpu": "55", "clocks_throttle_reasons.active": "0x0000000000000024"}
+    text = " ".join(interleave.condition_warnings(quiet, quiet, {**idle, "processes": ["123, python, 500"]}, hot))
+    assert "maximum SM clock changed from 1980 to 1500 MHz" in text and "rose from 34 to 55 C" in text
+    assert "held back (software power cap, software thermal slowdown) after" in text
     assert "other processes were on the GPU" in text
     assert 0 <= interleave.busy_cores(0.05) <= 2 * (__import__("os").cpu_count() or 1)

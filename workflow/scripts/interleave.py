@@ -90,13 +90,15 @@ def round_order(n: int, round_index: int, seed: int) -> list[int]:
 
 
 def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes: int, rounds: int, device: str,
-               log_dir: Path, timeout: float, seed: int, threads: int | None) -> list[dict]:
+               log_dir: Path, timeout: float, seed: int, threads: int | None, setup_parallel: int = 0) -> list[dict]:
     """Measure every run with ``processes`` workers of ``script`` over ``rounds`` interleaved rounds.
 
     ``runs``: dicts with variant, sha, reserve, kind, spec, vars, and env_dir or env_error.
     ``merge(process_record, answer)`` folds one answer to ``request`` into the process's record.
+    ``setup_parallel``: workers setting up at once (0: all). Set-up is when a worker peaks in memory
+    (a training worker's warm-up steps); measuring is one worker at a time anyway.
     """
-    results, workers = [], []  # workers: (run index, process record, Remote)
+    results, specs, workers = [], [], []  # specs: (run index, process record, command, env, log); workers: started
     for i, run in enumerate(runs):
         res = {k: run.get(k) for k in ("variant", "sha", "reserve", "kind")}
         res.update(status="ok", routes=None, processes=[])
@@ -112,9 +114,9 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
             name = f"{i:02d}-{run['variant']}.{run.get('reserve') or 'ref'}.p{j}"
             proc = {"index": j, "status": "ok"}
             res["processes"].append(proc)
-            workers.append((i, proc, Remote(cmd, env, log_dir / f"{name[:100]}.log")))
+            specs.append((i, proc, cmd, env, log_dir / f"{name[:100]}.log"))
 
-    alive = list(range(len(workers)))
+    alive = []
 
     def drop(w, err, unsupported=False):
         i, proc, remote = workers[w]
@@ -132,25 +134,33 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
         print(f"{script} {results[i]['variant']}/{results[i]['reserve']} process {proc['index']} FAILED: {err}",
               flush=True)
 
+    wave = setup_parallel or max(len(specs), 1)
     try:
-        for w in list(alive):  # workers set up concurrently; wait for each to say ready
-            if w not in alive:
-                continue
-            try:
-                msg = workers[w][2].receive(timeout)
-            except (RuntimeError, TimeoutError, ValueError) as e:
-                drop(w, e)
-                continue
-            if "unsupported" in msg:
-                drop(w, msg["unsupported"], unsupported=True)
-                continue
-            i, proc, remote = workers[w]
-            proc["pid"] = remote.proc.pid
-            info = msg.get("info") or {}
-            if results[i]["routes"] is None and info.get("routes") is not None:
-                results[i]["routes"] = info["routes"]
-            proc["info"] = {k: v for k, v in info.items() if k != "routes"}
-        print(f"{script}: {len(alive)}/{len(workers)} workers ready", flush=True)
+        for first in range(0, len(specs), wave):  # a wave of workers sets up at once; each says ready
+            started = len(workers)
+            for i, proc, cmd, env, log in specs[first:first + wave]:
+                if results[i]["status"] == "unsupported":  # an earlier wave's answer covers the run
+                    continue
+                workers.append((i, proc, Remote(cmd, env, log)))
+                alive.append(len(workers) - 1)
+            for w in range(started, len(workers)):
+                if w not in alive:
+                    continue
+                try:
+                    msg = workers[w][2].receive(timeout)
+                except (RuntimeError, TimeoutError, ValueError) as e:
+                    drop(w, e)
+                    continue
+                if "unsupported" in msg:
+                    drop(w, msg["unsupported"], unsupported=True)
+                    continue
+                i, proc, remote = workers[w]
+                proc["pid"] = remote.proc.pid
+                info = msg.get("info") or {}
+                if results[i]["routes"] is None and info.get("routes") is not None:
+                    results[i]["routes"] = info["routes"]
+                proc["info"] = {k: v for k, v in info.items() if k != "routes"}
+        print(f"{script}: {len(alive)}/{len(specs)} workers ready", flush=True)
         for r in range(rounds):
             for w in round_order(len(workers), r, seed):
                 if w not in alive:
@@ -256,6 +266,21 @@ def _num(x):
         return None
 
 
+# Bits of nvidia-smi's clocks_throttle_reasons.active that slow a busy GPU (0x1 idle and 0x2
+# application clocks do not).
+SLOWDOWN_BITS = {0x4: "software power cap", 0x8: "hardware slowdown", 0x20: "software thermal slowdown",
+                 0x40: "hardware thermal slowdown", 0x80: "hardware power brake"}
+
+
+def slowdowns(reasons: str | None) -> list[str]:
+    """The slowdowns named by a clocks_throttle_reasons.active reading ('0x...'), in plain words."""
+    try:
+        bits = int(str(reasons), 16)
+    except ValueError:
+        return []
+    return [name for bit, name in SLOWDOWN_BITS.items() if bits & bit]
+
+
 def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | None, gpu_after: dict | None) -> list[str]:
     """Plain-words warnings where the machine was busy or changed during the measurement."""
     out = []
@@ -265,9 +290,16 @@ def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | N
         if busy is not None and busy > 0.5 * cores:
             out.append(f"other work kept {busy:.1f} of {cores} cores busy {when} the measurement")
     if gpu_before and gpu_after:
-        b, a = _num(gpu_before.get("clocks.sm")), _num(gpu_after.get("clocks.sm"))
-        if b and a and abs(a - b) / b > 0.05:
-            out.append(f"GPU SM clock changed from {b:.0f} to {a:.0f} MHz during the measurement")
+        # The current SM clock is not compared: before the job the GPU idles at a few hundred MHz and
+        # boosts under load (seen: 345 -> 1980 MHz on an H200), which says nothing about the timings.
+        # A changed clock ceiling or an active slowdown does.
+        b, a = _num(gpu_before.get("clocks.max.sm")), _num(gpu_after.get("clocks.max.sm"))
+        if b and a and a != b:
+            out.append(f"GPU maximum SM clock changed from {b:.0f} to {a:.0f} MHz during the measurement")
+        for when, gpu in (("before", gpu_before), ("after", gpu_after)):
+            held = slowdowns(gpu.get("clocks_throttle_reasons.active"))
+            if held:
+                out.append(f"GPU clocks held back ({', '.join(held)}) {when} the measurement")
         tb, ta = _num(gpu_before.get("temperature.gpu")), _num(gpu_after.get("temperature.gpu"))
         if tb is not None and ta is not None and ta - tb >= 10:
             out.append(f"GPU temperature rose from {tb:.0f} to {ta:.0f} C during the measurement")
@@ -335,7 +367,8 @@ def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: 
         run["spec"] = {**spec, "layer": "dense" if run["kind"] == "reference" else "impl"}
     results, conditions = measure_conditions(args.threads, args.device, lambda: coordinate(
         runs, script=script, request=request, merge=merge, processes=sizes["processes"], rounds=sizes["rounds"],
-        device=args.device, log_dir=args.log_dir, timeout=args.timeout, seed=args.seed, threads=args.threads))
+        device=args.device, log_dir=args.log_dir, timeout=args.timeout, seed=args.seed, threads=args.threads,
+        setup_parallel=sizes.get("setup_parallel", 0)))
     record = {"schema_version": SCHEMA_VERSION, "device": args.device, "timer": harness.Timer(args.device).name,
               "rounds": sizes["rounds"], "processes": sizes["processes"], "sizes": sizes, "conditions": conditions,
               "runs": results}
