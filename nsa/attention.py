@@ -20,7 +20,7 @@ from .ops import naive
 from .ops.common import acc_dtype, masked_softmax, scores_einsum, values_einsum
 from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope
-from .ops.selection import overlap_matrix, select_blocks, selection_scores
+from .ops.selection import overlap_matrix, select_blocks, select_from_compressed, selection_scores
 
 
 @dataclasses.dataclass
@@ -144,11 +144,14 @@ class NSAAttention(nn.Module):
         else:
             # The probabilities always come from the matmul route: they score the selection.
             cmp_route = routes.route_cmp(x.device, x.dtype, cfg.d_k, cfg.d_v)
-            o_cmp, p = compressed_attention(q, k_cmp, v_cmp, **cmp, with_output=cmp_route.fn is None)
-            if cmp_route.fn is not None:
+            if cmp_route.fn is None:
+                o_cmp, p = compressed_attention(q, k_cmp, v_cmp, **cmp)
+                idx = select_blocks(selection_scores(p, **scoring), **slc, n_sel=cfg.n_sel)
+            else:
+                # The route's kernel gives the output; the selection comes from the probabilities a
+                # chunk of queries at a time (all of them at once grow as T^2).
                 o_cmp = cmp_route.fn(q, k_cmp, v_cmp, **cmp)
-            scores = selection_scores(p, **scoring)
-            idx = select_blocks(scores, **slc, n_sel=cfg.n_sel)
+                idx = select_from_compressed(q, k_cmp, v_cmp, **scoring, n_sel=cfg.n_sel)
             needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
             slc_route = routes.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
             o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)

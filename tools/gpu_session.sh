@@ -4,6 +4,8 @@
 #   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
 #   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report into $OUT
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
+#   bash tools/gpu_session.sh long       GPU tests, nsa.bench_prefill (8K-64K; fla-core from .whl/fla
+#                                        when there) and nsa.bench_smoke's decode at 64K
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
 # (the device's copy of the tree has no git history, and the workflow checks out commits); for
 # vibe also the wheels of nsa-vibe's dependencies (hydra-core, omegaconf, antlr4-python3-runtime)
@@ -30,11 +32,21 @@ case "${1:-tests}" in
     python3 -m nsa.bench_smoke --compile --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
     sed -n '/^summary/,$p' "$OUT/bench.log"
     ;;
+  long)
+    [ -d "$OLDPWD/.whl/fla" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$OLDPWD"/.whl/fla/*.whl
+    timeout 120 python3 -m pytest nsa/tests -q -rs -p no:cacheprovider -m "gpu or ops" -k "${GPU_SESSION_TESTS:-gpu or triton or select_from}" \
+      > "$OUT/long-pytest.log" 2>&1; tail -n 15 "$OUT/long-pytest.log"
+    timeout "${GPU_SESSION_PREFILL_S:-200}" python3 -m nsa.bench_prefill --lengths ${GPU_SESSION_LENGTHS:-8192 16384 32768 65536} \
+      --reps 3 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; cat "$OUT/prefill.log"
+    timeout 90 python3 -m nsa.bench_smoke --compile --skip-prefill --contexts 2048,65536 --steps 50 --json "$OUT/decode64k.json" \
+      > "$OUT/decode64k.log" 2>&1; sed -n '/^summary/,$p' "$OUT/decode64k.log"
+    ;;
   check)
     for a in "--adapter nsa" "--dense"; do python3 tools/gpu_harness_check.py $a 2>&1 | tail -n 8 || exit 1; done
     ;;
   workflow|vibe)
-    # GPU_SESSION_CONFIGFILE (absolute path): merged over the others, e.g. smaller sizes to fit a call.
+    # GPU_SESSION_CONFIGFILE (absolute path): merged over the others, e.g. smaller sizes to fit a call;
+    # GPU_SESSION_TARGET: the snakemake target (default all), e.g. results/train/train.json.
     files=(${GPU_SESSION_CONFIGFILE:-})
     extra=()
     if [ "$1" = vibe ]; then
@@ -46,7 +58,7 @@ case "${1:-tests}" in
     [ ${#files[@]} -gt 0 ] && extra+=(--configfile "${files[@]}")
     # Stop short of the 10-minute call limit; a second call resumes (--rerun-incomplete via profile).
     start=$(date +%s)
-    timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 all "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
+    timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 ${GPU_SESSION_TARGET:-all} "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
     echo "snakemake rc=$? after $(( $(date +%s) - start )) s"
     grep -E "Finished jobid|Error|error" "$OUT/snakemake-$1.log" | tail -n 20
     for f in report.html report.md summary.json; do cp "results/$f" "$OUT/$1-$f" 2>/dev/null; done

@@ -13,6 +13,7 @@ import torch
 
 from . import checks, workspace
 from .common import masked_softmax, scores_einsum, values_einsum
+from .compressed import compressed_attention
 
 
 @functools.lru_cache(maxsize=64)
@@ -118,6 +119,41 @@ def select_blocks(scores: torch.Tensor, *, sel_block_len: int, n_sel: int, posit
     if k < n_sel:
         order = torch.cat([order, order.new_full((B, T, G, n_sel - k), -1)], dim=-1)
     return order
+
+
+def select_from_compressed(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, *, groups: int, block_len: int,
+                           block_stride: int, sel_block_len: int, n_sel: int, num_blocks: int | None = None,
+                           chunk_rows: int | None = None) -> torch.Tensor:
+    """The selected blocks ``[B, T, G, n_sel]`` of every query, a chunk of queries at a time.
+
+    Equals ``select_blocks(selection_scores(compressed_attention(q, k_cmp, v_cmp)[1]))`` (same ops,
+    row by row) without holding the ``[B, T, H, N]`` probabilities, which grow as ``T^2`` (64 GB
+    in float32 at T=64K with 64 heads): only one chunk's exist at a time. Indices carry no gradient,
+    so this runs without autograd; the branch's output comes from its own route. ``chunk_rows``
+    defaults to what keeps one chunk's float32 probabilities near 2**26 elements on a GPU.
+    """
+    B, T, H, _ = q.shape
+    N = k_cmp.shape[1]
+    if num_blocks is None:
+        num_blocks = -(-T // sel_block_len)
+    if chunk_rows is None:
+        budget = 1 << 26 if q.device.type == "cuda" else 1 << 22
+        chunk_rows = max(1, budget // max(1, B * H * N))
+    chunk_rows = checks.need_int("select_from_compressed", "chunk_rows", chunk_rows, minimum=1)
+    cmp = {"block_len": block_len, "block_stride": block_stride}
+    with torch.no_grad():
+        overlap = None
+        out = []
+        for start in range(0, T, chunk_rows):
+            positions = torch.arange(start, min(T, start + chunk_rows), device=q.device)
+            _, p = compressed_attention(q[:, start:start + chunk_rows], k_cmp, v_cmp, **cmp, positions=positions,
+                                        with_output=False)
+            if overlap is None:
+                overlap = overlap_matrix(N, num_blocks, block_len, block_stride, sel_block_len, p.device, p.dtype)
+            scores = selection_scores(p, groups=groups, **cmp, sel_block_len=sel_block_len, num_blocks=num_blocks,
+                                      overlap=overlap)
+            out.append(select_blocks(scores, sel_block_len=sel_block_len, n_sel=n_sel, positions=positions))
+        return torch.cat(out, dim=1) if out else q.new_zeros(B, 0, groups, n_sel, dtype=torch.long)
 
 
 def canonical_blocks(block_idx: torch.Tensor) -> torch.Tensor:

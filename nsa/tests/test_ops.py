@@ -13,6 +13,7 @@ import torch
 from nsa import ops
 from nsa.ops import compressed as compressed_mod
 from nsa.ops import naive
+from nsa.ops.selection import select_from_compressed
 
 pytestmark = pytest.mark.ops
 
@@ -140,6 +141,25 @@ def test_select_blocks_with_positions_matches_naive(gen):
     scores = torch.rand(2, len(positions), 2, 8, generator=gen)
     assert torch.equal(ops.select_blocks(scores, sel_block_len=8, n_sel=4, positions=positions),
                        naive.select_blocks(scores, sel_block_len=8, n_sel=4, positions=positions))
+
+
+@pytest.mark.parametrize("T,G,h,l,d,l_sel,n_sel,chunk", [(70, 2, 3, 8, 4, 8, 4, 1), (70, 2, 3, 8, 4, 8, 4, 13),
+                                                        (100, 1, 2, 16, 8, 16, 3, 64), (5, 2, 1, 8, 4, 8, 3, 2),
+                                                        (129, 2, 2, 8, 4, 16, 5, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_from_compressed_equals_the_unchunked_ops(T, G, h, l, d, l_sel, n_sel, chunk, dtype, gen, qkv):
+    B = 2
+    N = naive.num_cmp(T - 1, block_len=l, block_stride=d)
+    q, k, v = qkv(B, T, N, G, h, 16, 8, dtype=dtype, generator=gen)
+    nb = -(-T // l_sel)
+    _, p = ops.compressed_attention(q, k, v, block_len=l, block_stride=d)
+    scores = ops.selection_scores(p, groups=G, block_len=l, block_stride=d, sel_block_len=l_sel, num_blocks=nb)
+    want = ops.select_blocks(scores, sel_block_len=l_sel, n_sel=n_sel)
+    q.requires_grad_(True)
+    got = select_from_compressed(q, k, v, groups=G, block_len=l, block_stride=d, sel_block_len=l_sel, n_sel=n_sel,
+                                 num_blocks=nb, chunk_rows=chunk)
+    assert got.shape == (B, T, G, n_sel) and not got.requires_grad
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("T,l_sel,n_sel", [(12, 4, 3), (40, 8, 4), (7, 16, 3), (33, 5, 6)])

@@ -1,0 +1,178 @@
+"""Long-context prefill and training speed: ``python -m nsa.bench_prefill [--json out.json]``.
+
+For each length T: the NSA layer's forward (no autograd) and forward + backward, next to dense
+causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core's ``parallel_nsa``
+(compressed + selected branches only) when the ``fla`` package is installed. Shape (issue 8): B=1,
+64 query heads in 4 groups, d_k = d_v = 128, l=32, d=16, l'=64, n=16, w=512, bf16 on a GPU.
+Every variant of one length is timed in the same rounds, interleaved, with CUDA events after a
+warm-up call; the peak memory of each call is recorded. A variant that fails (out of memory
+included) is recorded with its error and skipped for longer lengths; one whose call takes more than
+``--max-call-s`` is timed once. The NSA layer includes its projections; dense SDPA and fla are the
+attention alone (their projections would add what the layer's do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from . import NSAAttention, NSAConfig, backends
+from .bench_smoke import _Timer, summarise
+
+LONG_CFG = dict(dim=2048, groups=4, heads_per_group=16, d_k=128, d_v=128, block_len=32, block_stride=16,
+                sel_block_len=64, n_sel=16, window=512)
+TINY_CFG = dict(dim=64, groups=2, heads_per_group=2, d_k=16, d_v=16, block_len=8, block_stride=4,
+                sel_block_len=16, n_sel=4, window=32)
+
+
+def _fla_parallel_nsa():
+    try:
+        from fla.ops.nsa import parallel_nsa  # optional extra: fla-core
+    except Exception:  # not installed, or built for another torch/triton
+        return None
+    return parallel_nsa
+
+
+def variants(cfg: NSAConfig, T: int, device, dtype):
+    """name -> (forward callable, forward+backward callable) for one length, inputs built here."""
+    layer = NSAAttention(cfg).to(device=device, dtype=dtype)
+    x = torch.randn(1, T, cfg.dim, device=device, dtype=dtype)
+    x_grad = x.clone().requires_grad_(True)
+    H, G = cfg.num_heads, cfg.groups
+    q = torch.randn(1, H, T, cfg.d_k, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, G, T, cfg.d_k, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, G, T, cfg.d_v, device=device, dtype=dtype, requires_grad=True)
+
+    def nsa_fwd():
+        with torch.no_grad():
+            layer(x)
+
+    def nsa_fwd_bwd():
+        layer(x_grad).sum().backward()
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def dense_fwd():
+        with torch.no_grad():
+            dense()
+
+    def dense_fwd_bwd():
+        dense().sum().backward()
+
+    out = {"nsa_layer": (nsa_fwd, nsa_fwd_bwd), "dense_sdpa": (dense_fwd, dense_fwd_bwd)}
+    parallel_nsa = _fla_parallel_nsa() if device.type == "cuda" else None
+    if parallel_nsa is not None:
+        # fla's layout: [B, T, heads, d]; block_indices [B, T, G, n] (selection from its own scores
+        # is what a user runs: block_indices=None lets it pick).
+        qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+        g_cmp = torch.ones(1, T, H, device=device, dtype=dtype)
+        g_slc = torch.ones(1, T, H, device=device, dtype=dtype)
+
+        def fla():
+            return parallel_nsa(qf, kf, vf, g_cmp=g_cmp, g_slc=g_slc, block_indices=None, block_counts=cfg.n_sel,
+                                block_size=cfg.sel_block_len)
+
+        def fla_fwd():
+            with torch.no_grad():
+                fla()
+
+        def fla_fwd_bwd():
+            fla().sum().backward()
+
+        out["fla_parallel_nsa"] = (fla_fwd, fla_fwd_bwd)
+    return out
+
+
+def _call(fn, timer, device) -> tuple[float, int | None]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = timer(fn)
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    return ms, peak
+
+
+def _error(e: BaseException) -> str:
+    return "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set) -> list[dict]:
+    """Rows for one length: each (variant, pass) warmed up, then timed in interleaved rounds."""
+    timer = _Timer(device)
+    cases = {}
+    for name, (fwd, fwd_bwd) in variants(cfg, T, device, dtype).items():
+        for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            cases[(name, what)] = fn
+    rows = {key: {"variant": key[0], "pass": key[1], "T": T, "samples": [], "peak_bytes": None} for key in cases}
+    slow = set()
+    for key, fn in cases.items():  # warm-up: compiles, autotunes, fills caches
+        if key in dead:
+            rows[key]["error"] = "skipped: failed at a shorter length"
+            continue
+        try:
+            ms, peak = _call(fn, timer, device)
+            rows[key]["peak_bytes"] = peak
+            if ms > max_call_s * 1e3:
+                slow.add(key)
+                rows[key]["samples"].append(ms)
+        except Exception as e:  # noqa: BLE001 -- every failure is a row, the others go on
+            rows[key]["error"] = _error(e)
+            dead.add(key)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for _ in range(reps):
+        for key, fn in cases.items():
+            if key in dead or key in slow or "error" in rows[key]:
+                continue
+            ms, peak = _call(fn, timer, device)
+            rows[key]["samples"].append(ms)
+            rows[key]["peak_bytes"] = max(rows[key]["peak_bytes"] or 0, peak or 0) or None
+    out = []
+    for row in rows.values():
+        if row["samples"]:
+            row.update(summarise(row["samples"]))
+        out.append(row)
+        ms = f"{row['median_ms']:9.2f} ms" if row["samples"] else f"{row.get('error', 'no samples')}"
+        peak = f"peak {row['peak_bytes'] / 2**30:6.2f} GiB" if row["peak_bytes"] else ""
+        print(f"T={T:6d} {row['variant']:17s} {row['pass']:8s} {ms} {peak}", flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="sequence lengths (default 8192 16384 32768 65536 131072 on a GPU, 256 512 on CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per length (default 5 GPU, 2 CPU)")
+    ap.add_argument("--max-call-s", type=float, default=5.0, help="a call slower than this is timed once")
+    ap.add_argument("--tiny", action="store_true", help="a small layer (smoke test) instead of issue 8's shape")
+    ap.add_argument("--json", default=None, help="write every row here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    cfg = NSAConfig(**(TINY_CFG if args.tiny else LONG_CFG))
+    lengths = args.lengths or ([8192, 16384, 32768, 65536, 131072] if gpu else [256, 512])
+    torch.manual_seed(0)
+    print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}; torch {torch.__version__}; dtype {dtype}; "
+          f"fla parallel_nsa {'found' if _fla_parallel_nsa() else 'not installed'}")
+    routes = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len).items()
+              if isinstance(v, dict) and "route" in v}
+    print("routes:", json.dumps(routes), flush=True)
+    dead: set = set()
+    rows = []
+    for T in lengths:
+        rows += bench_length(cfg, T, device, dtype, args.reps or (5 if gpu else 2), args.max_call_s, dead)
+    result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
+              "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

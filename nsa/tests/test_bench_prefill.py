@@ -1,0 +1,37 @@
+"""``python -m nsa.bench_prefill`` end to end on a small layer (the numbers come from the GPU run)."""
+
+from __future__ import annotations
+
+import json
+
+from nsa import bench_prefill
+
+
+def test_bench_prefill_times_every_variant_and_pass(tmp_path):
+    out = tmp_path / "prefill.json"
+    result = bench_prefill.main(["--tiny", "--device", "cpu", "--lengths", "40", "96", "--reps", "1",
+                                 "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {(r["variant"], r["pass"], r["T"]): r for r in result["rows"]}
+    assert set(rows) == {(v, p, T) for v in ("nsa_layer", "dense_sdpa") for p in ("fwd", "fwd+bwd") for T in (40, 96)}
+    for row in rows.values():
+        assert "error" not in row and row["n"] == 1 and row["median_ms"] > 0
+
+
+def test_bench_prefill_records_a_failing_variant_and_skips_it_later(monkeypatch):
+    def broken(*args, **kwargs):
+        out = real(*args, **kwargs)
+
+        def fail():
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        return {**out, "nsa_layer": (out["nsa_layer"][0], fail)}
+
+    import torch
+
+    real = bench_prefill.variants
+    monkeypatch.setattr(bench_prefill, "variants", broken)
+    rows = bench_prefill.main(["--tiny", "--device", "cpu", "--lengths", "40", "64", "--reps", "1"])["rows"]
+    bad = [r for r in rows if (r["variant"], r["pass"]) == ("nsa_layer", "fwd+bwd")]
+    assert [r["error"] for r in bad] == ["out of memory", "skipped: failed at a shorter length"]
+    assert all("error" not in r and r["n"] == 1 for r in rows if r not in bad)
