@@ -213,8 +213,8 @@ def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: i
         return Route("triton-sparse", "NSA_USE_TRITON=1, no autograd: one program per (query, group) over "
                      "its selected blocks", triton_selection.selection_attention_triton)
     blocker = _flex_blocker(device, dtype, d_k, d_v)
-    if blocker is None and sel_block_len % 64:
-        blocker = f"sel_block_len={sel_block_len} (flex tiles keys by 64)"
+    if blocker is None and (sel_block_len % 64 or (128 % sel_block_len and sel_block_len % 128)):
+        blocker = f"sel_block_len={sel_block_len} (flex tiles keys by 128: 64 or a multiple of 128)"
     if blocker is None:
         return Route("flex-block-sparse", "NSA_USE_FLEX=1 on CUDA: one FlexAttention kernel over the "
                      "selected blocks (forward and backward)", flex.selection_attention_flex)

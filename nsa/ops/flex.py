@@ -26,10 +26,15 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def selection_attention_flex(q, k, v, block_idx, *, sel_block_len: int, scale=None, q_block: int = 128, compiled=True):
+def selection_attention_flex(q, k, v, block_idx, *, sel_block_len: int, scale=None, q_block: int = 128,
+                             kv_block: int = 128, compiled=True):
     """Same contract as :func:`nsa.ops.selection_attention` for prefill (``positions = arange(T)``), no checks.
 
-    ``block_idx`` of any integer dtype (-1 = empty). Internal: reached through :mod:`nsa.routes`.
+    ``block_idx`` of any integer dtype (-1 = empty). ``kv_block``: keys per flex tile, a multiple or
+    a divisor of ``sel_block_len``. 128 by default because flex's backward on Hopper tiles keys by
+    128 for head dims 64-128 and finds no kernel when the mask's tiles are 64 keys
+    (``NoValidChoicesError``); with 64-key selection blocks a tile then holds two blocks, and
+    ``mask_mod`` still keeps exactly each query's own. Internal: reached through :mod:`nsa.routes`.
     """
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -37,13 +42,19 @@ def selection_attention_flex(q, k, v, block_idx, *, sel_block_len: int, scale=No
     S, G = k.shape[1], k.shape[2]
     h = H // G
     nb = -(-S // sel_block_len)
-    t_pad, s_pad = -(-T // q_block) * q_block, nb * sel_block_len
+    t_pad = -(-T // q_block) * q_block
+    s_pad = -(-(nb * sel_block_len) // kv_block) * kv_block  # whole key tiles, whole selection blocks
+    nb_pad, tiles = s_pad // sel_block_len, s_pad // kv_block
     # sel[b, g, t, j]: query t of group g selected block j.
     idx = block_idx.long().permute(0, 2, 1, 3)
-    sel = torch.zeros(B, G, t_pad, nb + 1, dtype=torch.bool, device=q.device)
-    sel[:, :, :T].scatter_(-1, torch.where((idx >= 0) & (idx < nb), idx, nb), True)  # no keys: scratch column
-    sel = sel[..., :nb].contiguous()
-    union = sel.view(B, G, t_pad // q_block, q_block, nb).any(dim=3)  # [B, G, q tiles, nb]
+    sel = torch.zeros(B, G, t_pad, nb_pad + 1, dtype=torch.bool, device=q.device)
+    sel[:, :, :T].scatter_(-1, torch.where((idx >= 0) & (idx < nb), idx, nb_pad), True)  # no keys: scratch column
+    sel = sel[..., :nb_pad].contiguous()
+    if kv_block >= sel_block_len:  # a tile holds kv_block / sel_block_len selection blocks
+        per_tile = sel.view(B, G, t_pad, tiles, kv_block // sel_block_len).any(dim=-1)
+    else:  # a selection block spans sel_block_len / kv_block tiles
+        per_tile = sel.repeat_interleave(sel_block_len // kv_block, dim=-1)
+    union = per_tile.view(B, G, t_pad // q_block, q_block, tiles).any(dim=3)  # [B, G, q tiles, key tiles]
     kv_num = union.sum(-1, dtype=torch.int32).repeat_interleave(h, dim=1)
     kv_idx = torch.argsort((~union).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     kv_idx = kv_idx.repeat_interleave(h, dim=1)
@@ -51,7 +62,7 @@ def selection_attention_flex(q, k, v, block_idx, *, sel_block_len: int, scale=No
     def mask_mod(b, head, q_idx, kv_idx_):
         return sel[b, head // h, q_idx, kv_idx_ // sel_block_len] & (kv_idx_ <= q_idx)
 
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(q_block, sel_block_len), mask_mod=mask_mod,
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,
                                     seq_lengths=(t_pad, s_pad))
     qp = F.pad(q, (0, 0, 0, 0, 0, t_pad - T)).transpose(1, 2)
     kp = F.pad(k, (0, 0, 0, 0, 0, s_pad - S)).transpose(1, 2)

@@ -279,3 +279,19 @@ def test_pack_varlen_copies_exactly(gen):
     with torch.no_grad():
         out = compressed_mod.pack_varlen(x, "q", rows=2 * 5, keys=None)
     assert out.is_contiguous() and torch.equal(out, x)
+
+
+@pytest.mark.parametrize("T,l_sel,kv_block,q_block", [(100, 16, 32, 32), (100, 32, 16, 32), (70, 16, 16, 16)])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex on CPU says it is slow: it is the check here
+def test_flex_selection_key_tiles_of_several_or_part_blocks_match_reference(T, l_sel, kv_block, q_block, gen, qkv):
+    """The flex route's mask with key tiles holding several selection blocks (or part of one): the
+    tiling of Hopper's backward (128-key tiles over 64-key blocks), at CPU sizes, uncompiled. Flex
+    has no backward on CPU: gradients are checked on the GPU (test_gpu_kernels.py)."""
+    from nsa.ops.flex import selection_attention_flex
+
+    q, k, v = qkv(2, T, T, 2, 2, 16, 8, dtype=torch.float64, generator=gen)
+    idx = ops.select_blocks(torch.rand(2, T, 2, -(-T // l_sel), generator=gen), sel_block_len=l_sel, n_sel=3)
+    ref = ops.selection_attention(q, k, v, idx, sel_block_len=l_sel)
+    out = selection_attention_flex(q, k, v, idx, sel_block_len=l_sel, q_block=q_block, kv_block=kv_block,
+                                   compiled=False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
