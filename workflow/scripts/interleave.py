@@ -40,8 +40,7 @@ class Remote:
         self.log = open(log_path, "wb")
         self.log.write(f"$ {' '.join(cmd)}\n".encode())
         self.log.flush()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
-                                     start_new_session=True)
+        self.proc = harness.start_group(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env)
 
     def receive(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -73,12 +72,7 @@ class Remote:
         return self.receive(timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+        harness.end_group(self.proc)
         self.log.close()
 
 
