@@ -91,24 +91,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
     ``merge(process_record, answer)`` folds one answer to ``request`` into the process's record.
     """
     results, workers = [], []  # workers: (run index, process record, Remote)
-    for i, run in enumerate(runs):
-        res = {k: run.get(k) for k in ("variant", "sha", "reserve", "kind")}
-        res.update(status="ok", routes=None, processes=[])
-        results.append(res)
-        if run.get("env_error"):
-            res.update(harness.failed(f"environment failed: {run['env_error']}", run.get("env_log_tail", "")))
-            continue
-        env = harness.child_env(run["vars"], device)
-        if threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        for j in range(processes):
-            cmd = harness.worker_command(run["env_dir"], script, "--spec", json.dumps(run["spec"]))
-            name = f"{i:02d}-{run['variant']}.{run.get('reserve') or 'ref'}.p{j}"
-            proc = {"index": j, "status": "ok"}
-            res["processes"].append(proc)
-            workers.append((i, proc, Remote(cmd, env, log_dir / f"{name[:100]}.log")))
-
-    alive = list(range(len(workers)))
+    alive: list[int] = []
 
     def drop(w, err, unsupported=False):
         i, proc, remote = workers[w]
@@ -126,7 +109,25 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
         print(f"{script} {results[i]['variant']}/{results[i]['reserve']} process {proc['index']} FAILED: {err}",
               flush=True)
 
-    try:
+    try:  # started inside: a Ctrl-C while workers start still stops those already started
+        for i, run in enumerate(runs):
+            res = {k: run.get(k) for k in ("variant", "sha", "reserve", "kind")}
+            res.update(status="ok", routes=None, processes=[])
+            results.append(res)
+            if run.get("env_error"):
+                res.update(harness.failed(f"environment failed: {run['env_error']}", run.get("env_log_tail", "")))
+                continue
+            env = harness.child_env(run["vars"], device)
+            if threads:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+            for j in range(processes):
+                cmd = harness.worker_command(run["env_dir"], script, "--spec", json.dumps(run["spec"]))
+                name = f"{i:02d}-{run['variant']}.{run.get('reserve') or 'ref'}.p{j}"
+                proc = {"index": j, "status": "ok"}
+                res["processes"].append(proc)
+                workers.append((i, proc, Remote(cmd, env, log_dir / f"{name[:100]}.log")))
+
+        alive += range(len(workers))
         for w in list(alive):  # workers set up concurrently; wait for each to say ready
             if w not in alive:
                 continue

@@ -74,7 +74,9 @@ def missing_ref_hint(repo: Path, ref: str, source: str | None = None) -> str:
     """What to do about a ref that ``repo`` lacks. For a URL's mirror, commands run in the mirror fix
     nothing (it is fetched whole at each start-up): the ref must reach the URL."""
     shallow = git(repo, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true"
-    if source and shallow:
+    # A mirror holds every branch and tag of the URL: only a commit in the history can be cut off.
+    in_history = bool(re.search(r"[~^@:]", ref) or re.fullmatch(r"[0-9a-f]{4,40}", ref))
+    if source and shallow and in_history:
         return (f"{source} serves a shallow history, so its mirror lacks older commits: fetch the full history "
                 f"where that URL points (`git fetch --unshallow` there), or set repo to the path of a full clone")
     if source:
