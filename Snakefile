@@ -14,6 +14,7 @@ min_version("9.0")
 
 sys.path.insert(0, f"{workflow.basedir}/workflow/scripts")
 import config_check  # noqa: E402
+import retry  # noqa: E402
 
 
 # Snakemake's own message for malformed YAML names neither the file nor the line: check first.
@@ -65,3 +66,17 @@ rule all:
         f"{RESULTS}/report.html",
         f"{RESULTS}/report.md",
     default_target: True
+
+
+# Failed jobs of the harness write records, which a plain rerun keeps: say which, and how to rerun them.
+onsuccess:
+    hint = retry.rerun_hint([f for f in rules.aggregate.input if f.endswith(".json")])
+    if hint:
+        logger.warning(hint)
+
+
+onerror:
+    logger.error(retry.ON_ERROR)
+    hint = retry.rerun_hint([f for f in rules.aggregate.input if f.endswith(".json")])
+    if hint:
+        logger.warning(hint)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,15 @@ def make_fake_repo(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def fake_repo(tmp_path_factory) -> dict[str, str]:
     return make_fake_repo(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="session")
+def e2e(fake_repo, tmp_path_factory) -> dict:
+    """One undisturbed run of the tiny configuration (~1 minute on 2 cores), shared by the tests
+    that read its results (test_workflow.py) and those that compare a disturbed run with it."""
+    from workflow_run import snakemake, tiny_config, workdir_with
+
+    work = workdir_with(tmp_path_factory.mktemp("e2e"), tiny_config(fake_repo))
+    t0 = time.monotonic()
+    proc = snakemake(work, "--cores", "2", "all", timeout=600)
+    return {"work": work, "proc": proc, "seconds": time.monotonic() - t0, "repo": fake_repo}

@@ -460,3 +460,26 @@ def test_a_noisy_reference_decides_nothing_when_no_run_of_the_implementation_was
     assert s["decode"]["noise"]["eager"]["too_noisy"]  # measured and shown...
     assert not any(c["id"].endswith("_noise") for c in s["acceptance"])  # ...but judges nothing
     assert s["verdict"] != "INCONCLUSIVE", s["reasons"]
+
+
+def _edit_meta(res: Path, **changes) -> Path:
+    path = res / "meta" / "variants.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return res
+
+
+def test_the_baseline_alone_compares_nothing_and_never_passes(tmp_path):
+    res = build(tmp_path, twin=False)
+    meta = json.loads((res / "meta" / "variants.json").read_text())
+    s, html, _ = run_pipeline(_edit_meta(res, variants={"base": meta["variants"]["base"]}))
+    assert s["verdict"] == "INCONCLUSIVE", s["reasons"]
+    assert crit(s, "compared")["status"] == "inconclusive"
+    assert s["reasons"][0].startswith("nothing compared: the configuration lists only the baseline variant base")
+    assert gate.main(["--summary", str(res / "summary.json")]) == 3
+
+
+def test_uncommitted_changes_are_said_on_the_first_screen(tmp_path):
+    warning = "/repo has uncommitted changes, which are not measured (refs name commits, never the working tree): x.py"
+    s, html, md = run_pipeline(_edit_meta(build(tmp_path), warnings=[warning]))
+    assert s["warnings"] == [warning]
+    assert f"Warning: {warning}" in md and "Warning: /repo has uncommitted changes" in html

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 import build_env  # noqa: E402
 import config_check  # noqa: E402
@@ -28,51 +27,7 @@ import harness  # noqa: E402
 import interleave  # noqa: E402
 import resolve_refs  # noqa: E402
 import run_suites  # noqa: E402
-
-TINY_MODEL = {"dim": 16, "groups": 1, "heads_per_group": 2, "d_k": 8, "d_v": 8, "block_len": 4, "block_stride": 2,
-              "sel_block_len": 4, "n_sel": 4, "window": 8}
-
-
-def tiny_config(fake_repo: dict, **overrides) -> dict:
-    cfg = {
-        "repo": fake_repo["repo"],
-        "variants": {"base": "base", "base-again": "base", "slow": "slow", "broken": "broken"},
-        "baseline": "base",
-        "device": "cpu",
-        "reserve_configs": {"none": {}, "presized": {"NSA_SEL_PACK_RESERVE_N": 64, "NSA_SEL_PACK_RESERVE_L": 128}},
-        "model": TINY_MODEL,
-        "decode": {"cpu": {"contexts": [16, 32], "steps": 10, "warmup": 2, "rounds": 3, "processes": 2}},
-        "train": {"cpu": {"steps": 9, "warmup": 2, "rounds": 3, "processes": 2, "batch": 2, "seq_len": 32, "layers": 1,
-                          "vocab": 32, "lr": 0.02}},
-        "equivalence": {"cpu": {"batch": 1, "seq_len": 24, "decode_steps": 3}},
-        "consistency": {"cpu": {"batch": 1, "seq_len": 24, "prefix": 16, "dtype": "float32"}},
-        "suites": {"core": "core_invariants", "selection": "selection_v2"},
-        "acceptance": {"bootstrap_resamples": 300},
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``snakemake`` from this checkout, run in ``workdir`` (which holds config.yaml)."""
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
-                           str(workdir), *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
-
-
-def workdir_with(tmp: Path, config) -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
-    (tmp / "config.yaml").write_text(text)
-    return tmp
-
-
-@pytest.fixture(scope="module")
-def e2e(fake_repo, tmp_path_factory):
-    work = workdir_with(tmp_path_factory.mktemp("e2e"), tiny_config(fake_repo))
-    t0 = time.monotonic()
-    proc = snakemake(work, "--cores", "2", "all", timeout=600)
-    return {"work": work, "proc": proc, "seconds": time.monotonic() - t0, "repo": fake_repo}
-
+from workflow_run import TINY_MODEL, snakemake, tiny_config, workdir_with  # noqa: E402,F401
 
 def _read(work: Path, rel: str):
     return json.loads((work / "results" / rel).read_text())
@@ -97,6 +52,9 @@ def test_full_run_finishes_despite_a_broken_commit(e2e):
     assert ok["package_files"][0].startswith(str(work / "results" / "envs" / repo["base"]))
     assert ok["torch_file"] == __import__("torch").__file__  # the host's torch, inherited
     assert ok["pip_freeze"]
+    # The broken commit's failure is a record, which a plain rerun keeps: the run says how to redo it.
+    out = proc.stdout + proc.stderr
+    assert "a plain rerun keeps these records" in out and f"--forcerun results/env/{repo['broken']}/env.json" in out
 
 
 @pytest.mark.workflow
@@ -227,6 +185,15 @@ BAD_CONFIGS = [
     ("only forced blocks", {"model": {**TINY_MODEL, "n_sel": 3}}, "config key model.n_sel = 3 leaves no block"),
     ("unknown ref", {"variants": {"base": "no-such-branch"}}, "git ref 'no-such-branch' does not name a commit"),
     ("no such interpreter", {"python": "/nonexistent/python"}, "config key python = '/nonexistent/python': no such executable"),
+    ("flag maybe", {"common_env": {"NSA_USE_FA2": "maybe"}},
+     "config key common_env: NSA_USE_FA2='maybe' is invalid; accepted: 0 or 1"),
+    ("misspelt reserve variable", {"reserve_configs": {"big": {"NSA_SEL_PACK_RESERVE": 64}}},
+     "config key reserve_configs.big: NSA_SEL_PACK_RESERVE='64': nsa reads no such variable"),
+    ("300-character name", {"reserve_configs": {"r" * 300: {}}}, "config key reserve_configs: the name 'rrrr"),
+    ("marker typo", {"suites": {"core": "core_invariant"}},
+     "config key suites.core: the pytest marker core_invariant (in -m 'core_invariant') appears in none of the commits"),
+    ("marker typo in args", {"suites": {"core": {"args": ["nsa/tests", "-m", "selection_v2 or core_invariant"]}}},
+     "accepted: a marker they use: core_invariants, selection_v2"),
 ]
 if not __import__("torch").cuda.is_available():
     BAD_CONFIGS.append(("cuda on a CPU host", {"device": "cuda"}, "config key device = 'cuda', but"))
@@ -240,6 +207,19 @@ def test_bad_config_stops_before_any_job(fake_repo, tmp_path, case, override, me
     proc = snakemake(work, "--cores", "1", "all", timeout=60)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+    assert not (work / "results").exists()
+
+
+@pytest.mark.workflow
+def test_a_host_without_torch_says_what_to_install(fake_repo, tmp_path):
+    """Without this check every environment failed on `invalid command 'bdist_wheel'`."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    work = workdir_with(tmp_path / "w", tiny_config(fake_repo, python=str(bare / "bin" / "python")))
+    proc = snakemake(work, "--cores", "1", "all", timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "lacks torch, setuptools, pytest" in out, out[-2000:]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in out
     assert not (work / "results").exists()
 
 
@@ -416,3 +396,70 @@ def test_an_unreachable_url_is_an_error_not_stale_refs(fake_repo, tmp_path):
     with pytest.raises(resolve_refs.RefError, match="git fetch failed .* set repo to that path to use them offline"):
         resolve_refs.local_repo(url, tmp_path / "mirrors")
     assert resolve_refs.resolve_ref(mirror, "base") == fake_repo["base"]  # the offline path still works
+
+
+def test_a_ref_missing_from_a_url_repo_is_hinted_at_the_url(fake_repo, tmp_path):
+    """Commands run in the URL's mirror fix nothing (it is fetched whole at each start-up)."""
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--bare", "--depth", "1", f"file://{fake_repo['repo']}", str(shallow)],
+                   check=True)
+    url = f"file://{shallow}"
+    mirror = resolve_refs.local_repo(url, tmp_path / "mirrors")
+    with pytest.raises(resolve_refs.RefError, match=f"in {url}; {url} serves a shallow history") as e:
+        resolve_refs.resolve_variants(mirror, {"old": "HEAD~2"}, url)
+    assert "git -C" not in str(e.value) and "set repo to the path of a full clone" in str(e.value)
+    with pytest.raises(resolve_refs.RefError, match=f"check the spelling, or push it to {url}"):
+        resolve_refs.resolve_ref(mirror, "no-such-branch", url)
+
+
+def test_uncommitted_changes_are_named_as_not_measured(fake_repo, tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", fake_repo["repo"], str(clone)], check=True)
+    assert resolve_refs.uncommitted_warning(clone) is None
+    (clone / "nsa" / "core.py").write_text("# edited\n")
+    (clone / "new.py").write_text("")
+    warning = resolve_refs.uncommitted_warning(clone)
+    assert "uncommitted changes, which are not measured" in warning and "nsa/core.py, new.py" in warning
+
+
+def test_a_configfile_with_a_yaml_error_is_named_with_its_line(tmp_path, capsys):
+    """Snakemake parses --configfile files before the workflow runs (its message names no file);
+    config_check.py checks them as Snakemake merges them, naming the file and line."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("variants: {a: HEAD}\nbaseline: a\nseed: [\n")
+    assert config_check.main([str(ROOT / "config.yaml"), str(mine)]) == 1
+    err = capsys.readouterr().err
+    assert f"{mine}: malformed YAML" in err and "line 4" in err
+    mine.write_text("variants: {a: HEAD, a-again: HEAD}\nbaseline: a\n")
+    assert config_check.main([str(ROOT / "config.yaml"), str(mine)]) == 0
+    assert list(yaml.safe_load(capsys.readouterr().out)["variants"]) == ["a", "a-again"]  # replaced whole
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("replace", [False, True], ids=["merged", "replace-workflow-config"])
+def test_meta_is_the_config_this_process_read(fake_repo, tmp_path, replace):
+    """meta/variants.json comes from the start-up's values (refs resolved once), never from a second
+    Snakemake process that merges the config files again; a run directory needs no config.yaml."""
+    work = tmp_path / "w"
+    work.mkdir()
+    mine = tmp_path / "mine.yaml"  # outside the run directory, as the README advises
+    mine.write_text(yaml.safe_dump(tiny_config(fake_repo, variants={"only": "slow", "only-again": "slow"},
+                                               baseline="only")))
+    if replace:
+        (work / "config.yaml").write_text(yaml.safe_dump(tiny_config(fake_repo)))
+    extra = ["--replace-workflow-config"] if replace else []
+    proc = snakemake(work, "--cores", "1", "results/meta/variants.json", "--configfile", str(mine), *extra)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    meta = json.loads((work / "results" / "meta" / "variants.json").read_text())
+    assert list(meta["variants"]) == ["only", "only-again"] and meta["variants"]["only"]["sha"] == fake_repo["slow"]
+
+
+def test_a_timed_out_build_step_leaves_no_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the process groups are listed under the working directory
+    log = tmp_path / "log"
+    with open(log, "w") as f, pytest.raises(build_env.StepFailed, match="timed out after 1 s"):
+        build_env.run(["bash", "-c", "sleep 60 & echo $! > child; wait"], f, cwd=tmp_path, timeout=1)
+    child = int((tmp_path / "child").read_text())
+    time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert list((tmp_path / harness.GROUPS_DIR).glob("*.json")) == []  # listed while it ran, not after

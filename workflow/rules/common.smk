@@ -1,10 +1,14 @@
 # Start-up: which commits, which configurations, which device; and the helpers the rules share.
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
+
 import harness
+import markers
 import resolve_refs
 
 
@@ -28,10 +32,25 @@ SUITES = config_check.normalized_suites(config["suites"], config["test_dir"])
 REPO_SPEC = config["repo"] or workflow.basedir
 try:
     REPO = str(resolve_refs.local_repo(REPO_SPEC, Path(RESULTS) / "repos"))
-    VARIANTS = resolve_refs.resolve_variants(REPO, config["variants"])
+    VARIANTS = resolve_refs.resolve_variants(REPO, config["variants"], REPO_SPEC if resolve_refs.is_url(REPO_SPEC) else None)
 except resolve_refs.RefError as e:
     raise WorkflowError(str(e)) from None
 SHAS = sorted({v["sha"] for v in VARIANTS.values()})
+# Jobs stop themselves when this process dies, even by kill -9 (harness.exit_on_sigterm).
+os.environ[harness.MAIN_PID_VAR] = str(os.getpid())
+
+# Workers of an earlier run that were left running would compete with this run's: name them.
+for _line in harness.leftover_groups():
+    logger.warning(f"Warning: {_line}")
+
+# Said at start-up and in the report: a user who edited files expects them to be measured.
+WARNINGS = [w for w in [resolve_refs.uncommitted_warning(REPO)] if w]
+for _w in WARNINGS:
+    logger.warning(f"Warning: {_w}")
+# A suite's marker that no commit knows (a typo) would select nothing: stop here, not as a FAIL.
+_marker_problems = markers.marker_problems(REPO, SHAS, SUITES)
+if _marker_problems:
+    raise WorkflowError("invalid configuration:\n  - " + "\n  - ".join(_marker_problems))
 RESERVES = list(config["reserve_configs"])
 
 
@@ -90,4 +109,5 @@ META = {
     "processes": {"decode": sizes("decode")["processes"], "train": sizes("train")["processes"]},
     "threads": config["threads"],
     "reserve_order": RESERVES,
+    "warnings": WARNINGS,
 }

@@ -24,4 +24,4 @@ rule consistency:
         "{params.python:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
         " --tolerance {params.tolerance:q} --model {params.model:q} --adapter {input.adapter:q}"
         " --vars {params.vars:q} --device {params.device} --seed {params.seed} --timeout {params.timeout}"
-        " --out {output:q} --log {log:q}"
+        " --out {output:q} --log {log:q} 2>> {log:q}"

@@ -22,4 +22,4 @@ rule correctness:
     shell:
         "{params.python:q} {input.script:q} --env-json {input.env:q} --checkout {params.checkout:q}"
         " --suites {params.suites:q} --vars {params.vars:q} --device {params.device} --out {output:q}"
-        " --results {params.results:q} --log {log:q} --timeout {params.timeout}"
+        " --results {params.results:q} --log {log:q} --timeout {params.timeout} 2>> {log:q}"

@@ -24,4 +24,4 @@ rule env:
     shell:
         "{params.python:q} {input.script:q} --checkout {params.checkout:q} --env {params.venv:q}"
         " --out {output:q} --log {log:q} --device {params.device} --timeout {params.timeout}"
-        " --adapter {params.adapter:q} --install {params.install} --extra {params.extra:q}"
+        " --adapter {params.adapter:q} --install {params.install} --extra {params.extra:q} 2>> {log:q}"

@@ -22,4 +22,4 @@ rule equivalence:
     shell:
         "{params.python:q} {input.script:q} --env-json {input.env:q} --sizes {params.sizes:q}"
         " --model {params.model:q} --adapter {input.adapter:q} --vars {params.vars:q} --device {params.device}"
-        " --seed {params.seed} --timeout {params.timeout} --out {output:q} --log {log:q}"
+        " --seed {params.seed} --timeout {params.timeout} --out {output:q} --log {log:q} 2>> {log:q}"

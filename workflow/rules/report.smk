@@ -42,8 +42,10 @@ rule report:
         plots=f"{RESULTS}/plots",
         script=f"{SCRIPTS}/report.py",
     output:
-        html=f"{RESULTS}/report.html",
-        md=f"{RESULTS}/report.md",
+        # update(): Snakemake keeps a copy and restores it when the job fails (a full disk, a bug), so a
+        # failed rerun never deletes the report that was there.
+        html=update(f"{RESULTS}/report.html"),
+        md=update(f"{RESULTS}/report.md"),
     params:
         python=HOST_PYTHON,
     log:

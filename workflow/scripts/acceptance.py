@@ -120,6 +120,17 @@ def _env_failed(s) -> set:
     return {e["sha"] for e in s["environment"] if e["status"] in (FAILED, MISSING)}
 
 
+def something_compared(s, acc):
+    """A run of the baseline alone compares nothing: it must never read as PASS."""
+    others = [v["name"] for v in s.get("variants") or [] if v["name"] != s["baseline"]["variant"]]
+    if others:
+        return None
+    return line("compared", "Something compared with the baseline", INCONCLUSIVE, "only the baseline",
+                "another variant", [f"nothing compared: the configuration lists only the baseline variant "
+                                    f"{s['baseline']['variant']}; add the variant to compare (or the baseline's ref "
+                                    f"again under another name, for an A/A test)"])
+
+
 def correctness(s, acc):
     # A commit whose environment failed, or a suite file that never appeared, is a failed job
     # already (listed once in the verdict); its suites are not repeated here.
@@ -343,7 +354,7 @@ def memory_growth(s, acc):
                 reasons=[f"{k} grows its workspaces more often than {first}" for k in worse])
 
 
-CRITERIA = [correctness, consistency, decode_vs_baseline, decode_reserves, decode_noise, train_vs_baseline,
+CRITERIA = [something_compared, correctness, consistency, decode_vs_baseline, decode_reserves, decode_noise, train_vs_baseline,
             train_reserves, train_noise, loss_falls, equivalence_outputs, equivalence_blocks, reserves_bit_identical,
             timer, conditions, memory_growth]
 

@@ -335,7 +335,7 @@ def build_summary(results: Path) -> dict:
                      "sha": meta["variants"].get(base, {}).get("sha")},
         "variants": [{"name": n, **v} for n, v in meta["variants"].items()],
         "reserves": meta["reserves"], "reserve_configs": meta["reserve_configs"], "common_env": meta["common_env"],
-        "suites": meta["suites"], "acceptance_settings": acc,
+        "suites": meta["suites"], "acceptance_settings": acc, "warnings": meta["warnings"],
     }
     s["environment"] = environment_rows(results, meta, jobs)
     s["correctness"] = correctness_rows(results, meta, jobs)

@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import site
 import subprocess
 import sys
@@ -78,16 +77,13 @@ def run(cmd: list[str], log, env=None, cwd=None, timeout=1800) -> str:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     # Its own process group, so a timeout or Ctrl-C also ends what it started (pip's builds).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
+    proc = harness.start_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
-    except BaseException as e:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        if isinstance(e, subprocess.TimeoutExpired):
-            raise StepFailed(f"`{' '.join(cmd[:4])} ...` timed out after {timeout} s") from None
-        raise
+    except subprocess.TimeoutExpired:
+        raise StepFailed(f"`{' '.join(cmd[:4])} ...` timed out after {timeout} s") from None
+    finally:
+        harness.end_group(proc)
     log.write(stdout + stderr)
     log.flush()
     if proc.returncode != 0:
@@ -310,7 +306,8 @@ def main(argv=None) -> int:
         return probe_main(args.device, args.adapter)
     harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.log, "w") as log:
+    # Appended to: the rule sends this process's own errors (stderr) to the same log.
+    with open(args.log, "a") as log:
         try:
             record = build(args.checkout, args.env, args.device, log, args.timeout, args.adapter, args.install,
                            json.loads(args.extra))

@@ -2,7 +2,10 @@
 
 The Snakefile calls :func:`checked_config` at start-up, so a bad value stops the run before any
 job, with one line per problem naming the key (``reserve_configs.presized.NSA_SEL_PACK_RESERVE_N``),
-the value and what is accepted. Usable on its own: ``python config_check.py config.yaml``.
+the value and what is accepted. Usable on its own: ``python config_check.py config.yaml mine.yaml``
+checks the files as ``snakemake --configfile mine.yaml`` would merge them, and names the file and
+line of malformed YAML (Snakemake reads ``--configfile`` files before any code of the workflow runs
+and names neither).
 """
 
 from __future__ import annotations
@@ -202,6 +205,15 @@ def replace_mappings(config: dict, configfiles, cli_config: dict | None = None) 
     return out
 
 
+def load_merged(paths) -> dict:
+    """The files merged as ``snakemake --configfile`` merges them over config.yaml: later files win,
+    mappings merge, except REPLACED_KEYS, which a later file that defines one replaces whole."""
+    merged = {}
+    for path in paths:
+        merged = _deep_merge(merged, load_yaml(path))
+    return replace_mappings(merged, list(paths)[1:])
+
+
 def implementation_problems(cfg: dict, base=None) -> tuple[list[str], dict]:
     """Load the adapter (no torch needed) and let it check every variable the config sets.
     Returns (problems, the resolved implementation: adapter file, install mode, capabilities)."""
@@ -250,10 +262,11 @@ def checked_config(cfg: dict, schema_path=SCHEMA) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", default="config.yaml")
+    ap.add_argument("config", nargs="*", default=["config.yaml"],
+                    help="config.yaml, then the files you pass with --configfile (malformed YAML: file and line)")
     args = ap.parse_args(argv)
     try:
-        full = checked_config(load_yaml(args.config))
+        full = checked_config(load_merged(args.config))
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

@@ -115,21 +115,55 @@ def child_env(variables: dict | None = None, device: str | None = None, extra_pa
     return env
 
 
+# The workflow's start-up puts the Snakemake process's pid here, for exit_on_sigterm to watch.
+MAIN_PID_VAR = "VALIDATION_WORKFLOW_PID"
+
+
+def _stat(pid: int, field: int) -> str | None:
+    """Field ``field`` (1-based, as in proc(5)) of /proc/<pid>/stat; None for a process that is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[field - 3]
+    except (OSError, IndexError):
+        return None
+
+
+def _parent_of(pid: int) -> int:
+    return int(_stat(pid, 4) or 0)
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time: tells a reused pid apart."""
+    return _stat(pid, 22)
+
+
+def _is_ancestor(pid: int) -> bool:
+    here = os.getppid()
+    while here and here > 1:
+        if here == pid:
+            return True
+        here = _parent_of(here)
+    return False
+
+
 def exit_on_sigterm(poll_s: float = 2.0) -> None:
     """Turn SIGTERM (how Snakemake stops jobs on Ctrl-C) into SystemExit, so the ``finally`` and
     ``except BaseException`` blocks kill the workers (they run in their own process groups).
 
-    A ``kill -9`` of Snakemake sends nothing: a watchdog thread notices that this process was
-    re-parented and stops it the same way, so no coordinator or worker outlives the run.
+    A ``kill -9`` of Snakemake sends nothing, and the job's shell, this process's parent, lives on:
+    a watchdog thread notices that this process was re-parented or that the Snakemake process
+    (``MAIN_PID_VAR``, when it is an ancestor: a job on another host has none) is gone, and stops
+    this process the same way, so no coordinator or worker outlives the run.
     """
     import threading
     import time
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parent = os.getppid()
+    main = int(os.environ.get(MAIN_PID_VAR) or 0)
+    main_start = _start_ticks(main) if main and _is_ancestor(main) else None
 
     def watch():
-        while os.getppid() == parent:
+        while os.getppid() == parent and (main_start is None or _start_ticks(main) == main_start):
             time.sleep(poll_s)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -161,7 +195,6 @@ def run_stage_worker(args, script: str, spec: dict, tmp: Path, what: str) -> dic
     """
     exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    args.log.write_text("")
     env = env_record(args.env_json)
     if env.get("status") != "ok":
         return failed(f"environment failed: {env.get('error')}", env.get("log_tail", ""))
@@ -237,6 +270,51 @@ def describe_exit(rc: int) -> str:
     return f"exit status {rc}"
 
 
+# ----------------------------------------------------------------------------- process groups
+
+# Every process group the harness starts is listed here (under the workflow's working directory)
+# while it runs, so that a later run can name the ones left behind when everything of this one was
+# killed; the coordinators themselves stop their groups on timeout, Ctrl-C and a kill -9 of Snakemake.
+GROUPS_DIR = Path("results") / "logs" / "processes"
+
+
+def start_group(cmd: list[str], groups_dir=GROUPS_DIR, **popen) -> subprocess.Popen:
+    """``Popen(cmd)`` as the leader of a new process group, listed in ``groups_dir`` until end_group."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    write_json(Path(groups_dir) / f"{proc.pid}.json", {"pgid": proc.pid, "start": _start_ticks(proc.pid),
+                                                      "cmd": " ".join(cmd)[:300]})
+    proc.groups_dir = Path(groups_dir)
+    return proc
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of the group (a worker's own children too), reap the leader, unlist it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    (proc.groups_dir / f"{proc.pid}.json").unlink(missing_ok=True)
+
+
+def leftover_groups(groups_dir=GROUPS_DIR) -> list[str]:
+    """Process groups an earlier run started that still run (one line each, with how to stop them);
+    the records of those that ended are removed."""
+    out = []
+    for path in sorted(Path(groups_dir).glob("*.json")):
+        try:
+            rec = read_json(path)
+            alive = rec["start"] is not None and _start_ticks(int(rec["pgid"])) == rec["start"]
+        except (OSError, ValueError, KeyError, TypeError):
+            alive = False
+        if not alive:
+            path.unlink(missing_ok=True)
+            continue
+        out.append(f"process group {rec['pgid']} of an earlier run is still running and competes with this run's "
+                   f"workers: {rec['cmd'][:120]} ... (stop it: kill -- -{rec['pgid']})")
+    return out
+
+
 def run_logged(cmd: list[str], log_path, env: dict, timeout: float, cwd=None) -> tuple[int, str]:
     """Run ``cmd``, appending its output to ``log_path``; returns (exit code, description).
 
@@ -247,17 +325,13 @@ def run_logged(cmd: list[str], log_path, env: dict, timeout: float, cwd=None) ->
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        proc = start_group(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             return -signal.SIGKILL, f"timed out after {timeout:.0f} s"
-        except BaseException:  # Ctrl-C: take the worker down with us
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
+        finally:  # timeout, Ctrl-C, SIGTERM: take the worker and what it started down with us
+            end_group(proc)
     return rc, describe_exit(rc)
 
 

@@ -40,8 +40,7 @@ class Remote:
         self.log = open(log_path, "wb")
         self.log.write(f"$ {' '.join(cmd)}\n".encode())
         self.log.flush()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
-                                     start_new_session=True)
+        self.proc = harness.start_group(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env)
 
     def receive(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -73,12 +72,7 @@ class Remote:
         return self.receive(timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+        harness.end_group(self.proc)
         self.log.close()
 
 
@@ -116,7 +110,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
             res["processes"].append(proc)
             specs.append((i, proc, cmd, env, log_dir / f"{name[:100]}.log"))
 
-    alive = []
+    alive: list[int] = []
 
     def drop(w, err, unsupported=False):
         i, proc, remote = workers[w]
@@ -135,7 +129,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
               flush=True)
 
     wave = setup_parallel or max(len(specs), 1)
-    try:
+    try:  # workers start inside: a Ctrl-C while they start still stops those already started
         for first in range(0, len(specs), wave):  # a wave of workers sets up at once; each says ready
             started = len(workers)
             for i, proc, cmd, env, log in specs[first:first + wave]:

@@ -54,8 +54,9 @@ def local_repo(repo: str, mirrors: Path) -> Path:
     return mirror
 
 
-def resolve_ref(repo: Path, ref: str) -> str:
-    """The full SHA of the commit ``ref`` names in ``repo``; RefError says how to get a missing one."""
+def resolve_ref(repo: Path, ref: str, source: str | None = None) -> str:
+    """The full SHA of the commit ``ref`` names in ``repo`` (a mirror of the URL ``source``, if
+    given); RefError says how to get a missing one."""
     if ref.startswith("-"):
         raise RefError(f"ref {ref!r} is not a git ref (it starts with '-')")
     r = git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False)
@@ -66,23 +67,46 @@ def resolve_ref(repo: Path, ref: str) -> str:
     remote = git(repo, "for-each-ref", "--format=%(objectname)", f"refs/remotes/*/{ref}", check=False).stdout.split()
     if len(set(remote)) == 1:
         return remote[0]
+    raise RefError(f"git ref {ref!r} does not name a commit in {source or repo}; {missing_ref_hint(repo, ref, source)}")
+
+
+def missing_ref_hint(repo: Path, ref: str, source: str | None = None) -> str:
+    """What to do about a ref that ``repo`` lacks. For a URL's mirror, commands run in the mirror fix
+    nothing (it is fetched whole at each start-up): the ref must reach the URL."""
     shallow = git(repo, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true"
+    # A mirror holds every branch and tag of the URL: only a commit in the history can be cut off.
+    in_history = bool(re.search(r"[~^@:]", ref) or re.fullmatch(r"[0-9a-f]{4,40}", ref))
+    if source and shallow and in_history:
+        return (f"{source} serves a shallow history, so its mirror lacks older commits: fetch the full history "
+                f"where that URL points (`git fetch --unshallow` there), or set repo to the path of a full clone")
+    if source:
+        return f"check the spelling, or push it to {source} (the workflow fetches it at each start-up)"
     if shallow:
         hint = f"{repo} is a shallow clone, which may lack it: run `git -C {repo} fetch --unshallow`"
-        if not re.search(r"[~^@:]", ref):
-            hint += f" (or `git -C {repo} fetch origin {ref}`)"
-    else:
-        hint = (f"check the spelling, or fetch it: `git -C {repo} fetch origin {ref}` "
-                f"(for a branch of a remote: `git -C {repo} fetch origin {ref}:{ref}`)")
-    raise RefError(f"git ref {ref!r} does not name a commit in {repo}; {hint}")
+        return hint + (f" (or `git -C {repo} fetch origin {ref}`)" if not re.search(r"[~^@:]", ref) else "")
+    return (f"check the spelling, or fetch it: `git -C {repo} fetch origin {ref}` "
+            f"(for a branch of a remote: `git -C {repo} fetch origin {ref}:{ref}`)")
 
 
-def resolve_variants(repo: Path, variants: dict[str, str]) -> dict[str, dict]:
+def uncommitted_warning(repo, shown: int = 5) -> str | None:
+    """A warning when ``repo``'s working tree holds changes no commit has (they are not measured);
+    None for a clean tree or a bare mirror."""
+    r = git(repo, "status", "--porcelain", check=False)
+    changed = r.stdout.splitlines() if r.returncode == 0 else []
+    if not changed:
+        return None
+    paths = ", ".join(line[3:] for line in changed[:shown])
+    paths += f" and {len(changed) - shown} more" if len(changed) > shown else ""
+    return (f"{repo} has uncommitted changes, which are not measured (refs name commits, never the working "
+            f"tree): {paths}; commit them to measure them")
+
+
+def resolve_variants(repo: Path, variants: dict[str, str], source: str | None = None) -> dict[str, dict]:
     """``{name: ref}`` -> ``{name: {"ref", "sha", "subject"}}``; every failure in one error naming the variants."""
     out, problems = {}, []
     for name, ref in variants.items():
         try:
-            sha = resolve_ref(repo, str(ref))
+            sha = resolve_ref(repo, str(ref), source)
             subject = git(repo, "log", "-1", "--format=%s", sha, check=False).stdout.strip()
             out[name] = {"ref": str(ref), "sha": sha, "subject": subject}
         except RefError as e:
@@ -100,7 +124,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         repo = local_repo(args.repo, Path(args.mirrors))
-        print(json.dumps(resolve_variants(repo, {r: r for r in args.refs}), indent=1))
+        source = args.repo if is_url(args.repo) else None
+        print(json.dumps(resolve_variants(repo, {r: r for r in args.refs}, source), indent=1))
     except RefError as e:
         print(e, file=sys.stderr)
         return 1

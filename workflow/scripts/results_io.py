@@ -97,6 +97,7 @@ def load_meta(results: Path) -> dict:
             "baseline": baseline, "acceptance": meta.get("acceptance") or {}, "repo": meta.get("repo"),
             "common_env": meta.get("common_env") or {}, "implementation": meta.get("implementation") or {},
             "capabilities": meta.get("capabilities") or {}, "processes": meta.get("processes"),
+            "warnings": [str(w) for w in meta.get("warnings") or []],
             # Results written by the measurement code of schema 2 come with a consistency stage.
             "has_consistency": "reserve_order" in meta or "processes" in meta}
 

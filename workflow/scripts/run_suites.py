@@ -104,7 +104,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     harness.exit_on_sigterm()
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    args.log.write_text("")
     env = harness.env_record(args.env_json)
     if env.get("status") != "ok":
         record = harness.failed(f"environment failed: {env.get('error')}", env.get("log_tail", ""), suites={})
