@@ -1,6 +1,7 @@
 # Start-up: which commits, which configurations, which device; and the helpers the rules share.
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,10 +15,23 @@ RESULTS = "results"
 HOST_PYTHON = config["python"] or sys.executable
 
 
+# A cluster run (--profile profiles/slurm) or a job inside one: jobs run on other nodes, so
+# `device: auto` means the cluster's GPUs, and each GPU job checks its own node (harness.job_start).
+JOBS_ELSEWHERE = workflow.non_local_exec or workflow.remote_exec
 try:
-    DEVICE = harness.check_host(HOST_PYTHON, config["device"])
+    DEVICE = harness.check_host(HOST_PYTHON, config["device"], JOBS_ELSEWHERE)
 except ValueError as e:
-    raise WorkflowError(str(e)) from None
+    raise WorkflowError(f"node {harness.node_name()}: {e}" if workflow.remote_exec else str(e)) from None
+
+if workflow.non_local_exec:
+    # Snakemake's --precommand runs first in every cluster job: a node without the interpreter
+    # (which starts the job's own Snakemake) says so instead of failing with "No such file".
+    _needs = " ".join(shlex.quote(p) for p in dict.fromkeys([sys.executable, HOST_PYTHON]))
+    _check = (f"for p in {_needs}; do test -x \"$p\" || {{ echo \"node $(hostname): no interpreter $p; jobs run "
+              f"the Python that runs Snakemake (and config key python): keep it, like results/, on a filesystem "
+              f"every node mounts at the same path\" >&2; exit 1; }}; done")
+    _given = workflow.remote_execution_settings.precommand
+    workflow.remote_execution_settings.precommand = f"{_given} && {_check}" if _given else _check
 
 # The implementation: its adapter file (loaded by every worker), install mode and capabilities.
 IMPL = config_check.implementation_problems(config, Path.cwd())[1]
@@ -51,6 +65,29 @@ def sizes(stage):
     if stage == "decode" and config["repeats"]:
         out["rounds"] = config["repeats"]
     return out
+
+
+def job_resources(stage):
+    """What a stage's job asks the scheduler for (config resources.<device>.<stage>), sent where
+    config key cluster says. A local run reads none of it but the timing jobs' threads."""
+    want = config["resources"][DEVICE][stage]
+    out = {k: want[k] for k in ("cpus_per_task", "mem_mb", "runtime")}
+    if want["gpu"]:
+        out["gpu"] = want["gpu"]
+        if config["cluster"]["gpu_type"]:  # every compared GPU result from one model
+            out["gpu_model"] = config["cluster"]["gpu_type"]
+    if want.get("exclusive"):
+        out["slurm_extra"] = "--exclusive"
+    for key in ("partition", "account"):  # unset: the profile's or the command line's, else SLURM's default
+        if config["cluster"][key]:
+            out[f"slurm_{key}"] = config["cluster"][key]
+    return out
+
+
+def timing_threads(stage):
+    """A timing job takes every core it has, so nothing else runs beside it: all of --cores
+    locally, its whole allocation (cpus_per_task) on a cluster."""
+    return config["resources"][DEVICE][stage]["cpus_per_task"] if JOBS_ELSEWHERE else workflow.cores
 
 
 def as_json(obj):

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
             record = harness.failed("equivalence run wrote no tensor file", harness.file_tail(args.log))
     for leftover in (tmp, tmp.with_suffix(".pt")):
         leftover.unlink(missing_ok=True)
+    record["placement"] = harness.placement(args.device)  # outputs of different GPU models are not compared
     harness.write_json(args.out, record)
     print(f"equivalence {args.out}: {record['status']}" + (f" ({record.get('error')})" if record["status"] == "failed" else ""))
     return 0
