@@ -53,10 +53,12 @@ def tiny_config(fake_repo: dict, **overrides) -> dict:
     return cfg
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``snakemake`` from this checkout, run in ``workdir`` (which holds config.yaml)."""
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
-                           str(workdir), *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+def snakemake(workdir: Path, *args: str, timeout: int = 300, env: dict | None = None,
+              prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``snakemake`` from this checkout, run in ``workdir`` (which holds config.yaml); ``prefix``
+    goes before it (e.g. ``timeout -s INT``)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+                           str(workdir), *args], cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def workdir_with(tmp: Path, config) -> Path:

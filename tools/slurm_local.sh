@@ -111,6 +111,11 @@ start() {
 
 stop() {
     local d pid
+    # Jobs still running (a run that was interrupted) end first, so none outlives the cluster.
+    if pid_of slurmctld >/dev/null; then
+        SLURM_CONF=$CONF scancel --quiet --user="$(id -un)" 2>/dev/null || true
+        wait_for 15 "jobs to end" sh -c "[ -z \"\$(SLURM_CONF=$CONF squeue -h -t running,completing)\" ]" || true
+    fi
     for d in "${DAEMONS[@]}"; do
         pid=$(pid_of "$d") || continue
         kill "$pid" 2>/dev/null || true

@@ -1,12 +1,12 @@
 # Start-up: which commits, which configurations, which device; and the helpers the rules share.
 import json
 import re
-import shlex
 import sys
 from pathlib import Path
 
 import harness
 import resolve_refs
+import scheduler
 
 
 SCRIPTS = f"{workflow.basedir}/workflow/scripts"
@@ -25,11 +25,8 @@ except ValueError as e:
 
 if workflow.non_local_exec:
     # Snakemake's --precommand runs first in every cluster job: a node without the interpreter
-    # (which starts the job's own Snakemake) says so instead of failing with "No such file".
-    _needs = " ".join(shlex.quote(p) for p in dict.fromkeys([sys.executable, HOST_PYTHON]))
-    _check = (f"for p in {_needs}; do test -x \"$p\" || {{ echo \"node $(hostname): no interpreter $p; jobs run "
-              f"the Python that runs Snakemake (and config key python): keep it, like results/, on a filesystem "
-              f"every node mounts at the same path\" >&2; exit 1; }}; done")
+    # (which starts the job's own Snakemake) says so instead of "No such file or directory".
+    _check = scheduler.node_check([sys.executable, HOST_PYTHON])
     _given = workflow.remote_execution_settings.precommand
     workflow.remote_execution_settings.precommand = f"{_given} && {_check}" if _given else _check
 
@@ -68,20 +65,7 @@ def sizes(stage):
 
 
 def job_resources(stage):
-    """What a stage's job asks the scheduler for (config resources.<device>.<stage>), sent where
-    config key cluster says. A local run reads none of it but the timing jobs' threads."""
-    want = config["resources"][DEVICE][stage]
-    out = {k: want[k] for k in ("cpus_per_task", "mem_mb", "runtime")}
-    if want["gpu"]:
-        out["gpu"] = want["gpu"]
-        if config["cluster"]["gpu_type"]:  # every compared GPU result from one model
-            out["gpu_model"] = config["cluster"]["gpu_type"]
-    if want.get("exclusive"):
-        out["slurm_extra"] = "--exclusive"
-    for key in ("partition", "account"):  # unset: the profile's or the command line's, else SLURM's default
-        if config["cluster"][key]:
-            out[f"slurm_{key}"] = config["cluster"][key]
-    return out
+    return scheduler.job_resources(config, DEVICE, stage)
 
 
 def timing_threads(stage):
