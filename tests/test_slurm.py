@@ -138,6 +138,10 @@ def test_slurm_run_goes_through_sbatch_and_reports_as_a_local_run(cluster, fake_
     logs = remote / "results" / "logs" / "slurm"
     assert sorted(p.name for p in logs.iterdir()) == sorted(f"rule_{r}" for r in CLUSTER_RULES)
     assert len(ids) == 2 * 4 + 2  # env, tests, equivalence, consistency per commit; one decode, one train job
+    # Each job script checks its node for the interpreter first (scheduler.node_check).
+    script = subprocess.run(["scontrol", "write", "batch_script", min(ids), "-"], capture_output=True, text=True,
+                            env=cluster["env"], timeout=30)
+    assert "no interpreter" in script.stdout and sys.executable in script.stdout, script.stdout + script.stderr
 
     summaries = [json.loads((w / "results" / "summary.json").read_text()) for w in (local, remote)]
     assert comparable(summaries[1]) == comparable(summaries[0])
@@ -177,10 +181,11 @@ def test_a_resource_key_set_in_the_config_keeps_the_other_defaults():
 
 def test_a_node_without_the_interpreter_says_so(tmp_path):
     check = scheduler.node_check([sys.executable, str(tmp_path / "missing" / "python"), sys.executable])
-    assert check.count(sys.executable) == 1
+    assert check.count(f"test -x {sys.executable}") == 1  # each interpreter checked once
     proc = subprocess.run(["bash", "-c", check], capture_output=True, text=True)
+    assert "$" not in check and "`" not in check  # it travels inside sbatch --wrap="..."
     assert proc.returncode == 1
-    assert f"no interpreter {tmp_path / 'missing' / 'python'}; jobs run the Python that runs Snakemake" in proc.stderr
+    assert f"no interpreter {tmp_path / 'missing' / 'python'} on this node: jobs run the Python" in proc.stderr
     assert subprocess.run(["bash", "-c", scheduler.node_check([sys.executable])]).returncode == 0
 
 
@@ -202,10 +207,13 @@ def test_placement_names_the_node_and_slurm_job(monkeypatch):
     assert harness.placement("cuda", gpu="NVIDIA H100") == {"node": "gpu-a3", "slurm_job_id": "42", "gpu": "NVIDIA H100"}
 
 
-def test_on_a_cluster_auto_means_the_gpus_and_the_submit_host_is_not_probed(monkeypatch):
-    monkeypatch.setattr(harness, "detect_device", lambda *a: pytest.fail("probed the submit host for a GPU"))
-    assert harness.check_host(sys.executable, "auto", jobs_elsewhere=True) == "cuda"
-    assert harness.check_host(sys.executable, "cpu", jobs_elsewhere=True) == "cpu"
+def test_cuda_is_taken_as_given_at_start_up_and_checked_where_jobs_run(monkeypatch):
+    # A cluster's login node has no GPU: start-up takes `device: cuda` as given ...
+    monkeypatch.setattr(harness, "detect_device", lambda setting, python: "cpu" if setting == "auto" else setting)
+    assert harness.check_host(sys.executable, "cuda") == "cuda"
+    # ... and a run whose jobs run here checks it (onstart), naming the key.
+    with pytest.raises(ValueError, match="config key device = 'cuda', but .* sees no CUDA device here"):
+        harness.check_gpu_here(sys.executable)
 
 
 def test_outputs_of_different_gpu_models_are_not_compared():

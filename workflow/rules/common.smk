@@ -15,20 +15,31 @@ RESULTS = "results"
 HOST_PYTHON = config["python"] or sys.executable
 
 
-# A cluster run (--profile profiles/slurm) or a job inside one: jobs run on other nodes, so
-# `device: auto` means the cluster's GPUs, and each GPU job checks its own node (harness.job_start).
-JOBS_ELSEWHERE = workflow.non_local_exec or workflow.remote_exec
+# `device: cuda` is taken as given here: a cluster's login node has no GPU. Whether jobs run here
+# is known only once the run starts (onstart below); a job on a node checks its own GPU
+# (harness.job_start).
 try:
-    DEVICE = harness.check_host(HOST_PYTHON, config["device"], JOBS_ELSEWHERE)
+    DEVICE = harness.check_host(HOST_PYTHON, config["device"])
 except ValueError as e:
     raise WorkflowError(f"node {harness.node_name()}: {e}" if workflow.remote_exec else str(e)) from None
 
-if workflow.non_local_exec:
-    # Snakemake's --precommand runs first in every cluster job: a node without the interpreter
-    # (which starts the job's own Snakemake) says so instead of "No such file or directory".
-    _check = scheduler.node_check([sys.executable, HOST_PYTHON])
-    _given = workflow.remote_execution_settings.precommand
-    workflow.remote_execution_settings.precommand = f"{_given} && {_check}" if _given else _check
+
+onstart:
+    try:
+        if workflow.local_exec and DEVICE == "cuda":
+            harness.check_gpu_here(HOST_PYTHON)
+        if workflow.non_local_exec and config["device"] == "auto":
+            raise ValueError("config key device = 'auto' with jobs on a cluster: this host cannot tell what the "
+                             "nodes have; accepted: cuda or cpu")
+    except ValueError as e:
+        raise WorkflowError(str(e)) from None
+    if workflow.non_local_exec:
+        # Snakemake's --precommand runs first in every cluster job: a node without the interpreter
+        # (which starts the job's own Snakemake) says so instead of "No such file or directory".
+        check = scheduler.node_check([sys.executable, HOST_PYTHON])
+        given = workflow.remote_execution_settings.precommand
+        workflow.remote_execution_settings.precommand = f"{given} && {check}" if given else check
+
 
 # The implementation: its adapter file (loaded by every worker), install mode and capabilities.
 IMPL = config_check.implementation_problems(config, Path.cwd())[1]
@@ -70,8 +81,15 @@ def job_resources(stage):
 
 def timing_threads(stage):
     """A timing job takes every core it has, so nothing else runs beside it: all of --cores
-    locally, its whole allocation (cpus_per_task) on a cluster."""
-    return config["resources"][DEVICE][stage]["cpus_per_task"] if JOBS_ELSEWHERE else workflow.cores
+    locally, its whole allocation (cpus_per_task) on a cluster. A function of the job: whether
+    jobs run here is known only after parsing."""
+
+    def threads(wildcards):
+        if workflow.non_local_exec or workflow.remote_exec:
+            return config["resources"][DEVICE][stage]["cpus_per_task"]
+        return workflow.cores
+
+    return threads
 
 
 def as_json(obj):

@@ -224,12 +224,12 @@ def worker_record(run) -> dict:
         return {"status": "unsupported", "reason": str(e)}
 
 
-def check_host(python: str, device: str, jobs_elsewhere: bool = False) -> str:
+def check_host(python: str, device: str) -> str:
     """The device the run uses, after checking that ``python`` (whose packages every environment
     inherits) exists and has what building an environment needs. ValueError names the config key.
 
-    ``jobs_elsewhere`` (a cluster run, or a job inside one): ``auto`` means the cluster's GPUs
-    (``cuda``), and no GPU is looked for here; each GPU job checks its own node (:func:`job_start`)."""
+    ``cuda`` is taken as given (a cluster's login node has no GPU): :func:`check_gpu_here` checks
+    it where the jobs run here, :func:`job_start` on a cluster's node."""
     import shutil
 
     exe = shutil.which(python) or python
@@ -246,15 +246,14 @@ def check_host(python: str, device: str, jobs_elsewhere: bool = False) -> str:
         raise ValueError(f"{exe} lacks {', '.join(missing)}, which every commit's environment inherits; install "
                          f"them first (the CPU build of torch: pip install torch --index-url "
                          f"https://download.pytorch.org/whl/cpu; then pip install setuptools pytest)")
-    if device == "cpu":
-        return "cpu"
-    if jobs_elsewhere:
-        return "cuda"
-    found = detect_device("auto", exe)
-    if device == "cuda" and found != "cuda":
-        raise ValueError(f"config key device = 'cuda', but {exe}'s torch sees no CUDA device here; "
+    return detect_device(device, exe)
+
+
+def check_gpu_here(python: str) -> None:
+    """``device: cuda`` with jobs on this host: its torch must see a GPU."""
+    if detect_device("auto", python) != "cuda":
+        raise ValueError(f"config key device = 'cuda', but {python}'s torch sees no CUDA device here; "
                          f"accepted on this host: auto or cpu")
-    return found if device == "auto" else device
 
 
 def detect_device(setting: str, python: str) -> str:

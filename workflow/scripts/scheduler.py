@@ -31,8 +31,12 @@ def job_resources(cfg: dict, device: str, stage: str) -> dict:
 
 def node_check(interpreters: list[str]) -> str:
     """A shell command that stops a job, saying why, on a node that lacks one of ``interpreters``
-    (the one that starts the job's own Snakemake, and config key ``python``)."""
-    paths = " ".join(shlex.quote(p) for p in dict.fromkeys(interpreters))
-    return (f'for p in {paths}; do test -x "$p" || {{ echo "node $(hostname): no interpreter $p; jobs run the Python '
-            f'that runs Snakemake (and config key python): keep it, like results/, on a filesystem every node mounts '
-            f'at the same path" >&2; exit 1; }}; done')
+    (the one that starts the job's own Snakemake, and config key ``python``). No ``$`` or
+    backquote: the SLURM executor passes it inside a double-quoted ``sbatch --wrap``, where the
+    submitting shell would expand them."""
+    checks = []
+    for path in dict.fromkeys(interpreters):
+        why = (f"no interpreter {path} on this node: jobs run the Python that runs Snakemake (and config key "
+               f"python); keep it, like results/, on a filesystem every node mounts at the same path. Node:")
+        checks.append(f"{{ test -x {shlex.quote(path)} || {{ echo {shlex.quote(why)} >&2; hostname >&2; exit 1; }}; }}")
+    return " && ".join(checks)
