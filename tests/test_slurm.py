@@ -48,6 +48,8 @@ def skip_reason() -> str | None:
                 f"apt-get install -y slurm-wlm munge")
     if os.geteuid() != 0:
         return "needs root: tools/slurm_local.sh starts slurmd, which runs the jobs"
+    if not os.access("/etc/munge/munge.key", os.R_OK):
+        return "/etc/munge/munge.key is missing (the munge package makes it on install)"
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         return "snakemake-executor-plugin-slurm is not installed (pip install -r requirements-dev.txt)"
     return None
