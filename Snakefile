@@ -2,6 +2,7 @@
 #
 #     snakemake --cores 1 all      # then open results/report.html
 #     snakemake --cores 1 gate     # exit status for CI: non-zero unless the verdict is PASS
+#     snakemake --profile profiles/slurm all   # on a SLURM cluster (README, "On a cluster")
 #
 # Stages live in workflow/rules/ (one each), the Python they run in workflow/scripts/.
 import os

@@ -1,9 +1,10 @@
 # The variants' metadata, and each commit's tree extracted with `git archive` (the user's working
-# tree is never touched).
+# tree is never touched). Both are quick and need no GPU: local rules, never a cluster job.
 
 
 localrules:
     meta,
+    checkout,
 
 
 # A shell job, not `run:`: its values come from this process (refs resolved once, the config as

@@ -10,6 +10,7 @@ from snakemake.logging import logger
 import harness
 import markers
 import resolve_refs
+import scheduler
 
 
 SCRIPTS = f"{workflow.basedir}/workflow/scripts"
@@ -18,10 +19,31 @@ RESULTS = "results"
 HOST_PYTHON = config["python"] or sys.executable
 
 
+# `device: cuda` is taken as given here: a cluster's login node has no GPU. Whether jobs run here
+# is known only once the run starts (onstart below); a job on a node checks its own GPU
+# (harness.job_start).
 try:
     DEVICE = harness.check_host(HOST_PYTHON, config["device"])
 except ValueError as e:
-    raise WorkflowError(str(e)) from None
+    raise WorkflowError(f"node {harness.node_name()}: {e}" if workflow.remote_exec else str(e)) from None
+
+
+onstart:
+    try:
+        if workflow.local_exec and DEVICE == "cuda":
+            harness.check_gpu_here(HOST_PYTHON)
+        if workflow.non_local_exec and config["device"] == "auto":
+            raise ValueError("config key device = 'auto' with jobs on a cluster: this host cannot tell what the "
+                             "nodes have; accepted: cuda or cpu")
+    except ValueError as e:
+        raise WorkflowError(str(e)) from None
+    if workflow.non_local_exec:
+        # Snakemake's --precommand runs first in every cluster job: a node without the interpreter
+        # (which starts the job's own Snakemake) says so instead of "No such file or directory".
+        check = scheduler.node_check([sys.executable, HOST_PYTHON])
+        given = workflow.remote_execution_settings.precommand
+        workflow.remote_execution_settings.precommand = f"{given} && {check}" if given else check
+
 
 # The implementation: its adapter file (loaded by every worker), install mode and capabilities.
 IMPL = config_check.implementation_problems(config, Path.cwd())[1]
@@ -70,6 +92,23 @@ def sizes(stage):
     if stage == "decode" and config["repeats"]:
         out["rounds"] = config["repeats"]
     return out
+
+
+def job_resources(stage):
+    return scheduler.job_resources(config, DEVICE, stage)
+
+
+def timing_threads(stage):
+    """A timing job takes every core it has, so nothing else runs beside it: all of --cores
+    locally, its whole allocation (cpus_per_task) on a cluster. A function of the job: whether
+    jobs run here is known only after parsing."""
+
+    def threads(wildcards):
+        if workflow.non_local_exec or workflow.remote_exec:
+            return config["resources"][DEVICE][stage]["cpus_per_task"]
+        return workflow.cores
+
+    return threads
 
 
 def as_json(obj):

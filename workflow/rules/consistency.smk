@@ -18,6 +18,8 @@ rule consistency:
         device=DEVICE,
         seed=config["seed"],
         timeout=config["timeouts"]["consistency"],
+    resources:
+        **job_resources("consistency"),
     log:
         f"{RESULTS}/logs/consistency/{{sha}}/{{reserve}}.log",
     shell:

@@ -17,6 +17,8 @@ rule correctness:
         vars=lambda wc: as_json(job_vars(wc.reserve)),
         device=DEVICE,
         timeout=config["timeouts"]["tests"],
+    resources:
+        **job_resources("tests"),
     log:
         f"{RESULTS}/logs/tests/{{sha}}/{{reserve}}.log",
     shell:

@@ -21,7 +21,9 @@ rule decode:
         denormal="" if config["cpu_flush_denormal"] else "--no-flush-denormal",
         timeout=config["timeouts"]["decode_request"],
         log_dir=f"{RESULTS}/logs/decode",
-    threads: workflow.cores
+    threads: timing_threads("decode")
+    resources:
+        **job_resources("decode"),
     log:
         f"{RESULTS}/logs/decode/coordinator.log",
     shell:

@@ -19,6 +19,8 @@ rule env:
         adapter=IMPL["adapter_file"],  # a param: editing the adapter does not rebuild environments
         install=IMPL["install"],
         extra=as_json(IMPL["extra_requirements"]),
+    resources:
+        **job_resources("env"),
     log:
         f"{RESULTS}/logs/env/{{sha}}.log",
     shell:

@@ -17,6 +17,8 @@ rule equivalence:
         device=DEVICE,
         seed=config["seed"],
         timeout=config["timeouts"]["equivalence"],
+    resources:
+        **job_resources("equivalence"),
     log:
         f"{RESULTS}/logs/equiv/{{sha}}/{{reserve}}.log",
     shell:

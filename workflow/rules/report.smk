@@ -1,4 +1,11 @@
 # Raw results -> summary.json and tables (aggregate.py) -> plots -> report.html / report.md.
+# Quick and CPU-only: local rules, never a cluster job.
+
+
+localrules:
+    aggregate,
+    plots,
+    report,
 
 
 rule aggregate:

@@ -20,7 +20,9 @@ rule train:
         denormal="" if config["cpu_flush_denormal"] else "--no-flush-denormal",
         timeout=config["timeouts"]["train"],
         log_dir=f"{RESULTS}/logs/train",
-    threads: workflow.cores
+    threads: timing_threads("train")
+    resources:
+        **job_resources("train"),
     log:
         f"{RESULTS}/logs/train/coordinator.log",
     shell:

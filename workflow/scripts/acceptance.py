@@ -322,6 +322,15 @@ def reserves_bit_identical(s, acc):
                 FAIL if bad else PASS, f"{len(rows) - len(bad)} of {len(rows)} identical", "bit for bit", reasons)
 
 
+def one_gpu_model(s, acc):
+    refused = [f"equivalence of {r['variant']} under {r['reserve']}: {why}"
+               for r in s["equivalence"]["rows"] for why in r.get("refused") or []]
+    if not refused:
+        return None
+    return line("gpu_model", "Compared outputs come from one GPU model", INCONCLUSIVE,
+                f"{len(refused)} comparisons refused", "one GPU model", refused)
+
+
 def timer(s, acc):
     t, dev = s["decode"].get("timer"), s["decode"].get("device") or s.get("device")
     if not t:
@@ -356,7 +365,7 @@ def memory_growth(s, acc):
 
 CRITERIA = [something_compared, correctness, consistency, decode_vs_baseline, decode_reserves, decode_noise, train_vs_baseline,
             train_reserves, train_noise, loss_falls, equivalence_outputs, equivalence_blocks, reserves_bit_identical,
-            timer, conditions, memory_growth]
+            one_gpu_model, timer, conditions, memory_growth]
 
 
 def checklist(s: dict, acc: dict) -> list[dict]:

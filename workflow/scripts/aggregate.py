@@ -151,18 +151,42 @@ def equivalence_section(results: Path, meta: dict, acc: dict, jobs: list) -> dic
     for name, sha, reserve in per_commit(meta):
         rec, out = recs[(sha, reserve)], tensors[(sha, reserve)]
         row = {"variant": name, "sha": sha, "reserve": reserve, "status": rec["status"], "reason": rec.get("reason"),
-               "error": rec.get("error"), "log_tail": rec.get("log_tail"), "is_reference": (sha, reserve) == ref_key}
-        if out is not None and ref is not None:
+               "error": rec.get("error"), "log_tail": rec.get("log_tail"), "is_reference": (sha, reserve) == ref_key,
+               "placement": rec.get("placement")}
+        own_key = (sha, meta["reserves"][0])
+        refused = [why for why in (gpu_mismatch(recs.get(ref_key), rec, "the baseline"),
+                                   gpu_mismatch(recs.get(own_key), rec, f"its own {own_key[1]} run")) if why]
+        row["refused"] = refused or None
+        if out is not None and ref is not None and not refused:
             row.update(compare_outputs(ref, out, float(acc["equiv_atol"])))
-        own = tensors.get((sha, meta["reserves"][0]))
+        own = tensors.get(own_key)
         row["bit_identical"] = None
-        if out is not None and reserve != meta["reserves"][0] and own is not None:
+        if out is not None and reserve != meta["reserves"][0] and own is not None and not refused:
             keys = set(own) | set(out)
             row["bit_identical"] = all(_bitwise_equal(own.get(k), out.get(k)) for k in keys)
             row["diff_vs_own_reference"] = max((_max_abs_diff(own.get(k), out.get(k)) for k in keys - {"blocks"}),
                                                default=0.0)
         rows.append(row)
     return {"reference": {"variant": base, "sha": ref_key[0], "reserve": ref_key[1]}, "rows": rows}
+
+
+def gpu_mismatch(ref: dict | None, rec: dict, what: str) -> str | None:
+    """Why outputs computed on two GPU models are not compared (None: one model, or no GPU)."""
+    a, b = ((r or {}).get("placement") or {} for r in (ref, rec))
+    if not (a.get("gpu") and b.get("gpu")) or a["gpu"] == b["gpu"]:
+        return None
+    return (f"not compared with {what}: computed on a {b['gpu']} (node {b.get('node')}), {what} on a {a['gpu']} "
+            f"(node {a.get('node')}); different GPU models give different bits. Set config key cluster.gpu_type "
+            f"so every GPU job gets one model")
+
+
+def placement_rows(decode_bench: dict, train_bench: dict, equivalence: dict) -> list[dict]:
+    """Node, GPU and SLURM job of every job whose results are compared with another's."""
+    rows = [{"job": stage, "variant": "every run", "reserve": "", **(bench.get("placement") or {})}
+            for stage, bench in (("decode", decode_bench), ("train", train_bench))]
+    rows += [{"job": "equivalence", "variant": r["variant"], "reserve": r["reserve"], **(r.get("placement") or {})}
+             for r in equivalence["rows"]]
+    return [{k: r.get(k) for k in ("job", "variant", "reserve", "node", "gpu", "slurm_job_id")} for r in rows]
 
 
 def mark_env_failed(s: dict) -> None:
@@ -354,6 +378,7 @@ def build_summary(results: Path) -> dict:
     s["routes"] = routes_rows(decode_bench)
     s["conditions"] = conditions(decode_bench, train_bench)
     s["equivalence"] = equivalence_section(results, meta, acc, jobs)
+    s["placement"] = placement_rows(decode_bench, train_bench, s["equivalence"])
     s["jobs"] = jobs
     mark_env_failed(s)
     s["acceptance"] = acceptance.checklist(s, acc)

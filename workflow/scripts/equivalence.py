@@ -92,6 +92,8 @@ def main(argv=None) -> int:
             record = harness.failed("equivalence run wrote no tensor file", harness.file_tail(args.log))
     for leftover in (tmp, tmp.with_suffix(".pt")):
         leftover.unlink(missing_ok=True)
+    if record["status"] == "ok":  # outputs of two GPU models are not compared: say where these came from
+        record["placement"] = harness.placement(args.device)
     harness.write_json(args.out, record)
     print(f"equivalence {args.out}: {record['status']}" + (f" ({record.get('error')})" if record["status"] == "failed" else ""))
     return 0

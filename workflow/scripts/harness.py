@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -145,6 +146,45 @@ def _is_ancestor(pid: int) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- where a job runs
+
+def visible_gpu() -> str:
+    """The GPU a worker's ``cuda:0`` is, as ``nvidia-smi -i`` names it: the first of
+    CUDA_VISIBLE_DEVICES (on a cluster node, the GPU SLURM gave this job, not the node's first)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
+
+
+def node_name() -> str:
+    return os.environ.get("SLURMD_NODENAME") or platform.node()
+
+
+def gpu_model() -> str | None:
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", visible_gpu()],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip().splitlines()[0].strip() if r.returncode == 0 and r.stdout.strip() else None
+
+
+def placement(device: str, gpu: str | None = None) -> dict:
+    """Where this job ran: node, SLURM job id (None outside SLURM) and GPU model (device cuda)."""
+    if device == "cuda" and gpu is None:
+        gpu = gpu_model()
+    return {"node": node_name(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "gpu": gpu}
+
+
+def job_start(device: str) -> None:
+    """First thing in every job that runs a commit's code: on a node that cannot run it (device
+    cuda, no GPU visible to the job) stop with a message, not a worker's traceback; then
+    :func:`exit_on_sigterm`."""
+    if device == "cuda" and gpu_model() is None:
+        sys.exit(f"node {node_name()}: no GPU visible to this job (CUDA_VISIBLE_DEVICES="
+                 f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but config key device is 'cuda': give the stage's "
+                 f"job a GPU (config key resources.cuda.<stage>.gpu) or set device: cpu")
+    exit_on_sigterm()
+
+
 def exit_on_sigterm(poll_s: float = 2.0) -> None:
     """Turn SIGTERM (how Snakemake stops jobs on Ctrl-C) into SystemExit, so the ``finally`` and
     ``except BaseException`` blocks kill the workers (they run in their own process groups).
@@ -193,7 +233,7 @@ def run_stage_worker(args, script: str, spec: dict, tmp: Path, what: str) -> dic
     Returns the worker's record, or a failed record (environment failed, crash, timeout, OOM kill)
     with the log's tail. The caller writes it; ``tmp`` is the caller's to remove.
     """
-    exit_on_sigterm()
+    job_start(args.device)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     env = env_record(args.env_json)
     if env.get("status") != "ok":
@@ -219,7 +259,10 @@ def worker_record(run) -> dict:
 
 def check_host(python: str, device: str) -> str:
     """The device the run uses, after checking that ``python`` (whose packages every environment
-    inherits) exists and has what building an environment needs. ValueError names the config key."""
+    inherits) exists and has what building an environment needs. ValueError names the config key.
+
+    ``cuda`` is taken as given (a cluster's login node has no GPU): :func:`check_gpu_here` checks
+    it where the jobs run here, :func:`job_start` on a cluster's node."""
     import shutil
 
     exe = shutil.which(python) or python
@@ -236,13 +279,14 @@ def check_host(python: str, device: str) -> str:
         raise ValueError(f"{exe} lacks {', '.join(missing)}, which every commit's environment inherits; install "
                          f"them first (the CPU build of torch: pip install torch --index-url "
                          f"https://download.pytorch.org/whl/cpu; then pip install setuptools pytest)")
-    if device == "cpu":
-        return "cpu"
-    found = detect_device("auto", exe)
-    if device == "cuda" and found != "cuda":
-        raise ValueError(f"config key device = 'cuda', but {exe}'s torch sees no CUDA device here; "
+    return detect_device(device, exe)
+
+
+def check_gpu_here(python: str) -> None:
+    """``device: cuda`` with jobs on this host: its torch must see a GPU."""
+    if detect_device("auto", python) != "cuda":
+        raise ValueError(f"config key device = 'cuda', but {python}'s torch sees no CUDA device here; "
                          f"accepted on this host: auto or cpu")
-    return found if device == "auto" else device
 
 
 def detect_device(setting: str, python: str) -> str:

@@ -229,7 +229,7 @@ def host_conditions(threads: int | None) -> dict:
     except OSError:
         load = None
     return {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "loadavg": load,
-            "busy_cores": busy_cores(), "hostname": platform.node()}
+            "busy_cores": busy_cores(), "hostname": harness.node_name()}
 
 
 GPU_FIELDS = ("name", "clocks.sm", "clocks.mem", "clocks.max.sm", "temperature.gpu", "power.draw", "utilization.gpu",
@@ -240,7 +240,7 @@ def gpu_conditions() -> dict | None:
     """Clocks, temperature, power and the compute processes on GPU 0 (nvidia-smi), or None."""
     try:
         r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits",
-                            "-i", "0"], capture_output=True, text=True, timeout=30)
+                            "-i", harness.visible_gpu()], capture_output=True, text=True, timeout=30)
         if r.returncode != 0 or not r.stdout.strip():
             return None
         values = [v.strip() for v in r.stdout.strip().splitlines()[0].split(",")]
@@ -354,7 +354,7 @@ def bench_parser(description: str, sizes_help: str, timeout: int) -> argparse.Ar
 def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: str) -> list[dict]:
     """Measure every run of ``args.runs`` (and the reference) with ``script`` workers, and write
     ``args.out`` with the results and the machine's conditions. Returns the runs' results."""
-    harness.exit_on_sigterm()
+    harness.job_start(args.device)
     sizes = json.loads(args.sizes)
     runs = runs_from_args(args.runs)
     for run in runs:
@@ -365,7 +365,7 @@ def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: 
         setup_parallel=sizes.get("setup_parallel", 0)))
     record = {"schema_version": SCHEMA_VERSION, "device": args.device, "timer": harness.Timer(args.device).name,
               "rounds": sizes["rounds"], "processes": sizes["processes"], "sizes": sizes, "conditions": conditions,
-              "runs": results}
+              "placement": harness.placement(args.device, (conditions["gpu_before"] or {}).get("name")), "runs": results}
     if what == "decode":
         order = ["eager", "graph", "compiled_graph"]
         record["modes"] = sorted({m[: -len("_ms")] for r in results for p in r["processes"]

@@ -169,6 +169,10 @@ def sections(s: dict) -> list[dict]:
             "tables": [("", t["overview"])], "paras": run_facts(s),
             "warnings": (s.get("conditions") or {}).get("warnings") or []},
            {"id": "variants", "title": "Variants", "tables": [("", t["variants"])]},
+           {"id": "placement", "title": "Where the jobs ran",
+            "paras": ["Each timing job measures every run it compares on one node (one GPU) in one job; outputs "
+                      "compared across equivalence jobs must come from one GPU model, or they are not compared."],
+            "tables": [("", t["placement"])]},
            {"id": "correctness", "title": "Correctness",
             "paras": ["Each commit's own suites, in its environment, under each reserve config."],
             "tables": [("", t["correctness"])]

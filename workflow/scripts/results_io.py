@@ -178,7 +178,7 @@ def _bench_file(rec: dict) -> dict:
             "path": rec.get("path"), "schema_version": rec.get("schema_version", 1), "device": rec.get("device"),
             "timer": rec.get("timer"), "rounds": rec.get("rounds"), "processes": rec.get("processes", 1),
             "sizes": rec.get("sizes") or {}, "modes": rec.get("modes"), "conditions": rec.get("conditions") or {},
-            "runs": []}
+            "placement": rec.get("placement"), "runs": []}
 
 
 def _bench(path: Path) -> tuple[dict, dict]:

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log", type=Path, required=True)
     ap.add_argument("--timeout", type=int, default=3600)
     args = ap.parse_args(argv)
-    harness.exit_on_sigterm()
+    harness.job_start(args.device)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     env = harness.env_record(args.env_json)
     if env.get("status") != "ok":

@@ -134,6 +134,9 @@ def build_tables(s: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
                           " ".join(x for x in (fmt_num(r.get("adapter")),
                                                fmt_num(r.get("implementation_version") or r.get("nsa_version"))) if x),
                           fmt_num(r["installer"])] for r in s["environment"]])
+    t["placement"] = (["job", "variant", "reserve", "node", "GPU", "SLURM job"],
+                      [[r["job"], r["variant"], fmt_num(r["reserve"]), fmt_num(r["node"]), fmt_num(r["gpu"]),
+                        fmt_num(r["slurm_job_id"])] for r in s.get("placement") or []])
     t["routes"] = (["commit", "branch", "route", "reason"],
                    [[r["variant"], str(r["branch"]), fmt_num(r["route"]), fmt_num(r["reason"])] for r in s["routes"]])
     t["reserve_configs"] = (["name", "variables"],
