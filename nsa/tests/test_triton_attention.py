@@ -2,7 +2,8 @@
 
 ``ops``: float32 on CPU through Triton's interpreter, outputs and dq/dk/dv against
 ``nsa.ops.sliding_window_attention`` and ``nsa.ops.compressed_attention`` in float64, max error
-<= 1e-4 relative to the reference's largest value. The interpreter must be switched on
+<= 1e-4 relative to the reference's largest value (float16 cases: 3e-3; bf16 runs on GPU only, since
+the interpreter's bf16 ``tl.dot`` is wrong). The interpreter must be switched on
 (``TRITON_INTERPRET=1``) before Triton is first imported, and ``import nsa`` has imported it by the
 time this module loads, so all interpreter cases run in one subprocess (``python -m
 nsa.tests.test_triton_attention``, about 20-40 s on 2 cores) whose numbers the tests below check;
@@ -43,7 +44,12 @@ CASES = {
     "cmp-B2-T6-G1-h1-dk16-dv16-l8-d4-empty": ("cmp", 2, 6, 1, 1, 16, 16, {"block_len": 8, "block_stride": 4}),
     "any-B1-T50-G2-h2-dk16-dv24-stride3-offset2-w7": ("any", 1, 50, 2, 2, 16, 24,
                                                       {"key_stride": 3, "key_offset": 2, "window": 7}),
+    # float16 (the half-precision casts; the interpreter's bf16 dot is wrong, so bf16 runs on GPU only)
+    "win-B1-T37-G2-h3-dk16-dv24-w16-fp16": ("win", 1, 37, 2, 3, 16, 24, {"window": 16, "dtype": torch.float16}),
+    "cmp-B1-T37-G2-h3-dk16-dv24-l8-d4-fp16": ("cmp", 1, 37, 2, 3, 16, 24,
+                                              {"block_len": 8, "block_stride": 4, "dtype": torch.float16}),
 }
+TOL_FP16 = 3e-3  # float16 inputs and outputs (observed <= 6e-4: storage alone rounds at ~5e-4)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,6 +78,8 @@ def _dense_reference(q, k, v, key_stride, key_offset, window, scale):
 def _case_errors(name: str) -> dict:
     """Max relative errors of o, dq, dk, dv (and lse) for one case, float32 kernel vs float64 reference."""
     kind, B, T, G, h, dk, dv, params = CASES[name]
+    params = dict(params)
+    dtype = params.pop("dtype", torch.float32)
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     S = T
     if kind == "cmp":
@@ -83,7 +91,8 @@ def _case_errors(name: str) -> dict:
     q = torch.randn(B, T, G * h, dk + 8, generator=gen)[..., :dk]
     k = torch.randn(B, S, G, dk, generator=gen)
     v = torch.randn(B, S, G, dv, generator=gen)
-    grad_out = torch.randn(B, T, G * h, dv, generator=gen)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    grad_out = torch.randn(B, T, G * h, dv, generator=gen).to(dtype)
     x32 = [x.clone().requires_grad_() for x in (q, k, v)]
     x64 = [x.double().requires_grad_() for x in (q, k, v)]
     out = {}
@@ -102,6 +111,7 @@ def _case_errors(name: str) -> dict:
         out["lse"] = _rel(lse[seen], ref_lse[seen])
         out["lse_empty_is_-inf"] = float((lse[~seen] == float("-inf")).all())
     out["lse_dtype_float32"] = float(lse.dtype == torch.float32)
+    out["out_dtype"] = float(o.dtype == dtype)
     out["o"] = _rel(o, ref)
     grads = torch.autograd.grad(o, x32, grad_out)
     ref_grads = torch.autograd.grad(ref, x64, grad_out.double(), allow_unused=True)
@@ -172,10 +182,11 @@ def interpreter_results() -> dict:
 def test_triton_attention_matches_reference_in_interpreter(name, interpreter_results):
     r = interpreter_results[name]
     assert "error" not in r, r.get("error")
+    tol = TOL_FP16 if name.endswith("fp16") else TOL
     for key in ("o", "dq", "dk", "dv", "lse"):
         if key in r:
-            assert r[key] <= TOL, f"{key}: max error {r[key]:.3g} > {TOL} relative ({r})"
-    for flag in ("finite", "empty_rows_zero", "lse_empty_is_-inf", "lse_dtype_float32"):
+            assert r[key] <= tol, f"{key}: max error {r[key]:.3g} > {tol} relative ({r})"
+    for flag in ("finite", "empty_rows_zero", "lse_empty_is_-inf", "lse_dtype_float32", "out_dtype"):
         if flag in r:
             assert r[flag] == 1.0, f"{flag} fails ({r})"
 
