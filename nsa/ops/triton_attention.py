@@ -38,6 +38,47 @@ _LN2 = 0.6931471805599453
 if triton is not None:
 
     @triton.jit
+    def _row_tile(r0, g, T, HPG: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Rows ``r0 ..`` of the flattened (t, head of group g) space: position, head, in-range mask."""
+        rows = r0 + tl.arange(0, BLOCK_M)
+        t = rows // HPG
+        return t, g * HPG + rows % HPG, t < T
+
+    @triton.jit
+    def _tile(P, base, idx, stride, col, D: tl.constexpr, DP: tl.constexpr, mask):
+        """``[len(idx), DP]`` tile of rows ``idx`` (int64) of width ``D``, zero-padded; ``col``: head offset."""
+        offs = tl.arange(0, DP)
+        return tl.load(P + base + idx[:, None] * stride + col + offs[None, :],
+                       mask=mask[:, None] & (offs[None, :] < D), other=0.0)
+
+    @triton.jit
+    def _store_tile(P, base, idx, stride, col, x, D: tl.constexpr, DP: tl.constexpr, mask):
+        offs = tl.arange(0, DP)
+        tl.store(P + base + idx[:, None] * stride + col + offs[None, :], x.to(P.dtype.element_ty),
+                 mask=mask[:, None] & (offs[None, :] < D))
+
+    @triton.jit
+    def _key_range(r0, T, S, key_stride, key_offset, window, HPG: tl.constexpr, BLOCK_M: tl.constexpr,
+                   WINDOWED: tl.constexpr):
+        """Keys some row of the tile can see: ``j_lo <= j < j_hi`` (operands kept >= 0: Triton's
+        integer division truncates, the interpreter's floors)."""
+        t_hi = tl.minimum((r0 + BLOCK_M - 1) // HPG, T - 1)
+        j_hi = tl.minimum(tl.maximum(t_hi - key_offset + key_stride, 0) // key_stride, S)
+        j_lo = j_hi * 0
+        if WINDOWED:
+            j_lo = (tl.maximum(r0 // HPG - window - key_offset + 1, 0) + key_stride - 1) // key_stride
+        return j_lo, j_hi
+
+    @triton.jit
+    def _visible(t, offs_n, j_end, key_stride, key_offset, window, WINDOWED: tl.constexpr):
+        """``[rows, keys]``: key ``j`` (``< j_end``) at ``j*key_stride + key_offset`` is visible from ``t``."""
+        kpos = offs_n * key_stride + key_offset
+        vis = (offs_n < j_end)[None, :] & (kpos[None, :] <= t[:, None])
+        if WINDOWED:
+            vis = vis & (t[:, None] - kpos[None, :] < window)
+        return vis
+
+    @triton.jit
     def _fwd(Q, K, V, O, LSE,
              sqb, sqt, sqh, skb, sks, skg, svb, svs, svg, sob, sot, soh, slb, slt,
              T, S, key_stride, key_offset, window, qk_scale,
@@ -47,49 +88,29 @@ if triton is not None:
         r0 = tl.program_id(0) * BLOCK_M
         b = (tl.program_id(1) // G).to(tl.int64)
         g = tl.program_id(1) % G
-        rows = r0 + tl.arange(0, BLOCK_M)
-        t = rows // HPG
-        head = g * HPG + rows % HPG
-        rmask = t < T
+        t, head, rmask = _row_tile(r0, g, T, HPG, BLOCK_M)
         t64 = t.to(tl.int64)
-        offs_dk = tl.arange(0, DKP)
-        offs_dv = tl.arange(0, DVP)
-        q = tl.load(Q + b * sqb + t64[:, None] * sqt + head[:, None] * sqh + offs_dk[None, :],
-                    mask=rmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        # Keys any row of this tile can see: j_lo <= j < j_hi.
-        t_lo = r0 // HPG
-        t_hi = tl.minimum((r0 + BLOCK_M - 1) // HPG, T - 1)
-        j_hi = tl.minimum(tl.maximum(t_hi - key_offset + key_stride, 0) // key_stride, S)
-        j_lo = 0
-        if WINDOWED:
-            j_lo = (tl.maximum(t_lo - window - key_offset + 1, 0) + key_stride - 1) // key_stride
+        q = _tile(Q, b * sqb, t64, sqt, head[:, None] * sqh, DK, DKP, rmask)
+        j_lo, j_hi = _key_range(r0, T, S, key_stride, key_offset, window, HPG, BLOCK_M, WINDOWED)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, DVP], tl.float32)
         for j0 in range(j_lo, j_hi, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < j_hi
-            kpos = offs_n * key_stride + key_offset
-            k = tl.load(K + b * skb + offs_n[:, None].to(tl.int64) * sks + g * skg + offs_dk[None, :],
-                        mask=nmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            n64 = offs_n.to(tl.int64)
+            k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, offs_n < j_hi)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
-            vis = nmask[None, :] & (kpos[None, :] <= t[:, None])
-            if WINDOWED:
-                vis = vis & (t[:, None] - kpos[None, :] < window)
-            s = tl.where(vis, s, float("-inf"))
+            s = tl.where(_visible(t, offs_n, j_hi, key_stride, key_offset, window, WINDOWED), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + offs_n[:, None].to(tl.int64) * svs + g * svg + offs_dv[None, :],
-                        mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, offs_n < j_hi)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        tl.store(O + b * sob + t64[:, None] * sot + head[:, None] * soh + offs_dv[None, :],
-                 o.to(O.dtype.element_ty), mask=rmask[:, None] & (offs_dv[None, :] < DV))
+        _store_tile(O, b * sob, t64, sot, head[:, None] * soh, acc / tl.where(has, l_i, 1.0)[:, None], DV, DVP, rmask)
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(LSE + b * slb + t64 * slt + head, lse, mask=rmask)
 
@@ -102,10 +123,8 @@ if triton is not None:
         t = (rows // H).to(tl.int64)
         head = rows % H
         rmask = rows < T * H
-        offs = tl.arange(0, DVP)
-        mask = rmask[:, None] & (offs[None, :] < DV)
-        o = tl.load(O + b * sob + t[:, None] * sot + head[:, None] * soh + offs[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * sdb + t[:, None] * sdt + head[:, None] * sdh + offs[None, :], mask=mask, other=0.0)
+        o = _tile(O, b * sob, t, sot, head[:, None] * soh, DV, DVP, rmask)
+        do = _tile(DO, b * sdb, t, sdt, head[:, None] * sdh, DV, DVP, rmask)
         tl.store(DELTA + b * T * H + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rmask)
 
     @triton.jit
@@ -121,49 +140,33 @@ if triton is not None:
         b = (tl.program_id(1) // G).to(tl.int64)
         g = tl.program_id(1) % G
         offs_n = j0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < S
         n64 = offs_n.to(tl.int64)
-        kpos = offs_n * key_stride + key_offset
-        offs_dk = tl.arange(0, DKP)
-        offs_dv = tl.arange(0, DVP)
-        k = tl.load(K + b * skb + n64[:, None] * sks + g * skg + offs_dk[None, :],
-                    mask=nmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        v = tl.load(V + b * svb + n64[:, None] * svs + g * svg + offs_dv[None, :],
-                    mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, offs_n < S)
+        v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, offs_n < S)
         dk = tl.zeros([BLOCK_N, DKP], tl.float32)
         dv = tl.zeros([BLOCK_N, DVP], tl.float32)
-        # Queries that can see some key of the tile: kpos_first <= t < kpos_last + window.
+        # Queries that can see some key of the tile: first key's position <= t < last key's + window.
         t_start = tl.minimum(j0 * key_stride + key_offset, T)
-        t_end = T
+        t_end = t_start * 0 + T
         if WINDOWED:
-            t_last = (tl.minimum(j0 + BLOCK_N, S) - 1) * key_stride + key_offset
-            t_end = tl.minimum(t_last + window, T)
+            t_end = tl.minimum((tl.minimum(j0 + BLOCK_N, S) - 1) * key_stride + key_offset + window, T)
         for r0 in range(t_start * HPG, t_end * HPG, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            t = rows // HPG
-            head = g * HPG + rows % HPG
-            rmask = t < t_end
+            t, head, rmask = _row_tile(r0, g, t_end, HPG, BLOCK_M)
             t64 = t.to(tl.int64)
-            q = tl.load(Q + b * sqb + t64[:, None] * sqt + head[:, None] * sqh + offs_dk[None, :],
-                        mask=rmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            do = tl.load(DO + b * sdb + t64[:, None] * sdt + head[:, None] * sdh + offs_dv[None, :],
-                         mask=rmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            q = _tile(Q, b * sqb, t64, sqt, head[:, None] * sqh, DK, DKP, rmask)
+            do = _tile(DO, b * sdb, t64, sdt, head[:, None] * sdh, DV, DVP, rmask)
             lse = tl.load(LSE + b * slb + t64 * slt + head, mask=rmask, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + b * slb + t64 * slt + head, mask=rmask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-            vis = rmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
-            if WINDOWED:
-                vis = vis & (t[:, None] - kpos[None, :] < window)
+            vis = rmask[:, None] & _visible(t, offs_n, S, key_stride, key_offset, window, WINDOWED)
             # A row that sees no key has lse = -inf and no visible entry: the where keeps it at zero.
             p = tl.where(vis, tl.exp2(s - tl.where(vis, lse[:, None], s)), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        tl.store(DK_ + b * sgkb + n64[:, None] * sgks + g * sgkg + offs_dk[None, :], (dk * scale).to(DK_.dtype.element_ty),
-                 mask=nmask[:, None] & (offs_dk[None, :] < DK))
-        tl.store(DV_ + b * sgvb + n64[:, None] * sgvs + g * sgvg + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-                 mask=nmask[:, None] & (offs_dv[None, :] < DV))
+        _store_tile(DK_, b * sgkb, n64, sgks, g * sgkg, dk * scale, DK, DKP, offs_n < S)
+        _store_tile(DV_, b * sgvb, n64, sgvs, g * sgvg, dv, DV, DVP, offs_n < S)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
@@ -176,45 +179,26 @@ if triton is not None:
         r0 = tl.program_id(0) * BLOCK_M
         b = (tl.program_id(1) // G).to(tl.int64)
         g = tl.program_id(1) % G
-        rows = r0 + tl.arange(0, BLOCK_M)
-        t = rows // HPG
-        head = g * HPG + rows % HPG
-        rmask = t < T
+        t, head, rmask = _row_tile(r0, g, T, HPG, BLOCK_M)
         t64 = t.to(tl.int64)
-        offs_dk = tl.arange(0, DKP)
-        offs_dv = tl.arange(0, DVP)
-        q = tl.load(Q + b * sqb + t64[:, None] * sqt + head[:, None] * sqh + offs_dk[None, :],
-                    mask=rmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = tl.load(DO + b * sdb + t64[:, None] * sdt + head[:, None] * sdh + offs_dv[None, :],
-                     mask=rmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        q = _tile(Q, b * sqb, t64, sqt, head[:, None] * sqh, DK, DKP, rmask)
+        do = _tile(DO, b * sdb, t64, sdt, head[:, None] * sdh, DV, DVP, rmask)
         lse = tl.load(LSE + b * slb + t64 * slt + head, mask=rmask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + b * slb + t64 * slt + head, mask=rmask, other=0.0)
-        t_lo = r0 // HPG
-        t_hi = tl.minimum((r0 + BLOCK_M - 1) // HPG, T - 1)
-        j_hi = tl.minimum(tl.maximum(t_hi - key_offset + key_stride, 0) // key_stride, S)
-        j_lo = 0
-        if WINDOWED:
-            j_lo = (tl.maximum(t_lo - window - key_offset + 1, 0) + key_stride - 1) // key_stride
+        j_lo, j_hi = _key_range(r0, T, S, key_stride, key_offset, window, HPG, BLOCK_M, WINDOWED)
         dq = tl.zeros([BLOCK_M, DKP], tl.float32)
         for j0 in range(j_lo, j_hi, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < j_hi
             n64 = offs_n.to(tl.int64)
-            kpos = offs_n * key_stride + key_offset
-            k = tl.load(K + b * skb + n64[:, None] * sks + g * skg + offs_dk[None, :],
-                        mask=nmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            v = tl.load(V + b * svb + n64[:, None] * svs + g * svg + offs_dv[None, :],
-                        mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, offs_n < j_hi)
+            v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, offs_n < j_hi)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            vis = rmask[:, None] & nmask[None, :] & (kpos[None, :] <= t[:, None])
-            if WINDOWED:
-                vis = vis & (t[:, None] - kpos[None, :] < window)
+            vis = rmask[:, None] & _visible(t, offs_n, j_hi, key_stride, key_offset, window, WINDOWED)
             p = tl.where(vis, tl.exp2(s - tl.where(vis, lse[:, None], s)), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        tl.store(DQ + b * sgb + t64[:, None] * sgt + head[:, None] * sgh + offs_dk[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=rmask[:, None] & (offs_dk[None, :] < DK))
+        _store_tile(DQ, b * sgb, t64, sgt, head[:, None] * sgh, dq * scale, DK, DKP, rmask)
 
 
 # --- launching -----------------------------------------------------------------------------------
