@@ -2,6 +2,7 @@
 # What we run on the lent H100 (the `device` tool), from the repo root, with `.whl` carried:
 #   bash tools/gpu_session.sh tests      nsa suites (junit), GPU checks, bench_smoke --compile
 #   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
+#   bash tools/gpu_session.sh kernels    Triton window/compressed kernels: their tests, bench_kernels
 #   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report into $OUT
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
@@ -29,6 +30,13 @@ case "${1:-tests}" in
     python3 tools/gpu_checks.py > "$OUT/checks.log" 2>&1; grep -E "^(decode|flex|prefill)|Error" "$OUT/checks.log"
     python3 -m nsa.bench_smoke --compile --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
     sed -n '/^summary/,$p' "$OUT/bench.log"
+    ;;
+  kernels)
+    python3 -m pytest nsa/tests/test_triton_attention.py -q -rs -p no:cacheprovider \
+      --junitxml="$OUT/kernels-junit.xml" > "$OUT/kernels-pytest.log" 2>&1
+    tail -n 25 "$OUT/kernels-pytest.log"
+    python3 -m nsa.bench_kernels --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
+    sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
     ;;
   check)
     for a in "--adapter nsa" "--dense"; do python3 tools/gpu_harness_check.py $a 2>&1 | tail -n 8 || exit 1; done
