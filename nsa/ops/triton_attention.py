@@ -270,7 +270,7 @@ def _forward(q, k, v, key_stride, key_offset, window, scale):
     S, G, Dv = k.shape[1], k.shape[2], v.shape[3]
     o = torch.empty(B, T, H, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
-    if T == 0:
+    if T == 0 or B == 0:
         return o, lse
     dkp, dvp, h = _pad(Dk), _pad(Dv), H // G
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride()[:2],
@@ -288,7 +288,7 @@ def _backward(do, q, k, v, o, lse, key_stride, key_offset, window, scale):
     dq = torch.empty(B, T, H, Dk, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if T == 0 or S == 0:
+    if T == 0 or S == 0 or B == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     (do,) = _last_dim_contiguous(do)
     delta = torch.empty_like(lse)

@@ -163,6 +163,7 @@ def compute_all() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
+    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
     if ta._interpreting():
         results = compute_all()
     else:
