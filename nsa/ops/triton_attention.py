@@ -215,19 +215,22 @@ def _interpreting() -> bool:
     return type(_fwd).__name__ == "InterpretedFunction"
 
 
-def _tile_options(device: torch.device, dkp: int, dvp: int) -> list[dict]:
+def _tile_options(device: torch.device, dtype: torch.dtype, dkp: int, dvp: int) -> list[dict]:
     """``(BLOCK_M rows, BLOCK_N keys)`` per kernel, best first; a launch that runs out of shared memory
     or registers takes the next. Interpreter: small tiles, so tests at a few dozen tokens cross tile
     edges, but not so small that its per-operation overhead dominates."""
     if device.type != "cuda":
         return [dict(fwd=(32, 16), dkdv=(32, 16), dq=(32, 16), warps=4, stages=1)]
-    wide = max(dkp, dvp) > 128
-    if wide:  # d_k = 192 pads to 256
-        first = dict(fwd=(64, 32), dkdv=(32, 32), dq=(64, 32), warps=8, stages=2)
+    # Chosen from ahead-of-time sm_90 builds (ptxas register and spill counts; 8 warps everywhere):
+    # these tiles keep every kernel at <= 255 registers with no or a few bytes of spill, d = 64..128.
+    if max(dkp, dvp) > 128:  # d_k = 192 pads to 256
+        first = dict(fwd=(64, 64), dkdv=(32, 32), dq=(32, 32), warps=8, stages=2)
     else:
-        first = dict(fwd=(128, 64), dkdv=(64, 64), dq=(64, 64), warps=8 if dkp >= 128 else 4, stages=2)
-    return [first, dict(fwd=(64, 32), dkdv=(32, 32), dq=(32, 32), warps=4, stages=1),
-            dict(fwd=(32, 16), dkdv=(16, 16), dq=(16, 16), warps=4, stages=1)]
+        first = dict(fwd=(128, 64), dkdv=(32, 64), dq=(128, 32), warps=8, stages=2)
+    smaller = [dict(fwd=(64, 32), dkdv=(32, 32), dq=(32, 32), warps=4, stages=1),
+               dict(fwd=(32, 16), dkdv=(16, 16), dq=(16, 16), warps=4, stages=1)]
+    # float32 (the accuracy path) holds twice the bytes per tile: the large tiles spill kilobytes.
+    return smaller if dtype == torch.float32 else [first, *smaller]
 
 
 _chosen: dict = {}  # (kernel name, device, dtype, dkp, dvp) -> index into _tile_options that launched
@@ -235,7 +238,7 @@ _chosen: dict = {}  # (kernel name, device, dtype, dkp, dvp) -> index into _tile
 
 def _launch(kernel, name: str, tiles_of, grid_of, args, meta, device, dtype, dkp, dvp):
     """Launch ``kernel`` with the first tile option that fits this device (cached per shape class)."""
-    options = _tile_options(device, dkp, dvp)
+    options = _tile_options(device, dtype, dkp, dvp)
     key = (name, str(device), dtype, dkp, dvp)
     start = _chosen.get(key, 0)
     fn = kernel
