@@ -213,6 +213,43 @@ def test_triton_attention_rejects_bad_arguments():
             ta.triton_window_attention(q, k, v, window=4)
 
 
+# --- compiled (not interpreted) kernels, built for sm_90 without a GPU -------------------------------
+
+_POINTERS = ("Q", "K", "V", "O", "DO", "DK_", "DV_", "DQ")
+
+
+def _build_sm90(kernel, tiles, warps, stages, windowed, d=128, h=16, G=4):
+    """``triton.compile`` for an H100 (sm_90) with Triton's bundled ptxas: Triton's real front end and
+    back end, which the interpreter never runs. Returns the compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    const = dict(G=G, HPG=h, DK=d, DKP=d, DV=d, DVP=d, BLOCK_M=tiles[0], BLOCK_N=tiles[1], WINDOWED=windowed, PREC="tf32")
+    signature = {name: "constexpr" if name in const else "*bf16" if name in _POINTERS else "*fp32" if name in ("LSE", "DELTA")
+                 else "fp32" if name in ("qk_scale", "scale") else "i32" for name in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+@pytest.mark.ops
+@pytest.mark.parametrize("windowed", [True, False], ids=["window", "compressed"])
+def test_triton_attention_builds_for_sm90_without_a_gpu(windowed):
+    """The bf16 d=128 kernels at their first-choice GPU tiles compile to sm_90 machine code and fit in
+    an H100's shared memory (227 KiB): catches what only the compiler rejects, on a CPU-only machine."""
+    if ta._interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions in this process")
+    try:
+        from triton.backends import backends
+    except ImportError:
+        backends = {}
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend (ptxas) to build with")
+    opt = ta._tile_options(torch.device("cuda"), torch.bfloat16, 128, 128)[0]
+    for kernel, which in ((ta._fwd, "fwd"), (ta._bwd_dkdv, "dkdv"), (ta._bwd_dq, "dq")):
+        built = _build_sm90(kernel, opt[which], opt["warps"], opt["stages"], windowed)
+        assert built.metadata.shared <= 227 * 1024, (which, built.metadata.shared)
+
+
 # --- GPU: bf16 at realistic shapes ---------------------------------------------------------------
 
 GPU_CASES = [  # kind, B, T, G, h, d_k, d_v, params
