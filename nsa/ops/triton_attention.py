@@ -20,6 +20,7 @@ the tests check the kernels that way at small shapes, in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -241,11 +242,10 @@ def _launch(kernel, name: str, tiles_of, grid_of, args, meta, device, dtype, dkp
     options = _tile_options(device, dtype, dkp, dvp)
     key = (name, str(device), dtype, dkp, dvp)
     start = _chosen.get(key, 0)
-    fn = kernel
     for i in range(start, len(options)):
         bm, bn = tiles_of(options[i])
         try:
-            fn[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+            kernel[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                 num_warps=options[i]["warps"], num_stages=options[i]["stages"])
         except triton.runtime.errors.OutOfResources:
             if i == len(options) - 1:
@@ -309,10 +309,16 @@ def _backward(do, q, k, v, o, lse, key_stride, key_offset, window, scale):
     return dq, dk, dv
 
 
+def _on(device: torch.device):
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class _PositionedKeyAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_stride, key_offset, window, scale):
-        o, lse = _forward(q, k, v, key_stride, key_offset, window, scale)
+        with _on(q.device):
+            o, lse = _forward(q, k, v, key_stride, key_offset, window, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (key_stride, key_offset, window, scale)
         ctx.mark_non_differentiable(lse)
@@ -321,7 +327,8 @@ class _PositionedKeyAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args)
+        with _on(q.device):
+            dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None
 
 
@@ -330,7 +337,7 @@ class _PositionedKeyAttention(torch.autograd.Function):
 
 def positioned_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_stride: int = 1,
                              key_offset: int = 0, window: int | None = None, scale: float | None = None,
-                             return_lse: bool = False, op: str = "positioned_key_attention"):
+                             return_lse: bool = False):
     """Attention where query ``t`` sees key ``j`` iff ``kpos = j*key_stride + key_offset <= t`` and
     ``t - kpos < window`` (``window=None``: no lower bound); query positions are ``0..T-1``.
 
@@ -339,6 +346,10 @@ def positioned_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     is visible; with ``return_lse`` also ``lse [B, T, H]`` float32 (the natural log of the softmax
     denominator of the scaled scores, ``-inf`` where no key is visible). Differentiable in q, k, v.
     """
+    return _attention("positioned_key_attention", q, k, v, key_stride, key_offset, window, scale, return_lse)
+
+
+def _attention(op, q, k, v, key_stride, key_offset, window, scale, return_lse):
     if triton is None:
         raise RuntimeError(f"{op}: Triton is not installed (pip install triton)")
     checks.need_attention_inputs(op, q, k, v)
@@ -361,8 +372,8 @@ def positioned_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def triton_window_attention(q, k, v, *, window: int, scale: float | None = None, return_lse: bool = False):
     """As :func:`nsa.ops.sliding_window_attention` for prefill (positions ``0..T-1``, ``S == T``):
     query ``t`` attends keys ``[max(0, t - w + 1), t]``. Forward and backward in Triton."""
-    return positioned_key_attention(q, k, v, window=window, scale=scale, return_lse=return_lse,
-                                    op="triton_window_attention")
+    window = checks.need_int("triton_window_attention", "window", window)
+    return _attention("triton_window_attention", q, k, v, 1, 0, window, scale, return_lse)
 
 
 def triton_compressed_attention(q, k_cmp, v_cmp, *, block_len: int, block_stride: int, scale: float | None = None,
@@ -372,5 +383,4 @@ def triton_compressed_attention(q, k_cmp, v_cmp, *, block_len: int, block_stride
     ``return_lse`` adds the float32 log-sum-exp ``[B, T, H]`` (for scoring the selection from it)."""
     op = "triton_compressed_attention"
     block_len, block_stride = checks.need_compression(op, block_len, block_stride)
-    return positioned_key_attention(q, k_cmp, v_cmp, key_stride=block_stride, key_offset=block_len - 1,
-                                    scale=scale, return_lse=return_lse, op=op)
+    return _attention(op, q, k_cmp, v_cmp, block_stride, block_len - 1, None, scale, return_lse)
