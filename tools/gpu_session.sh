@@ -2,10 +2,11 @@
 # What we run on the lent H100 (the `device` tool), from the repo root, with `.whl` carried:
 #   bash tools/gpu_session.sh tests      nsa suites (junit), GPU checks, bench_smoke --compile
 #   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
+#   bash tools/gpu_session.sh kernels    Triton window/compressed kernels: their tests, bench_kernels
 #   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report into $OUT
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
-#   bash tools/gpu_session.sh long       GPU tests, nsa.bench_prefill (8K-64K; fla-core from .whl/fla
-#                                        when there) and nsa.bench_smoke's decode at 64K
+#   bash tools/gpu_session.sh long       GPU tests (Triton, flex, streamed selection), nsa.bench_prefill
+#                                        (8K-64K; fla-core from .whl/fla when there), nsa.bench_kernels
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
 # (the device's copy of the tree has no git history, and the workflow checks out commits); for
 # vibe also the wheels of nsa-vibe's dependencies (hydra-core, omegaconf, antlr4-python3-runtime)
@@ -38,8 +39,15 @@ case "${1:-tests}" in
       > "$OUT/long-pytest.log" 2>&1; tail -n 15 "$OUT/long-pytest.log"
     timeout "${GPU_SESSION_PREFILL_S:-200}" python3 -m nsa.bench_prefill --lengths ${GPU_SESSION_LENGTHS:-8192 16384 32768 65536} \
       --reps 3 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; cat "$OUT/prefill.log"
-    timeout 90 python3 -m nsa.bench_smoke --compile --skip-prefill --contexts 2048,65536 --steps 50 --json "$OUT/decode64k.json" \
-      > "$OUT/decode64k.log" 2>&1; sed -n '/^summary/,$p' "$OUT/decode64k.log"
+    timeout "${GPU_SESSION_KERNELS_S:-150}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-150} - 20 ))" \
+      --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
+    ;;
+  kernels)
+    python3 -m pytest nsa/tests/test_triton_attention.py -q -rs -p no:cacheprovider \
+      --junitxml="$OUT/kernels-junit.xml" > "$OUT/kernels-pytest.log" 2>&1
+    tail -n 25 "$OUT/kernels-pytest.log"
+    python3 -m nsa.bench_kernels --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
+    sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
     ;;
   check)
     for a in "--adapter nsa" "--dense"; do python3 tools/gpu_harness_check.py $a 2>&1 | tail -n 8 || exit 1; done
