@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed, flex, selection, triton_selection, window
+from .ops import compressed, flex, selection, triton_attention, triton_selection, window
 from .flags import settings
 
 
@@ -122,6 +122,14 @@ def route_cmp(device, dtype, d_k, d_v) -> Route:
         return Route(name, "compressed output through causal FA-2 over stride segments; scores by matmul",
                      functools.partial(compressed.compressed_attention_fa2, attn_fn=attn,
                                        workspace_reserve=_varlen_reserve()))
+    if (settings().use_triton and torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and triton_attention.available()):
+        # Measured on an H200 (bf16, 64 heads in 4 groups, d=128, T=8192): forward 0.47 ms against
+        # 1.36 (FA-2 route) and 8.8 (masked matmul); forward + backward 9.5 against 3.6 and 25.8.
+        # Memory O(T) where the masked matmul holds [T, heads, N] scores.
+        return Route("triton-compressed", f"NSA_USE_TRITON=1: flash-attention Triton kernel over compressed tokens, "
+                     f"forward and backward ({blocker}); scores streamed by query chunks",
+                     triton_attention.triton_compressed_attention)
     return Route("reference", f"masked matmul softmax ({blocker})", None)
 
 

@@ -146,13 +146,49 @@ def _skipping_errors() -> dict:
     return {"fwd_far_rows_finite": fwd_far, "bwd_far_rows_finite": bwd_far}
 
 
+def _module_errors() -> dict:
+    """The layer with its compressed branch on the Triton route (what ``routes.route_cmp`` picks on a
+    GPU for half dtypes; the selection then comes from ``select_from_compressed``) against the same
+    layer on the reference route: output and the gradients of the input and of every parameter."""
+    from nsa import NSAAttention, NSAConfig, routes
+
+    cfg = NSAConfig(dim=32, groups=2, heads_per_group=2, d_k=16, d_v=16, block_len=8, block_stride=4,
+                    sel_block_len=16, n_sel=3, window=16)
+    torch.manual_seed(3)
+    layer = NSAAttention(cfg)
+    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(4))
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        grads = torch.autograd.grad(y.square().sum(), [xg, *layer.parameters()], allow_unused=True)
+        return y, grads
+
+    y_ref, g_ref = run()
+    real = routes.route_cmp
+    routes.route_cmp = lambda *a, **k: routes.Route("triton-compressed", "test", ta.triton_compressed_attention)
+    try:
+        y, g = run()
+    finally:
+        routes.route_cmp = real
+    out = {"o": _rel(y, y_ref)}
+    # Relative to each gradient's own scale, but not below a thousandth of the largest: the key
+    # compression's bias and position embedding shift every compressed key alike, which softmax
+    # ignores, so their true gradients are zero and what both routes give is rounding noise.
+    floor = 1e-3 * max(float(b.abs().max()) for b in g_ref if b is not None)
+    out["grads"] = max(float((a - b).abs().max()) / max(float(b.abs().max()), floor)
+                       for a, b in zip(g, g_ref) if b is not None)
+    return out
+
+
 def compute_all() -> dict:
     """Every interpreter case; an exception becomes that case's ``error`` (the others still run)."""
     torch.set_num_threads(1)
     results = {}
-    for name in [*CASES, "skipping"]:
+    special = {"skipping": _skipping_errors, "module": _module_errors}
+    for name in [*CASES, *special]:
         try:
-            results[name] = _skipping_errors() if name == "skipping" else _case_errors(name)
+            results[name] = special[name]() if name in special else _case_errors(name)
         except Exception as exc:  # reported per case by the tests
             if "only 0-dimensional arrays can be converted" in repr(exc):
                 return {"skip": f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
@@ -190,6 +226,25 @@ def test_triton_attention_matches_reference_in_interpreter(name, interpreter_res
     for flag in ("finite", "empty_rows_zero", "lse_empty_is_-inf", "lse_dtype_float32", "out_dtype"):
         if flag in r:
             assert r[flag] == 1.0, f"{flag} fails ({r})"
+
+
+@pytest.mark.ops
+def test_layer_on_the_triton_compressed_route_matches_the_reference_route(interpreter_results):
+    r = interpreter_results["module"]
+    assert "error" not in r, r.get("error")
+    assert r["o"] <= TOL and r["grads"] <= TOL, r
+
+
+@pytest.mark.ops
+def test_routes_take_the_triton_compressed_kernel_on_a_gpu_for_half_dtypes(monkeypatch):
+    from nsa import override_settings, routes
+
+    monkeypatch.setattr(ta, "available", lambda: True)  # the decision, on a machine without a GPU
+    assert routes.route_cmp("cuda", torch.bfloat16, 128, 128).fn is ta.triton_compressed_attention
+    assert routes.route_cmp("cuda", torch.float32, 128, 128).name == "reference"
+    assert routes.route_cmp("cpu", torch.bfloat16, 128, 128).name == "reference"
+    with override_settings(use_triton=False):
+        assert routes.route_cmp("cuda", torch.bfloat16, 128, 128).name == "reference"
 
 
 @pytest.mark.ops
