@@ -129,6 +129,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
               flush=True)
 
     wave = setup_parallel or max(len(specs), 1)
+    t0 = time.monotonic()  # elapsed times in the progress lines: where a long job spends its time
     try:  # workers start inside: a Ctrl-C while they start still stops those already started
         for first in range(0, len(specs), wave):  # a wave of workers sets up at once; each says ready
             started = len(workers)
@@ -154,7 +155,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
                 if results[i]["routes"] is None and info.get("routes") is not None:
                     results[i]["routes"] = info["routes"]
                 proc["info"] = {k: v for k, v in info.items() if k != "routes"}
-        print(f"{script}: {len(alive)}/{len(specs)} workers ready", flush=True)
+        print(f"{script}: {len(alive)}/{len(specs)} workers ready after {time.monotonic() - t0:.0f} s", flush=True)
         for r in range(rounds):
             for w in round_order(len(workers), r, seed):
                 if w not in alive:
@@ -168,7 +169,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
                     drop(w, answer["unsupported"], unsupported=True)
                     continue
                 merge(workers[w][1], answer)
-            print(f"{script}: round {r + 1}/{rounds} done", flush=True)
+            print(f"{script}: round {r + 1}/{rounds} done after {time.monotonic() - t0:.0f} s", flush=True)
         for w in list(alive):
             try:
                 end = workers[w][2].ask({"cmd": "finish"}, timeout)
