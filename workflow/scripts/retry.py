@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+
 def _failed(rec: dict) -> bool:
     # "environment failed" is the consequence of a failed env.json: forcing that one reruns these too.
     return rec.get("status") == "failed" and not str(rec.get("error", "")).startswith("environment failed")
