@@ -437,6 +437,13 @@ def test_change_words():
     assert acceptance.change_words(-75.0) == "4.0× faster"
 
 
+def test_commit_subjects_are_never_coloured_as_verdicts():
+    html = report.html_table(["variant", "ref", "subject", "call"],
+                             [["head", "HEAD", "fix the FAIL verdict of slower runs", "3.0× slower"]])
+    cells = re.findall(r"<td([^>]*)>([^<]*)</td>", html)
+    assert cells[2] == ("", "fix the FAIL verdict of slower runs") and cells[3] == (' class="bad"', "3.0× slower")
+
+
 def test_markdown_cells_are_escaped():
     md = tables.markdown_table(["a|b"], [["<x>|y\nz"]])
     assert "&lt;x&gt;\\|y z" in md and "a\\|b" in md

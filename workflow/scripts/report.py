@@ -65,10 +65,15 @@ def esc(x) -> str:
     return html.escape("" if x is None else str(x), quote=True)
 
 
-def cell_class(text: str) -> str:
+# Columns of free text the user wrote (a commit subject saying "fix FAIL ..."): never coloured.
+FREE_TEXT_COLUMNS = {"ref", "subject"}
+
+
+def cell_class(text: str, judged: bool = True) -> str:
     # Only a cell with a long unbreakable token (a path, a URL) may break anywhere: letting every
     # cell do so would let the table squeeze short columns into one letter per line.
-    classes = ["bad" if BAD_CELL.search(text) else "good" if GOOD_CELL.search(text) else ""]
+    verdict = "bad" if BAD_CELL.search(text) else "good" if GOOD_CELL.search(text) else ""
+    classes = [verdict if judged else ""]
     if any(len(word) > 28 for word in text.split()):
         classes.append("long")
     joined = " ".join(c for c in classes if c)
@@ -79,8 +84,9 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
     if not rows:
         return '<p class="note">(no rows)</p>'
     out = ["<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    judged = [h not in FREE_TEXT_COLUMNS for h in header]
     for row in rows:
-        out.append("<tr>" + "".join(f"<td{cell_class(str(c))}>{esc(c)}</td>" for c in row) + "</tr>")
+        out.append("<tr>" + "".join(f"<td{cell_class(str(c), j)}>{esc(c)}</td>" for c, j in zip(row, judged)) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
