@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 
 import torch
 import torch.nn.functional as F
 
 from . import routes
-from .bench_smoke import _Timer, summarise
+from .bench_smoke import _Timer, summarise, write_json
 from .flags import override
 from .ops import compressed, flex, triton_attention, window
 
@@ -219,9 +218,7 @@ def main(argv=None):
     result = run(args)
     print(f"\n{result['device']}; torch {result['torch']}; triton {result['triton']}; {result['seconds']:.0f} s")
     print(table(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return result
 
 

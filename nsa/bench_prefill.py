@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import NSAAttention, NSAConfig, backends
-from .bench_smoke import _Timer, summarise
+from .bench_smoke import _Timer, summarise, write_json
 
 LONG_CFG = dict(dim=2048, groups=4, heads_per_group=16, d_k=128, d_v=128, block_len=32, block_stride=16,
                 sel_block_len=64, n_sel=16, window=512)
@@ -169,9 +169,7 @@ def main(argv=None):
         rows += bench_length(cfg, T, device, dtype, args.reps or (5 if gpu else 2), args.max_call_s, dead)
     result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
               "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return result
 
 

@@ -46,6 +46,13 @@ class _Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+def write_json(path: str | None, result: dict) -> None:
+    """The benchmarks' ``--json`` output (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
 def summarise(samples: list[float]) -> dict:
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
     return {"median_ms": statistics.median(samples), "q25_ms": q[0], "q75_ms": q[2], "n": len(samples)}
@@ -208,9 +215,7 @@ def main(argv=None):
         print(f"  {r['layer']:5s} ctx {r['context']:5d} {r['mode']:5s} {r['median_ms']:.4f}")
     for r in result.get("prefill", []):
         print(f"  prefill {r['what']:10s} T={r['T']} {r['median_ms']:.3f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return result
 
 
