@@ -74,8 +74,8 @@ def wait_until_none_left(work: Path, timeout: float = 15) -> list[str]:
     return processes_in(work)
 
 
-def start(work: Path) -> subprocess.Popen:
-    return subprocess.Popen(snakemake_cmd(work, "--cores", "2", "all"), cwd=work, stdout=subprocess.PIPE,
+def start(work: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(snakemake_cmd(work, "--cores", "2", "all", *extra), cwd=work, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -130,8 +130,10 @@ def disturbed(fake_repo, tmp_path_factory):
     os.killpg(proc.pid, signal.SIGINT)
     proc.communicate(timeout=60)
     faults["sigint"] = {"left": wait_until_none_left(work), "rc": proc.returncode}
-    # kill -9 of Snakemake alone while benchmark workers run: nobody tells the jobs.
-    proc = start(work)
+    # kill -9 of Snakemake alone while benchmark workers run: nobody tells the jobs. The training job
+    # is forced, so workers start whatever the Ctrl-C left to do (it may have hit the last benchmark
+    # as it finished).
+    proc = start(work, "--forcerun", "results/train/train.json")
     wait_for_workers(work, "_worker.py", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
