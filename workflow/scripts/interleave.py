@@ -238,7 +238,7 @@ GPU_FIELDS = ("name", "clocks.sm", "clocks.mem", "clocks.max.sm", "temperature.g
 
 
 def gpu_conditions() -> dict | None:
-    """Clocks, temperature, power and the compute processes on GPU 0 (nvidia-smi), or None."""
+    """Clocks, temperature, power and the compute processes on the job's GPU (nvidia-smi), or None."""
     try:
         r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits",
                             "-i", harness.visible_gpu()], capture_output=True, text=True, timeout=30)
