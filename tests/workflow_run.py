@@ -40,9 +40,11 @@ def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    """``snakemake`` from this checkout, run in ``workdir`` (which holds config.yaml)."""
-    return subprocess.run(snakemake_cmd(workdir, *args), cwd=workdir, capture_output=True, text=True,
+def snakemake(workdir: Path, *args: str, timeout: int = 300, env=None,
+              prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``snakemake`` from this checkout, run in ``workdir`` (which holds config.yaml); ``prefix``
+    goes before it (e.g. ``timeout -s INT``, as the SLURM test does)."""
+    return subprocess.run([*prefix, *snakemake_cmd(workdir, *args)], cwd=workdir, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
