@@ -182,6 +182,19 @@ def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypa
         assert all(r["status"] == "ok" and [len(p["samples"]) for p in r["processes"]] == [3, 3] for r in results)
 
 
+def test_on_cuda_one_worker_per_distinct_code_sets_up_first():
+    runs = [{"sha": "a", "kind": "reference"}, {"sha": "a", "kind": "impl"}, {"sha": "b", "kind": "impl"},
+            {"sha": "a", "kind": "impl"}]  # the last: an A/A twin of run 1, the same code
+    specs = [(i, f"r{i}p{j}") for i in range(4) for j in range(3)]
+    waves = interleave.setup_waves(specs, runs, 0, warm_first=True)
+    assert [[s[1] for s in w] for w in waves] == [["r0p0", "r1p0", "r2p0"],
+                                                  [s[1] for s in specs if s[1] not in ("r0p0", "r1p0", "r2p0")]]
+    waves = interleave.setup_waves(specs, runs, 2, warm_first=True)
+    assert [len(w) for w in waves] == [2, 1, 2, 2, 2, 2, 1]
+    assert sorted(s[1] for w in waves for s in w) == sorted(s[1] for s in specs)
+    assert interleave.setup_waves(specs, runs, 5, warm_first=False) == [specs[:5], specs[5:10], specs[10:]]
+
+
 def _stage(tmp_path, script: str, adapter: Path, sizes: dict, **extra) -> dict:
     import subprocess
 

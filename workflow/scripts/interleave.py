@@ -83,6 +83,30 @@ def round_order(n: int, round_index: int, seed: int) -> list[int]:
     return order
 
 
+def setup_waves(specs: list, runs: list[dict], setup_parallel: int, warm_first: bool) -> list[list]:
+    """The order in which workers set up: waves of ``setup_parallel`` (0: all at once).
+
+    ``warm_first``: a first wave holds one worker of each distinct code (commit and layer kind), so
+    the compilations a worker makes while it sets up (``compile_decode()``, Triton autotuning) run
+    once each and fill the on-disk caches the later waves read, instead of every worker compiling
+    the same graphs at once. ``specs`` items start with their run's index in ``runs``.
+    """
+    first = []
+    if warm_first:
+        seen = set()
+        for n, spec in enumerate(specs):
+            run = runs[spec[0]]
+            if (run.get("sha"), run.get("kind")) not in seen:
+                seen.add((run.get("sha"), run.get("kind")))
+                first.append(n)
+    rest = [spec for n, spec in enumerate(specs) if n not in first]
+    waves = []
+    for group in ([specs[n] for n in first], rest):
+        size = setup_parallel or max(len(group), 1)
+        waves += [group[i:i + size] for i in range(0, len(group), size)]
+    return waves
+
+
 def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes: int, rounds: int, device: str,
                log_dir: Path, timeout: float, seed: int, threads: int | None, setup_parallel: int = 0) -> list[dict]:
     """Measure every run with ``processes`` workers of ``script`` over ``rounds`` interleaved rounds.
@@ -90,7 +114,8 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
     ``runs``: dicts with variant, sha, reserve, kind, spec, vars, and env_dir or env_error.
     ``merge(process_record, answer)`` folds one answer to ``request`` into the process's record.
     ``setup_parallel``: workers setting up at once (0: all). Set-up is when a worker peaks in memory
-    (a training worker's warm-up steps); measuring is one worker at a time anyway.
+    (a training worker's warm-up steps); measuring is one worker at a time anyway. On CUDA one
+    worker per distinct code sets up first (:func:`setup_waves`).
     """
     results, specs, workers = [], [], []  # specs: (run index, process record, command, env, log); workers: started
     for i, run in enumerate(runs):
@@ -128,12 +153,12 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
         print(f"{script} {results[i]['variant']}/{results[i]['reserve']} process {proc['index']} FAILED: {err}",
               flush=True)
 
-    wave = setup_parallel or max(len(specs), 1)
+    waves = setup_waves(specs, runs, setup_parallel, warm_first=device == "cuda")
     t0 = time.monotonic()  # elapsed times in the progress lines: where a long job spends its time
     try:  # workers start inside: a Ctrl-C while they start still stops those already started
-        for first in range(0, len(specs), wave):  # a wave of workers sets up at once; each says ready
+        for wave in waves:  # a wave of workers sets up at once; each says ready
             started = len(workers)
-            for i, proc, cmd, env, log in specs[first:first + wave]:
+            for i, proc, cmd, env, log in wave:
                 if results[i]["status"] == "unsupported":  # an earlier wave's answer covers the run
                     continue
                 workers.append((i, proc, Remote(cmd, env, log)))
