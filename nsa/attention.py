@@ -20,7 +20,7 @@ from .ops import naive
 from .ops.common import acc_dtype, masked_softmax, scores_einsum, values_einsum
 from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope
-from .ops.selection import overlap_matrix, select_blocks, select_from_compressed, selection_scores
+from .ops.selection import overlap_matrix, select_blocks, selection_scores
 
 
 @dataclasses.dataclass
@@ -148,10 +148,16 @@ class NSAAttention(nn.Module):
                 o_cmp, p = compressed_attention(q, k_cmp, v_cmp, **cmp)
                 idx = select_blocks(selection_scores(p, **scoring), **slc, n_sel=cfg.n_sel)
             else:
-                # The route's kernel gives the output; the selection comes from the probabilities a
-                # chunk of queries at a time (all of them at once grow as T^2).
-                o_cmp = cmp_route.fn(q, k_cmp, v_cmp, **cmp)
-                idx = select_from_compressed(q, k_cmp, v_cmp, **scoring, n_sel=cfg.n_sel)
+                # The route's kernel gives the output; the selection is scored a chunk of queries at a
+                # time (all probabilities at once grow as T^2), from the route's log-sum-exp if it has one.
+                lse = None
+                if cmp_route.lse:
+                    o_cmp, lse = cmp_route.fn(q, k_cmp, v_cmp, **cmp, return_lse=True)
+                else:
+                    o_cmp = cmp_route.fn(q, k_cmp, v_cmp, **cmp)
+                select = routes.route_select(x.device, x.dtype, cfg.num_heads, cfg.groups, cfg.d_k, cfg.block_len,
+                                             cfg.block_stride, cfg.sel_block_len)
+                idx = select.fn(q, k_cmp, v_cmp, **scoring, n_sel=cfg.n_sel, lse=lse)
             needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
             slc_route = routes.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
             o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed, flex, selection, triton_attention, triton_selection, window
+from .ops import compressed, flex, selection, triton_attention, triton_scoring, triton_selection, window
 from .flags import settings
 
 
@@ -26,6 +26,7 @@ class Route:
     name: str
     reason: str
     fn: Callable | None = None  # None only for the compressed branch's matmul route (see route_cmp)
+    lse: bool = False  # fn(..., return_lse=True) also gives the softmax's log-sum-exp (for route_select)
 
 
 def route_prefill() -> Route:
@@ -90,6 +91,19 @@ def _fa2_blocker(branch_flag: bool, branch_var: str, device: torch.device, dtype
     return None
 
 
+def _triton_blocker(device, dtype) -> str | None:
+    """Why a Triton GPU route cannot be taken, or None when it can."""
+    if not settings().use_triton:
+        return "NSA_USE_TRITON=0"
+    if torch.device(device).type != "cuda":
+        return f"tensors on {torch.device(device).type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (the Triton routes take float16/bfloat16)"
+    if not triton_attention.available():
+        return "Triton not installed, or no CUDA device"
+    return None
+
+
 # --- compressed branch ---------------------------------------------------------------------------
 
 
@@ -122,15 +136,32 @@ def route_cmp(device, dtype, d_k, d_v) -> Route:
         return Route(name, "compressed output through causal FA-2 over stride segments; scores by matmul",
                      functools.partial(compressed.compressed_attention_fa2, attn_fn=attn,
                                        workspace_reserve=_varlen_reserve()))
-    if (settings().use_triton and torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and triton_attention.available()):
+    if _triton_blocker(device, dtype) is None:
         # Measured on an H200 (bf16, 64 heads in 4 groups, d=128, T=8192): forward 0.47 ms against
         # 1.36 (FA-2 route) and 8.8 (masked matmul); forward + backward 9.5 against 3.6 and 25.8.
         # Memory O(T) where the masked matmul holds [T, heads, N] scores.
         return Route("triton-compressed", f"NSA_USE_TRITON=1: flash-attention Triton kernel over compressed tokens, "
-                     f"forward and backward ({blocker}); scores streamed by query chunks",
-                     triton_attention.triton_compressed_attention)
+                     f"forward and backward ({blocker})", triton_attention.triton_compressed_attention, lse=True)
     return Route("reference", f"masked matmul softmax ({blocker})", None)
+
+
+def _select_reference(q, k_cmp, v_cmp, *, lse=None, **kwargs):
+    return selection.select_from_compressed(q, k_cmp, v_cmp, **kwargs)
+
+
+def route_select(device, dtype, heads: int, groups: int, d_k: int, block_len: int, block_stride: int,
+                 sel_block_len: int) -> Route:
+    """Selected blocks for prefill/training (not the matmul route, whose probabilities score them):
+    ``fn(q, k_cmp, v_cmp, *, lse=None, groups, block_len, block_stride, sel_block_len, n_sel,
+    num_blocks)`` with positions ``0..T-1``; ``lse`` from a compressed route with ``Route.lse``."""
+    blocker = _triton_blocker(device, dtype) or triton_scoring.supported(heads, groups, d_k, block_len, block_stride,
+                                                                          sel_block_len)
+    if blocker is None:
+        return Route("triton-scores", "NSA_USE_TRITON=1: block scores (probabilities recomputed in tiles, heads "
+                     "summed, overlap-mapped) and top-n in two Triton kernels per chunk of queries",
+                     triton_scoring.select_from_compressed)
+    return Route("chunked-matmul", f"compressed probabilities a chunk of queries at a time, overlap matmul, "
+                 f"sort ({blocker})", _select_reference)
 
 
 # --- sliding-window branch -----------------------------------------------------------------------
@@ -213,11 +244,8 @@ def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: i
               needs_grad: bool = True) -> Route:
     """Selection route for prefill/training: ``fn(q, k, v, block_idx, *, sel_block_len)`` for
     :func:`nsa.ops.select_blocks` output, positions ``0..T-1``."""
-    s = settings()
-    half = dtype in (torch.float16, torch.bfloat16)
     pow2 = sel_block_len >= 16 and sel_block_len & (sel_block_len - 1) == 0
-    if (not needs_grad and s.use_triton and torch.device(device).type == "cuda" and half and pow2
-            and triton_selection.available()):
+    if not needs_grad and pow2 and _triton_blocker(device, dtype) is None and triton_selection.available():
         return Route("triton-sparse", "NSA_USE_TRITON=1, no autograd: one program per (query, group) over "
                      "its selected blocks", triton_selection.selection_attention_triton)
     blocker = _flex_blocker(device, dtype, d_k, d_v)
@@ -236,7 +264,8 @@ def route_slc_decode() -> Route:
     return _slc_packed_or_gather()
 
 
-def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_len: int = 64) -> dict:
+def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_len: int = 64, *,
+             groups: int = 1, heads_per_group: int = 1, block_len: int = 32, block_stride: int = 16) -> dict:
     """Routes each branch takes for a layer on ``device``/``dtype`` (defaults: CUDA if present, bf16)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -245,8 +274,14 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     provider, why = fa2_provider()
     prefill = route_prefill()
+    cmp = route_cmp(device, dtype, d_k, d_v)
+    if cmp.fn is None:
+        select = Route("from-cmp-probabilities", "the compressed branch's matmul route gives the probabilities")
+    else:
+        select = route_select(device, dtype, groups * heads_per_group, groups, d_k, block_len, block_stride,
+                              sel_block_len)
     out = {}
-    for branch, route in (("cmp", route_cmp(device, dtype, d_k, d_v)), ("slc", route_slc(device, dtype, sel_block_len, d_k, d_v)),
+    for branch, route in (("cmp", cmp), ("select", select), ("slc", route_slc(device, dtype, sel_block_len, d_k, d_v)),
                           ("slc_inference", route_slc(device, dtype, sel_block_len, d_k, d_v, needs_grad=False)),
                           ("win", route_win(device, dtype, d_k, d_v))):
         if prefill.name == "sequential":  # the per-token references run instead of any branch route
@@ -258,5 +293,6 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
                      "reason": "static shapes, device-side positions: CUDA-graph capturable; selection: "
                                + decode_slc.reason}
     out["fa2"] = {"available": provider != "none", "provider": provider, "reason": why}
-    out["query"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "d_k": d_k, "d_v": d_v}
+    out["query"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "d_k": d_k, "d_v": d_v,
+                    "groups": groups, "heads_per_group": heads_per_group}
     return out

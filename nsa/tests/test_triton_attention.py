@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import traceback
 import zlib
 
 import pytest
@@ -28,6 +24,8 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 
 from nsa.ops import compressed_attention, sliding_window_attention  # noqa: E402
 from nsa.ops import triton_attention as ta  # noqa: E402
+from nsa.tests import triton_build  # noqa: E402
+from nsa.tests.triton_build import H100_SHARED_BYTES, build_sm90, run_cases, usage  # noqa: E402
 
 TOL = 1e-4  # float32 kernel vs float64 reference, max abs error / max |reference|
 
@@ -182,36 +180,13 @@ def _module_errors() -> dict:
 
 
 def compute_all() -> dict:
-    """Every interpreter case; an exception becomes that case's ``error`` (the others still run)."""
-    torch.set_num_threads(1)
-    results = {}
     special = {"skipping": _skipping_errors, "module": _module_errors}
-    for name in [*CASES, *special]:
-        try:
-            results[name] = special[name]() if name in special else _case_errors(name)
-        except Exception as exc:  # reported per case by the tests
-            if "only 0-dimensional arrays can be converted" in repr(exc):
-                return {"skip": f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
-                                f"bounds under numpy >= 2.4 (fixed in triton 3.9): {exc!r}"}
-            results[name] = {"error": traceback.format_exc(limit=4)}
-    return results
+    return run_cases({**{name: (lambda n=name: _case_errors(n)) for name in CASES}, **special})
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
-    if ta._interpreting():
-        results = compute_all()
-    else:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "nsa.tests.test_triton_attention"], env=env,
-                              capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}): {proc.stderr[-3000:]}")
-        results = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in results:
-        pytest.skip(results["skip"])
-    return results
+    return triton_build.interpreter_results("nsa.tests.test_triton_attention", compute_all)
 
 
 @pytest.mark.ops
@@ -273,36 +248,20 @@ def test_triton_attention_rejects_bad_arguments():
 _POINTERS = ("Q", "K", "V", "O", "DO", "DK_", "DV_", "DQ")
 
 
-def _build_sm90(kernel, tiles, warps, stages, windowed, d=128, h=16, G=4):
-    """``triton.compile`` for an H100 (sm_90) with Triton's bundled ptxas: Triton's real front end and
-    back end, which the interpreter never runs. Returns the compiled kernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    const = dict(G=G, HPG=h, DK=d, DKP=d, DV=d, DVP=d, BLOCK_M=tiles[0], BLOCK_N=tiles[1], WINDOWED=windowed, PREC="tf32")
-    signature = {name: "constexpr" if name in const else "*bf16" if name in _POINTERS else "*fp32" if name in ("LSE", "DELTA")
-                 else "fp32" if name in ("qk_scale", "scale") else "i32" for name in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})
-
-
 @pytest.mark.ops
 @pytest.mark.parametrize("windowed", [True, False], ids=["window", "compressed"])
 def test_triton_attention_builds_for_sm90_without_a_gpu(windowed):
     """The bf16 d=128 kernels at their first-choice GPU tiles compile to sm_90 machine code and fit in
-    an H100's shared memory (227 KiB): catches what only the compiler rejects, on a CPU-only machine."""
+    an H100's shared memory: catches what only the compiler rejects, on a CPU-only machine."""
     if ta._interpreting():
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions in this process")
-    try:
-        from triton.backends import backends
-    except ImportError:
-        backends = {}
-    if "nvidia" not in backends:
-        pytest.skip("this Triton has no NVIDIA backend (ptxas) to build with")
     opt = ta._tile_options(torch.device("cuda"), torch.bfloat16, 128, 128)[0]
+    types = {**{p: "*bf16" for p in _POINTERS}, "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "scale": "fp32"}
     for kernel, which in ((ta._fwd, "fwd"), (ta._bwd_dkdv, "dkdv"), (ta._bwd_dq, "dq")):
-        built = _build_sm90(kernel, opt[which], opt["warps"], opt["stages"], windowed)
-        assert built.metadata.shared <= 227 * 1024, (which, built.metadata.shared)
+        const = dict(G=4, HPG=16, DK=128, DKP=128, DV=128, DVP=128, BLOCK_M=opt[which][0], BLOCK_N=opt[which][1],
+                     WINDOWED=windowed, PREC="tf32")
+        used = usage(build_sm90(kernel, const, types, warps=opt["warps"], stages=opt["stages"]))
+        assert used["shared_bytes"] <= H100_SHARED_BYTES, (which, used)
 
 
 # --- GPU: bf16 at realistic shapes ---------------------------------------------------------------

@@ -6,6 +6,8 @@ mapping is one to one. Protocol: workflow/adapters/README.md.
 
 from __future__ import annotations
 
+import inspect
+
 ADAPTER_API = 1
 NAME = "nsa"
 PACKAGE = "nsa"  # what `import` names; the environment check verifies it comes from the commit
@@ -94,10 +96,14 @@ def prepare_decode(layer) -> None:
 def routes(layer) -> dict:
     ref = next(layer.parameters())
     cfg = layer.cfg
-    try:
-        return _nsa().backends(ref.device, ref.dtype, d_k=cfg.d_k, d_v=cfg.d_v, sel_block_len=cfg.sel_block_len)
-    except TypeError:  # commits whose backends() takes only the device
-        return _nsa().backends(ref.device)
+    backends = _nsa().backends
+    # Older commits' backends() take fewer of these (the first ones only the device): pass what it names.
+    params = inspect.signature(backends).parameters
+    if "dtype" not in params:
+        return backends(ref.device)
+    shape = {"d_k": cfg.d_k, "d_v": cfg.d_v, "sel_block_len": cfg.sel_block_len, "groups": cfg.groups,
+             "heads_per_group": cfg.heads_per_group, "block_len": cfg.block_len, "block_stride": cfg.block_stride}
+    return backends(ref.device, ref.dtype, **{k: v for k, v in shape.items() if k in params})
 
 
 def workspace_stats() -> dict:

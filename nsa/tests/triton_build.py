@@ -1,0 +1,103 @@
+"""Triton kernels tested without a GPU: built for an H100 (sm_90), and run under the interpreter.
+
+``triton.compile`` runs Triton's real front end and back end (with its bundled ptxas), which the
+interpreter never runs: a kernel that only the compiler rejects, or one that spills registers or
+outgrows shared memory at its chosen tiles, fails here on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import pytest
+
+H100_SHARED_BYTES = 227 * 1024
+
+
+def nvidia_backend():
+    """Skip unless this Triton can build for NVIDIA GPUs."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends import backends
+    except ImportError:
+        backends = {}
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend (ptxas) to build with")
+    return triton
+
+
+def build_sm90(kernel, constexprs: dict, types: dict, *, warps: int, stages: int):
+    """Compile ``kernel`` for sm_90. ``types``: argument name -> Triton type ("*bf16", "fp32", ...);
+    arguments in neither mapping are ``i32``."""
+    triton = nvidia_backend()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def usage(compiled) -> dict:
+    """``{"registers", "spill_bytes", "shared_bytes"}`` of a compiled kernel (cuobjdump -res-usage:
+    STACK is the per-thread local memory that spilled registers use)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    if found is None:
+        raise AssertionError(f"cuobjdump -res-usage printed no REG/STACK line: {text!r}")
+    return {"registers": int(found.group(1)), "spill_bytes": int(found.group(2)),
+            "shared_bytes": compiled.metadata.shared}
+
+
+# --- Triton's interpreter -------------------------------------------------------------------------
+
+
+def run_cases(jobs: dict) -> dict:
+    """``{name: job()}`` for every case; an exception becomes that case's ``error`` (the others still
+    run). A Triton whose interpreter cannot run these kernels at all gives ``{"skip": reason}``."""
+    import torch
+    import triton
+
+    torch.set_num_threads(1)
+    results = {}
+    for name, job in jobs.items():
+        try:
+            results[name] = job()
+        except Exception as exc:  # reported per case by the tests
+            if "only 0-dimensional arrays can be converted" in repr(exc):
+                return {"skip": f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
+                                f"bounds under numpy >= 2.4 (fixed in triton 3.9): {exc!r}"}
+            results[name] = {"error": traceback.format_exc(limit=4)}
+    return results
+
+
+def interpreter_results(module: str, compute_all) -> dict:
+    """``compute_all()`` under Triton's interpreter. It must be on before Triton is first imported, and
+    ``import nsa`` imports it, so unless this process already interprets the cases run in one
+    subprocess, ``python -m <module>``, which prints ``compute_all()`` as its last line of JSON."""
+    from nsa.ops.triton_attention import _interpreting
+
+    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
+    if _interpreting():
+        results = compute_all()
+    else:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}): {proc.stderr[-3000:]}")
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in results:
+        pytest.skip(results["skip"])
+    return results
