@@ -36,7 +36,7 @@ class Settings:
     use_fa2_cmp: bool = True  # NSA_USE_FA2_CMP: compressed branch through FA-2 (needs NSA_USE_FA2)
     use_fa2_win: bool = True  # NSA_USE_FA2_WIN: window branch through FA-2 (needs NSA_USE_FA2)
     use_flex: bool = True  # NSA_USE_FLEX: GPU prefill/training selection and window via FlexAttention
-    use_triton: bool = True  # NSA_USE_TRITON: GPU inference selection through the Triton kernel
+    use_triton: bool = True  # NSA_USE_TRITON: GPU Triton kernels (compressed branch, scoring, selection)
     # Workspace reserves (0 = grow on demand).
     sel_pack_reserve_n: int = 0  # NSA_SEL_PACK_RESERVE_N: packed-selection rows
     sel_pack_reserve_l: int = 0  # NSA_SEL_PACK_RESERVE_L: keys per packed-selection row

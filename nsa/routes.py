@@ -245,7 +245,8 @@ def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: i
     """Selection route for prefill/training: ``fn(q, k, v, block_idx, *, sel_block_len)`` for
     :func:`nsa.ops.select_blocks` output, positions ``0..T-1``."""
     pow2 = sel_block_len >= 16 and sel_block_len & (sel_block_len - 1) == 0
-    if not needs_grad and pow2 and _triton_blocker(device, dtype) is None and triton_selection.available():
+    use_triton = pow2 and _triton_blocker(device, dtype) is None and triton_selection.available()
+    if use_triton and not needs_grad:
         return Route("triton-sparse", "NSA_USE_TRITON=1, no autograd: one program per (query, group) over "
                      "its selected blocks", triton_selection.selection_attention_triton)
     blocker = _flex_blocker(device, dtype, d_k, d_v)
@@ -254,6 +255,11 @@ def route_slc(device="cpu", dtype=torch.float32, sel_block_len: int = 64, d_k: i
     if blocker is None:
         return Route("flex-block-sparse", "NSA_USE_FLEX=1 on CUDA: one FlexAttention kernel over the "
                      "selected blocks (forward and backward)", flex.selection_attention_flex)
+    if use_triton:
+        # Training stays on flex by default until the two are measured against each other on a GPU.
+        return Route("triton-sparse", f"NSA_USE_TRITON=1 ({blocker}): one program per (query, group) over its "
+                     "selected blocks; backward by the selection inverted into per-block query lists",
+                     triton_selection.selection_attention_triton)
     note = "" if blocker in ("NSA_USE_FLEX=0", "not on CUDA") else f"; flex not taken: {blocker}"
     return _slc_packed_or_gather(note)
 
