@@ -1,6 +1,7 @@
 """Long-context prefill and training speed: ``python -m nsa.bench_prefill [--json out.json]``.
 
-For each length T: the NSA layer's forward (no autograd) and forward + backward, next to dense
+For each length T: the NSA layer's forward (no autograd) and forward + backward (on a GPU twice: with
+its default routes, and with ``NSA_USE_FLEX=0``, where selection and window run the Triton kernels), next to dense
 causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core's ``parallel_nsa``
 (compressed + selected branches only) when the ``fla`` package is installed. Shape (issue 8): B=1,
 64 query heads in 4 groups, d_k = d_v = 128, l=32, d=16, l'=64, n=16, w=512, bf16 on a GPU.
@@ -19,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import NSAAttention, NSAConfig, backends
+from . import NSAAttention, NSAConfig, backends, override_settings
 from .bench_smoke import _Timer, summarise, write_json
 
 LONG_CFG = dict(dim=2048, groups=4, heads_per_group=16, d_k=128, d_v=128, block_len=32, block_stride=16,
@@ -53,6 +54,13 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
     def nsa_fwd_bwd():
         layer(x_grad).sum().backward()
 
+    def all_triton(fn):
+        # NSA_USE_FLEX=0: selection and window through the Triton kernels too (forward and backward).
+        def run():
+            with override_settings(use_flex=False):
+                fn()
+        return run
+
     def dense():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
@@ -64,6 +72,8 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
         dense().sum().backward()
 
     out = {"nsa_layer": (nsa_fwd, nsa_fwd_bwd), "dense_sdpa": (dense_fwd, dense_fwd_bwd)}
+    if device.type == "cuda":
+        out["nsa_layer_no_flex"] = (all_triton(nsa_fwd), all_triton(nsa_fwd_bwd))
     parallel_nsa = _fla_parallel_nsa() if device.type == "cuda" else None
     if parallel_nsa is not None:
         # fla's layout: [B, T, heads, d]; block_indices [B, T, G, n] (selection from its own scores
@@ -160,9 +170,17 @@ def main(argv=None):
     torch.manual_seed(0)
     print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}; torch {torch.__version__}; dtype {dtype}; "
           f"fla parallel_nsa {'found' if _fla_parallel_nsa() else 'not installed'}")
-    routes = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len).items()
+    shape = dict(groups=cfg.groups, heads_per_group=cfg.heads_per_group, block_len=cfg.block_len,
+                 block_stride=cfg.block_stride)
+    routes = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len, **shape).items()
               if isinstance(v, dict) and "route" in v}
     print("routes:", json.dumps(routes), flush=True)
+    if gpu:
+        with override_settings(use_flex=False):
+            no_flex = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
+                                                           **shape).items() if isinstance(v, dict) and "route" in v}
+        print("routes of nsa_layer_no_flex:", json.dumps(no_flex), flush=True)
+        routes = {"nsa_layer": routes, "nsa_layer_no_flex": no_flex}
     dead: set = set()
     rows = []
     for T in lengths:

@@ -200,9 +200,15 @@ def route_win(device, dtype, d_k, d_v) -> Route:
             return Route("fa2-torch-varlen", "torch varlen_attn with window (w-1, 0)",
                          functools.partial(window.sliding_window_attention_fa2, varlen_fn=varlen_fn))
         blocker = f"torch {torch.__version__} varlen_attn has no window_size"
-    if _flex_blocker(device, dtype, d_k, d_v) is None:
+    flex_blocker = _flex_blocker(device, dtype, d_k, d_v)
+    if flex_blocker is None:
         return Route("flex-sliding-window", f"NSA_USE_FLEX=1 on CUDA: FlexAttention over the band's tiles "
                      f"(FA-2 not taken: {blocker})", flex.sliding_window_attention_flex)
+    if _triton_blocker(device, dtype) is None:
+        # After flex: on an H200 at T=8192 (bf16, 64 heads in 4 groups, d=128, w=512) forward 0.66 ms
+        # against flex's 0.73, forward + backward 3.77 against 2.64.
+        return Route("triton-window", f"NSA_USE_TRITON=1: flash-attention Triton kernel over the band's tiles, "
+                     f"forward and backward ({flex_blocker})", triton_attention.triton_window_attention)
     # The module's own tensors: shapes and dtypes are right by construction, positions are 0..T-1.
     return Route("reference", f"chunked band attention ({blocker})",
                  functools.partial(window.sliding_window_attention, validate=False))

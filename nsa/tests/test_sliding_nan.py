@@ -216,7 +216,7 @@ def test_fa2_module_finite(dtype, T, w, cuda, override, gen):
     x = torch.randn(2, T, cfg.dim, generator=gen).to(cuda, dtype)
     with torch.no_grad():
         # Reference routes in the same dtype: the same scores, so the same selected blocks.
-        with override(use_fa2=False, use_flex=False):
+        with override(use_fa2=False, use_flex=False, use_triton=False):
             ref = attn(x)
         with override(use_fa2=True, use_flex=False):
             got = attn(x)
