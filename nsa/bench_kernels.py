@@ -1,4 +1,4 @@
-"""Op-level timings of the window and compressed branches: ``python -m nsa.bench_kernels [--json out.json]``.
+"""Op-level timings of the branches: ``python -m nsa.bench_kernels [--json out.json]``.
 
 For each ``T`` (default 8192, 16384, 32768, 65536; B=1, H=64 query heads in G=4 groups, d=128,
 window 512, compression l=32, d=16, bf16) it times forward and forward+backward of
@@ -7,6 +7,10 @@ window 512, compression l=32, d=16, bf16) it times forward and forward+backward 
   route), the FA-2 route where this machine has one, and the chunked band reference;
 - compressed: the Triton kernel, the FA-2 route (segment folding over causal SDPA/flash_attn), and the
   masked-matmul reference (which also returns the probabilities the selection needs);
+- scoring (forward only: indices): the selected blocks from the compressed keys, by the Triton
+  scoring and top-n kernels and by the chunked reference (probabilities, overlap matmul, sort);
+- selection (n=16 blocks of 64 per query and group, from random scores): the Triton kernel and
+  FlexAttention;
 - dense causal ``scaled_dot_product_attention`` over the same heads, for scale.
 
 Each figure is the median of ``--reps`` calls timed with CUDA events after ``--warmup`` calls, with the
@@ -29,7 +33,8 @@ import torch.nn.functional as F
 from . import routes
 from .bench_smoke import _Timer, summarise, write_json
 from .flags import override
-from .ops import compressed, flex, triton_attention, window
+from .ops import compressed, flex, selection, triton_attention, triton_scoring, triton_selection, window
+from .ops.selection import select_blocks
 
 SCHEMA_VERSION = 1
 
@@ -78,6 +83,35 @@ def compressed_variants(device, dtype, d, l, stride) -> tuple[list, list]:
 
     later.append(("reference-masked", reference))
     return first, later
+
+
+def scoring_variants(device, G, l, stride, sel, n) -> tuple[list, list]:
+    """``(first, later)`` lists of ``(name, fn(q, k_cmp, v_cmp))`` picking the selected blocks (forward only)."""
+    kw = {"groups": G, "block_len": l, "block_stride": stride, "sel_block_len": sel, "n_sel": n}
+    first = [("triton", functools.partial(triton_scoring.select_from_compressed, **kw))] if device.type == "cuda" else []
+    return first, [("reference-chunked", functools.partial(selection.select_from_compressed, **kw))]
+
+
+def selection_variants(device, sel, n) -> tuple[list, list]:
+    """``(first, later)`` lists of ``(name, fn(q, k, v))`` for selection attention over ``n`` blocks per
+    query and group, drawn from random scores (the block lists of an untrained layer)."""
+    cache = {}
+
+    def blocks(q, k):
+        key = (tuple(q.shape), tuple(k.shape))
+        if key not in cache:
+            cache.clear()
+            gen = torch.Generator().manual_seed(q.shape[1])
+            scores = torch.rand(q.shape[0], q.shape[1], k.shape[2], -(-q.shape[1] // sel), generator=gen)
+            cache[key] = select_blocks(scores.to(q.device), sel_block_len=sel, n_sel=n)
+        return cache[key]
+
+    def over(fn):
+        return lambda q, k, v: fn(q, k, v, blocks(q, k), sel_block_len=sel)
+
+    if device.type != "cuda":
+        return [], []
+    return [("triton", over(triton_selection.selection_attention_triton))], [("flex", over(flex.selection_attention_flex))]
 
 
 def measure(fn, inputs, backward: bool, warmup: int, reps: int, device) -> dict:
@@ -130,19 +164,23 @@ def run(args) -> dict:
     rows, failed = [], set()
     win_first, win_later = window_variants(device, dtype, d, w)
     cmp_first, cmp_later = compressed_variants(device, dtype, d, l, stride)
+    score_first, score_later = scoring_variants(device, G, l, stride, args.sel_block_len, args.n_sel)
+    slc_first, slc_later = selection_variants(device, args.sel_block_len, args.n_sel)
     dense = [("sdpa-dense-causal", _dense_causal)]
     plan = []  # (T, branch, name, fn, backward): the Triton and dense rows for every T first
-    for groups in ((("window", win_first), ("compressed", cmp_first), ("dense", dense)),
-                   (("window", win_later), ("compressed", cmp_later))):
+    for groups in ((("window", win_first), ("compressed", cmp_first), ("scoring", score_first),
+                    ("selection", slc_first), ("dense", dense)),
+                   (("window", win_later), ("compressed", cmp_later), ("scoring", score_later),
+                    ("selection", slc_later))):
         for T in seqs:
             for branch, variants in groups:
                 for name, fn in variants:
-                    for backward in (False, True):
+                    for backward in (False, True) if branch != "scoring" else (False,):  # indices: no gradient
                         plan.append((T, branch, name, fn, backward))
     for T, branch, name, fn, backward in plan:
         mode = "fwd+bwd" if backward else "fwd"
         row = {"branch": branch, "variant": name, "T": T, "mode": mode}
-        S = (T - l) // stride + 1 if branch == "compressed" else T
+        S = (T - l) // stride + 1 if branch in ("compressed", "scoring") else T
         key = (branch, name, mode)
         if key in failed:
             row["skipped"] = "failed at a smaller T"
@@ -166,6 +204,7 @@ def run(args) -> dict:
     return {"schema_version": SCHEMA_VERSION, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "triton": getattr(triton_attention.triton, "__version__", None),
             "config": {"B": B, "H": H, "G": G, "d": d, "window": w, "block_len": l, "block_stride": stride,
+                       "sel_block_len": args.sel_block_len, "n_sel": args.n_sel,
                        "dtype": args.dtype, "warmup": args.warmup, "reps": args.reps},
             "seconds": time.perf_counter() - start, "rows": rows}
 
@@ -206,6 +245,8 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--block-len", type=int, default=32)
     ap.add_argument("--block-stride", type=int, default=16)
+    ap.add_argument("--sel-block-len", type=int, default=64)
+    ap.add_argument("--n-sel", type=int, default=16)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)

@@ -2,7 +2,7 @@
 # What we run on the lent H100 (the `device` tool), from the repo root, with `.whl` carried:
 #   bash tools/gpu_session.sh tests      nsa suites (junit), GPU checks, bench_smoke --compile
 #   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
-#   bash tools/gpu_session.sh kernels    Triton window/compressed kernels: their tests, bench_kernels
+#   bash tools/gpu_session.sh kernels    Triton kernels (window, compressed, scoring, selection): tests, bench_kernels
 #   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report into $OUT
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 #   bash tools/gpu_session.sh long       GPU tests (Triton, flex, streamed selection), nsa.bench_prefill
