@@ -30,7 +30,7 @@ import math
 import torch
 
 from . import checks
-from .triton_attention import _interpreting, _pad, _prec, triton
+from .triton_attention import _interpreting, _last_dim_contiguous, _pad, _prec, triton
 
 if triton is not None:
     import triton.language as tl
@@ -210,6 +210,7 @@ def compressed_lse(q: torch.Tensor, k_cmp: torch.Tensor, *, block_len: int, bloc
     at positions ``positions_start + 0..T-1`` (``-inf`` before the first whole block)."""
     op = "compressed_lse"
     _check_device(op, q)
+    q, k_cmp = _last_dim_contiguous(q, k_cmp)  # the kernels step through the head dim with stride 1
     B, T, H, Dk = q.shape
     N, G = k_cmp.shape[1], k_cmp.shape[2]
     lse = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
@@ -233,6 +234,7 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, gro
     holding them. ``lse`` as :func:`compressed_lse` (or the compressed branch's forward) gives it."""
     op = "block_scores"
     _check_device(op, q)
+    q, k_cmp = _last_dim_contiguous(q, k_cmp)
     B, T, H, Dk = q.shape
     N, G = k_cmp.shape[1], k_cmp.shape[2]
     why = supported(H, groups, Dk, block_len, block_stride, sel_block_len)
