@@ -46,6 +46,18 @@ if triton is not None:
         return t, g * HPG + rows % HPG, t < T
 
     @triton.jit
+    def _group_rows(Q, sqb, sqt, sqh, T, G: tl.constexpr, HPG: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+        """A row-tile program (axis 0: tiles of ``BLOCK_M`` rows, axis 1: batch x group): its first row,
+        batch, group, rows' positions (also as int64), heads, in-range mask, and query tile."""
+        r0 = tl.program_id(0) * BLOCK_M
+        b = (tl.program_id(1) // G).to(tl.int64)
+        g = tl.program_id(1) % G
+        t, head, rmask = _row_tile(r0, g, T, HPG, BLOCK_M)
+        t64 = t.to(tl.int64)
+        return r0, b, g, t, t64, head, rmask, _tile(Q, b * sqb, t64, sqt, head[:, None] * sqh, DK, DKP, rmask)
+
+    @triton.jit
     def _tile(P, base, idx, stride, col, D: tl.constexpr, DP: tl.constexpr, mask):
         """``[len(idx), DP]`` tile of rows ``idx`` (int64) of width ``D``, zero-padded; ``col``: head offset."""
         offs = tl.arange(0, DP)
@@ -86,12 +98,7 @@ if triton is not None:
              G: tl.constexpr, HPG: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr,
              DVP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
              PREC: tl.constexpr):
-        r0 = tl.program_id(0) * BLOCK_M
-        b = (tl.program_id(1) // G).to(tl.int64)
-        g = tl.program_id(1) % G
-        t, head, rmask = _row_tile(r0, g, T, HPG, BLOCK_M)
-        t64 = t.to(tl.int64)
-        q = _tile(Q, b * sqb, t64, sqt, head[:, None] * sqh, DK, DKP, rmask)
+        r0, b, g, t, t64, head, rmask, q = _group_rows(Q, sqb, sqt, sqh, T, G, HPG, DK, DKP, BLOCK_M)
         j_lo, j_hi = _key_range(r0, T, S, key_stride, key_offset, window, HPG, BLOCK_M, WINDOWED)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -177,12 +184,7 @@ if triton is not None:
                 DVP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
                 PREC: tl.constexpr):
         # The forward's tiling: the rows of one group, over the key tiles they can see.
-        r0 = tl.program_id(0) * BLOCK_M
-        b = (tl.program_id(1) // G).to(tl.int64)
-        g = tl.program_id(1) % G
-        t, head, rmask = _row_tile(r0, g, T, HPG, BLOCK_M)
-        t64 = t.to(tl.int64)
-        q = _tile(Q, b * sqb, t64, sqt, head[:, None] * sqh, DK, DKP, rmask)
+        r0, b, g, t, t64, head, rmask, q = _group_rows(Q, sqb, sqt, sqh, T, G, HPG, DK, DKP, BLOCK_M)
         do = _tile(DO, b * sdb, t64, sdt, head[:, None] * sdh, DV, DVP, rmask)
         lse = tl.load(LSE + b * slb + t64 * slt + head, mask=rmask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + b * slb + t64 * slt + head, mask=rmask, other=0.0)

@@ -35,34 +35,25 @@ from .triton_attention import _interpreting, _last_dim_contiguous, _pad, _prec, 
 if triton is not None:
     import triton.language as tl
 
+    from .triton_attention import _group_rows, _key_range, _tile, _visible
+
     @triton.jit
     def _lse(Q, K, LSE, sqb, sqt, sqh, skb, sks, skg, slb, slt, Tc, T0, N, qk_scale,
              G: tl.constexpr, HPG: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr, L: tl.constexpr,
              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
         # Natural-log softmax denominators of the compressed scores, rows of the flattened
-        # (t, head of group g) space; -inf where no compressed token is visible.
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        b = (tl.program_id(1) // G).to(tl.int64)
-        g = tl.program_id(1) % G
-        t_loc = rows // HPG
-        head = g * HPG + rows % HPG
-        rmask = t_loc < Tc
-        t64 = t_loc.to(tl.int64)
-        offs_d = tl.arange(0, DKP)
-        q = tl.load(Q + b * sqb + t64[:, None] * sqt + head[:, None] * sqh + offs_d[None, :],
-                    mask=rmask[:, None] & (offs_d[None, :] < DK), other=0.0)
-        t = T0 + t_loc
-        t_last = T0 + tl.minimum((tl.program_id(0) * BLOCK_M + BLOCK_M - 1) // HPG, Tc - 1)
-        j_hi = tl.minimum(tl.maximum(t_last - L + 1 + D, 0) // D, N)
+        # (t, head of group g) space; -inf where no compressed token is visible. Rows are local
+        # (0..Tc-1) and positions T0 + row: shifting the tokens' offset by -T0 keeps visibility.
+        r0, b, g, t, t64, head, rmask, q = _group_rows(Q, sqb, sqt, sqh, Tc, G, HPG, DK, DKP, BLOCK_M)
+        offset = L - 1 - T0
+        _, j_hi = _key_range(r0, Tc, N, D, offset, 0, HPG, BLOCK_M, False)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for j0 in range(0, j_hi, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
-            k = tl.load(K + b * skb + offs_n.to(tl.int64)[:, None] * sks + g * skg + offs_d[None, :],
-                        mask=(offs_n[:, None] < j_hi) & (offs_d[None, :] < DK), other=0.0)
+            k = _tile(K, b * skb, offs_n.to(tl.int64), sks, g * skg, DK, DKP, offs_n < j_hi)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
-            vis = (offs_n < j_hi)[None, :] & (offs_n * D + L - 1 <= t[:, None])
-            s = tl.where(vis, s, float("-inf"))
+            s = tl.where(_visible(t, offs_n, j_hi, D, offset, 0, False), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -94,21 +85,18 @@ if triton is not None:
         r_t = t0 + rows // HB
         r_mask = r_t < Tc
         r_t64 = r_t.to(tl.int64)
-        offs_d = tl.arange(0, DKP)
         offs_b = tl.arange(0, NBT)
-        t_last = T0 + tl.minimum(t0 + BLOCK_T - 1, Tc - 1)
-        j_hi = tl.minimum(tl.maximum(t_last - L + 1 + D, 0) // D, N)
+        offset = L - 1 - T0  # positions are T0 + local row, as in _lse
+        _, j_hi = _key_range(t0, Tc, N, D, offset, 0, 1, BLOCK_T, False)
         carry = tl.zeros([BLOCK_T, NBT], tl.float32)
         for j0 in range(0, j_hi, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
-            k = tl.load(K + b * skb + offs_n.to(tl.int64)[:, None] * sks + g * skg + offs_d[None, :],
-                        mask=(offs_n[:, None] < j_hi) & (offs_d[None, :] < DK), other=0.0)
-            vis = r_mask[:, None] & (offs_n < j_hi)[None, :] & (offs_n * D + L - 1 <= (T0 + r_t)[:, None])
+            k = _tile(K, b * skb, offs_n.to(tl.int64), sks, g * skg, DK, DKP, offs_n < j_hi)
+            vis = r_mask[:, None] & _visible(r_t, offs_n, j_hi, D, offset, 0, False)
             summed = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
             for hc in range(0, HPG, HB):
                 head = g * HPG + hc + rows % HB
-                q = tl.load(Q + b * sqb + r_t64[:, None] * sqt + head[:, None] * sqh + offs_d[None, :],
-                            mask=r_mask[:, None] & (offs_d[None, :] < DK), other=0.0)
+                q = _tile(Q, b * sqb, r_t64, sqt, head[:, None] * sqh, DK, DKP, r_mask)
                 lse = tl.load(LSE + b * slb + r_t64 * slt + head, mask=r_mask, other=0.0) * 1.4426950408889634
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
                 p = tl.where(vis, tl.exp2(s - tl.where(vis, lse[:, None], s)), 0.0)

@@ -8,7 +8,7 @@ follows ``T * n * l_sel`` rather than ``T^2``.
 Backward (flash-attention 2 style, ``P`` recomputed from the saved log-sum-exp, ``D = rowsum(dO*O)``):
 - ``dQ``: the forward's layout, a program per (query, group) over its selected blocks;
 - ``dK, dV``: the selection inverted. The (query, group, block) triples are sorted by block into
-  per-block query lists (``torch.argsort``, no host synchronisation); a program owns one key block
+  per-block query lists (``torch.sort``, ``searchsorted``: no host synchronisation); a program owns one key block
   of one group and up to ``SEG`` queries of its list, loads the block's keys and values once, and
   walks those queries ``BQ`` at a time with all ``h`` heads. Block 0 is in every query's list, so
   long lists are split into segments that add into float32 accumulators atomically (the sums of a
@@ -39,6 +39,15 @@ if triton is not None:
         return tl.program_id(0).to(tl.int64), (tl.program_id(1) // G).to(tl.int64), g, offs_h, offs_h < HPG
 
     @triton.jit
+    def _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK: tl.constexpr, DKP: tl.constexpr,
+                  DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr):
+        """Selected block ``blk``'s keys and values for the query at ``t``, and which of them it sees."""
+        kpos = blk * BS + tl.arange(0, BS)
+        kmask = (kpos <= t) & (kpos < S)
+        return kmask, _tile(K, b * skb, kpos, sks, g * skg, DK, DKP, kmask), _tile(V, b * svb, kpos, svs, g * svg,
+                                                                                   DV, DVP, kmask)
+
+    @triton.jit
     def _selection_fwd(Q, K, V, IDX, O, LSE,
                        sqb, sqt, sqh, skb, sks, skg, svb, svs, svg, sib, sit, sig, sob, sot, soh, slb, slt,
                        S, scale,
@@ -46,7 +55,6 @@ if triton is not None:
                        DKP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr,
                        N: tl.constexpr):
         t, b, g, offs_h, hmask = _query_group(G, HPG, HP)
-        offs_s = tl.arange(0, BS)
         q = _tile(Q, b * sqb + t * sqt, g * HPG + offs_h, sqh, 0, DK, DKP, hmask)
         m_i = tl.full([HP], float("-inf"), tl.float32)
         l_i = tl.zeros([HP], tl.float32)
@@ -54,9 +62,7 @@ if triton is not None:
         for i in range(N):
             blk = tl.load(IDX + b * sib + t * sit + g * sig + i)
             if blk >= 0:
-                kpos = blk * BS + offs_s
-                kmask = (kpos <= t) & (kpos < S)
-                k = _tile(K, b * skb, kpos, sks, g * skg, DK, DKP, kmask)
+                kmask, k, v = _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK, DKP, DV, DVP, BS)
                 s = tl.dot(q, tl.trans(k)) * scale
                 s = tl.where(kmask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -64,7 +70,6 @@ if triton is not None:
                 alpha = tl.exp(m_i - m_safe)
                 p = tl.exp(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = _tile(V, b * svb, kpos, svs, g * svg, DV, DVP, kmask)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -81,7 +86,6 @@ if triton is not None:
                           DKP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr,
                           N: tl.constexpr):
         t, b, g, offs_h, hmask = _query_group(G, HPG, HP)
-        offs_s = tl.arange(0, BS)
         heads = g * HPG + offs_h
         q = _tile(Q, b * sqb + t * sqt, heads, sqh, 0, DK, DKP, hmask)
         do = _tile(DO, b * sdb + t * sdt, heads, sdh, 0, DV, DVP, hmask)
@@ -91,10 +95,7 @@ if triton is not None:
         for i in range(N):
             blk = tl.load(IDX + b * sib + t * sit + g * sig + i)
             if blk >= 0:
-                kpos = blk * BS + offs_s
-                kmask = (kpos <= t) & (kpos < S)
-                k = _tile(K, b * skb, kpos, sks, g * skg, DK, DKP, kmask)
-                v = _tile(V, b * svb, kpos, svs, g * svg, DV, DVP, kmask)
+                kmask, k, v = _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK, DKP, DV, DVP, BS)
                 vis = hmask[:, None] & kmask[None, :]
                 s = tl.dot(q, tl.trans(k)) * scale
                 p = tl.where(vis, tl.exp(s - tl.where(vis, lse[:, None], s)), 0.0)
@@ -183,10 +184,10 @@ def query_lists(idx: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch
           + torch.arange(G, device=idx.device)[None, None, :, None])
     none = B * G * num_blocks
     key = torch.where((idx >= 0) & (idx < num_blocks), bg * num_blocks + idx, torch.full_like(idx, none)).flatten()
-    order = torch.argsort(key, stable=True)
+    key, order = torch.sort(key, stable=True)
     qt = torch.arange(T, device=idx.device)[None, :, None, None].expand(B, T, G, n).flatten()[order].contiguous()
-    offsets = torch.zeros(none + 2, dtype=torch.long, device=idx.device)
-    offsets[1:] = torch.cumsum(torch.bincount(key, minlength=none + 1), 0)
+    # Where each key's run starts in the sorted keys (bincount would read its maximum on the host).
+    offsets = torch.searchsorted(key, torch.arange(none + 2, device=idx.device, dtype=key.dtype))
     return qt, offsets
 
 
