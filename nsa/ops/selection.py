@@ -336,7 +336,9 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         return q.new_zeros(B, T, H, Dv)
     block_idx = block_idx.long() if canonical else canonical_blocks(block_idx)
     n = block_idx.shape[-1]
-    width = n * sel_block_len
+    # Packed rows hold each query's tokens at the front, and no query sees more than the S keys:
+    # rows wider than S would only hold padding (4x at S=256 with 16 blocks of 64).
+    width = min(n * sel_block_len, S) if packed else n * sel_block_len
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     positions = torch.arange(T, device=q.device) if positions is None else positions.long()
     if chunk_rows:
