@@ -298,21 +298,21 @@ def _check_growth(gen, qkv):
         idx = ops.select_blocks(torch.rand(B, T, 2, -(-T // l_sel), generator=gen), sel_block_len=l_sel, n_sel=n)
         return q, k, v, idx
 
-    _sel(*inputs(1, 10), l_sel)
+    _sel(*inputs(1, 16), l_sel)
     st = nsa.workspace_stats()["sel_pack"]
     # one buffer for keys and one for values, sized exactly to the call: rows = B*T*G, keys = n*l_sel
     assert (st["allocations"], st["growth_events"], st["requests"]) == (2, 0, 2)
-    assert (st["capacity_rows"], st["capacity_keys"]) == (1 * 10 * 2, n * l_sel)
-    assert st["bytes_reserved"] == 2 * 20 * 12 * 4 * 4
-    _sel(*inputs(1, 10), l_sel)  # same size: reuse
-    _sel(*inputs(1, 6), l_sel)   # smaller: reuse
+    assert (st["capacity_rows"], st["capacity_keys"]) == (1 * 16 * 2, n * l_sel)
+    assert st["bytes_reserved"] == 2 * 32 * 12 * 4 * 4
+    _sel(*inputs(1, 16), l_sel)  # same size: reuse
+    _sel(*inputs(1, 6), l_sel)   # smaller (rows as wide as its 6 keys, not n*l_sel = 12): reuse
     st = nsa.workspace_stats()["sel_pack"]
     assert (st["allocations"], st["growth_events"], st["requests"]) == (2, 0, 6)
-    _sel(*inputs(2, 10), l_sel)  # more rows: both buffers grow once
+    _sel(*inputs(2, 16), l_sel)  # more rows: both buffers grow once
     st = nsa.workspace_stats()["sel_pack"]
     assert (st["allocations"], st["growth_events"]) == (4, 2)
-    assert st["high_water_rows"] == st["capacity_rows"] == 40 and st["high_water_keys"] == 12
-    assert st["bytes_reserved"] == 2 * 40 * 12 * 4 * 4  # the old buffers are released
+    assert st["high_water_rows"] == st["capacity_rows"] == 64 and st["high_water_keys"] == 12
+    assert st["bytes_reserved"] == 2 * 64 * 12 * 4 * 4  # the old buffers are released
     nsa.reset_workspaces()
     assert all(v == 0 for v in nsa.workspace_stats()["sel_pack"].values())
 
