@@ -264,13 +264,22 @@ class NSAAttention(nn.Module):
         cache.k_cmp.index_copy_(1, slot, k_new)
         cache.v_cmp.index_copy_(1, slot, v_new)
 
+        k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
+        num_blocks = cfg.num_sel_blocks(cache.max_len)
+        fused = routes.route_decode(x_t.device, x_t.dtype, cfg.num_heads, cfg.groups, cfg.d_k, cfg.d_v, l, d,
+                                    cfg.sel_block_len)
+        if fused.fn is not None:
+            o, _ = fused.fn(q, q_rope, gates, k_cmp, v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, pos,
+                            block_len=l, block_stride=d, sel_block_len=cfg.sel_block_len, n_sel=cfg.n_sel,
+                            num_blocks=num_blocks)
+            cache.pos.add_(1)
+            return self.out(o.reshape(x_t.shape[0], 1, cfg.num_heads * cfg.d_v))
         # Value checks off (validate=False): positions and blocks are the step's own, and on a GPU
         # reading them on the host would synchronise every step (the step must stay graph-capturable).
-        k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
         o_cmp, p = compressed_attention(q, k_cmp, v_cmp, block_len=l, block_stride=d, positions=pos, validate=False)
         slc = {"sel_block_len": cfg.sel_block_len, "positions": pos}
         scores = selection_scores(p, groups=cfg.groups, block_len=l, block_stride=d, sel_block_len=cfg.sel_block_len,
-                                  num_blocks=cfg.num_sel_blocks(cache.max_len), overlap=cache.overlap)
+                                  num_blocks=num_blocks, overlap=cache.overlap)
         idx = select_blocks(scores, **slc, n_sel=cfg.n_sel, validate=False)
         o_slc = routes.route_slc_decode().fn(q_rope, cache.k_slc, cache.v_slc, idx, **slc)
         o_win = _ring_attention(q_rope, cache.k_win, cache.v_win, pos)

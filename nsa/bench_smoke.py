@@ -1,7 +1,8 @@
 """Decode and prefill speed check: ``python -m nsa.bench_smoke [--json out.json]``.
 
-Decode: ms per ``decode_step`` on the seed report's layer (B=1, dim 256, 8 heads in 2 groups,
-d_k=d_v=32, l=32, d=16, l_sel=64, n_sel=16, w=512) after prefilling 512 / 1024 / 2048 tokens,
+Decode: ms per ``decode_step`` on the seed report's layer (dim 256, 8 heads in 2 groups, d_k=d_v=32,
+l=32, d=16, l_sel=64, n_sel=16, w=512) after prefilling 512 / 1024 / 2048 tokens (``--contexts``;
+``--batches`` sets the batch sizes, default 1: e.g. ``--contexts 65536 --batches 1,8`` at long context),
 eager and replayed as a CUDA graph (``--compile`` adds ``compile_decode()`` rows), next to a dense GQA decode layer of the same size. Each step is
 timed on its own with CUDA events after warm-up (perf_counter on CPU); medians and quartiles.
 Prefill: ms for T=8192 at the paper's config (G=4, h=16, d_k=192, d_v=128, bf16) next to dense
@@ -68,44 +69,45 @@ class DenseDecode(torch.nn.Module):
         self.qkv = torch.nn.Linear(cfg.dim, H * cfg.d_k + G * (cfg.d_k + cfg.d_v), bias=False)
         self.out = torch.nn.Linear(H * cfg.d_v, cfg.dim, bias=False)
 
-    def new_cache(self, max_len, device, dtype):
+    def new_cache(self, batch, max_len, device, dtype):
         G = self.cfg.groups
-        return {"k": torch.zeros(1, G, max_len, self.cfg.d_k, device=device, dtype=dtype),
-                "v": torch.zeros(1, G, max_len, self.cfg.d_v, device=device, dtype=dtype),
+        return {"k": torch.zeros(batch, G, max_len, self.cfg.d_k, device=device, dtype=dtype),
+                "v": torch.zeros(batch, G, max_len, self.cfg.d_v, device=device, dtype=dtype),
                 "pos": torch.zeros(1, dtype=torch.long, device=device)}
 
     @torch.no_grad()
     def prefill(self, x, cache):
-        cfg, T = self.cfg, x.shape[1]
+        cfg, (B, T) = self.cfg, x.shape[:2]
         _, k, v = self.qkv(x).split([cfg.num_heads * cfg.d_k, cfg.groups * cfg.d_k, cfg.groups * cfg.d_v], dim=-1)
-        cache["k"][:, :, :T] = k.view(1, T, cfg.groups, -1).transpose(1, 2)
-        cache["v"][:, :, :T] = v.view(1, T, cfg.groups, -1).transpose(1, 2)
+        cache["k"][:, :, :T] = k.view(B, T, cfg.groups, -1).transpose(1, 2)
+        cache["v"][:, :, :T] = v.view(B, T, cfg.groups, -1).transpose(1, 2)
         cache["pos"].fill_(T)
 
     @torch.no_grad()
     def decode_step(self, x, cache):
         cfg = self.cfg
-        H, G, dk = cfg.num_heads, cfg.groups, cfg.d_k
+        H, G, dk, B = cfg.num_heads, cfg.groups, cfg.d_k, x.shape[0]
         q, k, v = self.qkv(x).split([H * dk, G * dk, G * cfg.d_v], dim=-1)
-        cache["k"].index_copy_(2, cache["pos"], k.view(1, G, 1, dk))
-        cache["v"].index_copy_(2, cache["pos"], v.view(1, G, 1, -1))
+        cache["k"].index_copy_(2, cache["pos"], k.view(B, G, 1, dk))
+        cache["v"].index_copy_(2, cache["pos"], v.view(B, G, 1, -1))
         keep = (torch.arange(cache["k"].shape[2], device=x.device) <= cache["pos"]).view(1, 1, 1, -1)
         h = H // G
-        o = F.scaled_dot_product_attention(q.view(1, 1, H, dk).transpose(1, 2),
+        o = F.scaled_dot_product_attention(q.view(B, 1, H, dk).transpose(1, 2),
                                            cache["k"].repeat_interleave(h, 1), cache["v"].repeat_interleave(h, 1),
                                            attn_mask=keep)
         cache["pos"].add_(1)
-        return self.out(o.transpose(1, 2).reshape(1, 1, -1))
+        return self.out(o.transpose(1, 2).reshape(B, 1, -1))
 
 
-def time_decode(layer, make_cache, prefill, context, steps, warmup, device, dtype, graph: bool, step_fn=None):
+def time_decode(layer, make_cache, prefill, context, steps, warmup, device, dtype, graph: bool, step_fn=None,
+                batch: int = 1):
     """Per-step times of ``steps`` decode steps after ``context`` prefilled tokens."""
     timer = _Timer(device)
     step = step_fn or layer.decode_step
     cache = make_cache(context + warmup + steps + 8)
-    x = torch.randn(1, context, layer.cfg.dim, device=device, dtype=dtype)
+    x = torch.randn(batch, context, layer.cfg.dim, device=device, dtype=dtype)
     prefill(x, cache)
-    x_t = torch.randn(1, 1, layer.cfg.dim, device=device, dtype=dtype)
+    x_t = torch.randn(batch, 1, layer.cfg.dim, device=device, dtype=dtype)
     if not graph:
         for _ in range(warmup):
             step(x_t, cache)
@@ -124,7 +126,7 @@ def time_decode(layer, make_cache, prefill, context, steps, warmup, device, dtyp
     return [timer(g.replay) for _ in range(steps)]
 
 
-def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False):
+def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False, batches=(1,)):
     torch.manual_seed(0)
     cfg = NSAConfig(**SEED_CFG)
     nsa_layer = NSAAttention(cfg).to(device=device, dtype=dtype).eval()
@@ -134,11 +136,11 @@ def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False):
         modes += ["compiled", "compiled+graph"] if device.type == "cuda" else ["compiled"]
     compiled = {}
     rows = []
-    for context in contexts:
+    for batch, context in ((b, c) for b in batches for c in contexts):
         for name, layer, make, pre in (
-            ("nsa", nsa_layer, lambda n: nsa_layer.new_cache(1, n, device, dtype),
+            ("nsa", nsa_layer, lambda n: nsa_layer.new_cache(batch, n, device, dtype),
              lambda x, c: nsa_layer.prefill(x, c)),
-            ("dense", dense, lambda n: dense.new_cache(n, device, dtype),
+            ("dense", dense, lambda n: dense.new_cache(batch, n, device, dtype),
              lambda x, c: dense.prefill(x, c)),
         ):
             for mode in modes:
@@ -152,9 +154,9 @@ def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False):
                     step_fn = compiled[name]
                 with torch.no_grad():
                     samples = time_decode(layer, make, pre, context, steps, warmup, device, dtype,
-                                          mode.endswith("graph"), step_fn)
-                rows.append({"layer": name, "context": context, "mode": mode, **summarise(samples)})
-                print(f"decode {name:5s} ctx={context:5d} {mode:5s} median {rows[-1]['median_ms']:.4f} ms "
+                                          mode.endswith("graph"), step_fn, batch)
+                rows.append({"layer": name, "batch": batch, "context": context, "mode": mode, **summarise(samples)})
+                print(f"decode {name:5s} B={batch} ctx={context:5d} {mode:5s} median {rows[-1]['median_ms']:.4f} ms "
                       f"(IQR {rows[-1]['q25_ms']:.4f}-{rows[-1]['q75_ms']:.4f}, n={len(samples)})", flush=True)
     return rows
 
@@ -189,6 +191,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--contexts", default="512,1024,2048")
+    ap.add_argument("--batches", default="1", help="decode batch sizes, e.g. 1,8")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 200 GPU, 20 CPU)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--prefill-T", type=int, default=None, help="default 8192 on GPU, 1024 on CPU")
@@ -203,16 +206,18 @@ def main(argv=None):
     steps = args.steps or (200 if gpu else 20)
     contexts = [int(c) for c in args.contexts.split(",")]
     print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}; torch {torch.__version__}; dtype {dtype}")
-    print("routes:", json.dumps({k: v["route"] for k, v in backends(device, dtype, 32, 32).items()
+    print("routes:", json.dumps({k: v["route"] for k, v in backends(device, dtype, 32, 32, 64, groups=2, heads_per_group=4).items()
                                  if isinstance(v, dict) and "route" in v}))
-    result = {"device": str(device), "decode": bench_decode(device, dtype, contexts, steps, args.warmup, args.compile)}
+    batches = [int(b) for b in args.batches.split(",")]
+    result = {"device": str(device), "decode": bench_decode(device, dtype, contexts, steps, args.warmup, args.compile,
+                                                            batches)}
     if not args.skip_prefill:
         T = args.prefill_T or (8192 if gpu else 1024)
         result["prefill"] = bench_prefill(device, dtype, T, args.prefill_repeats or (20 if gpu else 2))
     result["workspace_stats"] = workspace_stats()
     print("\nsummary (median ms/step):")
     for r in result["decode"]:
-        print(f"  {r['layer']:5s} ctx {r['context']:5d} {r['mode']:5s} {r['median_ms']:.4f}")
+        print(f"  {r['layer']:5s} B={r['batch']} ctx {r['context']:5d} {r['mode']:5s} {r['median_ms']:.4f}")
     for r in result.get("prefill", []):
         print(f"  prefill {r['what']:10s} T={r['T']} {r['median_ms']:.3f}")
     write_json(args.json, result)

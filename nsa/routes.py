@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed, flex, selection, triton_attention, triton_scoring, triton_selection, window
+from .ops import (compressed, flex, selection, triton_attention, triton_decode, triton_scoring, triton_selection,
+                  window)
 from .flags import settings
 
 
@@ -276,6 +277,23 @@ def route_slc_decode() -> Route:
     return _slc_packed_or_gather()
 
 
+def route_decode(device, dtype, heads: int, groups: int, d_k: int, d_v: int, block_len: int, block_stride: int,
+                 sel_block_len: int) -> Route:
+    """The decode step's attention: ``fn(q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos, *,
+    block_len, block_stride, sel_block_len, n_sel, num_blocks) -> (gated output, blocks)``, or None:
+    the module's own torch step (cached masked matmul, selection by ``route_slc_decode``)."""
+    blocker = _triton_blocker(device, dtype) or triton_decode.supported(heads, groups, d_k, d_v, block_len,
+                                                                         block_stride, sel_block_len)
+    if blocker is None:
+        return Route("triton-fused", "NSA_USE_TRITON=1: six Triton kernels read the caches in place (split "
+                     "compressed attention, block scores, top-n, selected blocks and window ring, gated sum)",
+                     triton_decode.decode_attention)
+    slc = route_slc_decode()
+    return Route("cached-masked-matmul, selection " + slc.name,
+                 f"static shapes, device-side positions: CUDA-graph capturable; selection: {slc.reason} "
+                 f"(Triton not taken: {blocker})")
+
+
 def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_len: int = 64, *,
              groups: int = 1, heads_per_group: int = 1, block_len: int = 32, block_stride: int = 16) -> dict:
     """Routes each branch takes for a layer on ``device``/``dtype`` (defaults: CUDA if present, bf16)."""
@@ -300,10 +318,9 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
             route = Route("sequential-reference", f"{prefill.reason} (would be {route.name}: {route.reason})")
         out[branch] = {"route": route.name, "reason": route.reason}
     out["prefill"] = {"route": prefill.name, "reason": prefill.reason}
-    decode_slc = route_slc_decode()
-    out["decode"] = {"route": "cached-masked-matmul, selection " + decode_slc.name,
-                     "reason": "static shapes, device-side positions: CUDA-graph capturable; selection: "
-                               + decode_slc.reason}
+    decode = route_decode(device, dtype, groups * heads_per_group, groups, d_k, d_v, block_len, block_stride,
+                          sel_block_len)
+    out["decode"] = {"route": decode.name, "reason": decode.reason}
     out["fa2"] = {"available": provider != "none", "provider": provider, "reason": why}
     out["query"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "d_k": d_k, "d_v": d_v,
                     "groups": groups, "heads_per_group": heads_per_group}

@@ -7,6 +7,8 @@
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 #   bash tools/gpu_session.sh long       GPU tests (Triton, flex, streamed selection), nsa.bench_prefill
 #                                        (8K-64K; fla-core from .whl/fla when there), nsa.bench_kernels
+#   bash tools/gpu_session.sh decode     fused-decode GPU tests, then nsa.bench_smoke decode at 2K and 64K
+#                                        context, B=1 and 8, eager / graph / compiled+graph, NSA vs dense
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
 # (the device's copy of the tree has no git history, and the workflow checks out commits); for
 # vibe also the wheels of nsa-vibe's dependencies (hydra-core, omegaconf, antlr4-python3-runtime)
@@ -41,6 +43,13 @@ case "${1:-tests}" in
       --reps 3 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; cat "$OUT/prefill.log"
     timeout "${GPU_SESSION_KERNELS_S:-150}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-150} - 20 ))" \
       --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
+    ;;
+  decode)
+    timeout 150 python3 -m pytest nsa/tests/test_triton_decode.py -q -rs -p no:cacheprovider > "$OUT/decode-pytest.log" 2>&1
+    tail -n 8 "$OUT/decode-pytest.log"
+    timeout "${GPU_SESSION_DECODE_S:-400}" python3 -m nsa.bench_smoke --skip-prefill --compile --contexts 2048,65536 \
+      --batches 1,8 --steps 100 --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1
+    sed -n '/^routes/p;/^summary/,$p' "$OUT/decode_long.log"
     ;;
   kernels)
     python3 -m pytest nsa/tests/test_triton_attention.py -q -rs -p no:cacheprovider \

@@ -92,6 +92,16 @@ if triton is not None:
         return vis
 
     @triton.jit
+    def _softmax_step(m_i, l_i, acc, s, v, PREC: tl.constexpr):
+        """One key tile of an online softmax: scores ``s [rows, keys]`` in log2 units (``-inf`` where
+        masked), values ``v [keys, d]``; returns the running max, sum and output accumulator."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+
+    @triton.jit
     def _fwd(Q, K, V, O, LSE,
              sqb, sqt, sqh, skb, sks, skg, svb, svs, svg, sob, sot, soh, slb, slt,
              T, S, key_stride, key_offset, window, qk_scale,
@@ -109,14 +119,8 @@ if triton is not None:
             k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, offs_n < j_hi)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
             s = tl.where(_visible(t, offs_n, j_hi, key_stride, key_offset, window, WINDOWED), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, offs_n < j_hi)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, PREC)
         has = l_i > 0
         _store_tile(O, b * sob, t64, sot, head[:, None] * soh, acc / tl.where(has, l_i, 1.0)[:, None], DV, DVP, rmask)
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))

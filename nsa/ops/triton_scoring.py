@@ -111,9 +111,12 @@ if triton is not None:
                  mask=tmask[:, None] & (blk < NB)[None, :])
 
     @triton.jit
-    def _topn(SC, OUT, ssb, sst, ssg, sob, sot, sog, R, Tc, T0, NB,
+    def _topn(SC, OUT, POS, ssb, sst, ssg, sob, sot, sog, R, Tc, T0, NB,
               G: tl.constexpr, SEL: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NBP: tl.constexpr,
-              BLOCK_R: tl.constexpr):
+              BLOCK_R: tl.constexpr, POS_PTR: tl.constexpr):
+        # Queries at positions T0 + row; POS_PTR: T0 is read from POS (a decode step's device position).
+        if POS_PTR:
+            T0 = tl.load(POS)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flattened (b, t, g)
         rmask = rows < R
         b = (rows // (Tc * G)).to(tl.int64)
@@ -267,9 +270,9 @@ def top_blocks(scores: torch.Tensor, *, sel_block_len: int, n_sel: int, position
         return out
     nbp, block_r = top_tiles(nb)
     _topn[(triton.cdiv(R, block_r),)](
-        scores, out, *scores.stride()[:3], *out.stride()[:3], R, T, positions_start, nb,
+        scores, out, scores, *scores.stride()[:3], *out.stride()[:3], R, T, positions_start, nb,
         G=G, SEL=sel_block_len, NSEL=n_sel, NSP=triton.next_power_of_2(n_sel), NBP=nbp, BLOCK_R=block_r,
-        num_warps=4)
+        POS_PTR=False, num_warps=4)
     return out
 
 

@@ -28,7 +28,7 @@ except ImportError:  # CPU-only installs have no Triton; the route table never p
     triton = None
 
 if triton is not None:
-    from .triton_attention import _bwd_delta, _on, _store_tile, _tile
+    from .triton_attention import _bwd_delta, _on, _softmax_step, _store_tile, _tile
 
     @triton.jit
     def _query_group(G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr):
@@ -63,19 +63,14 @@ if triton is not None:
             blk = tl.load(IDX + b * sib + t * sit + g * sig + i)
             if blk >= 0:
                 kmask, k, v = _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK, DKP, DV, DVP, BS)
-                s = tl.dot(q, tl.trans(k)) * scale
+                s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)  # log2 units
                 s = tl.where(kmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, "tf32")
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         _store_tile(O, b * sob + t * sot, g * HPG + offs_h, soh, 0, o, DV, DVP, hmask)
         has = l_i > 0
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        # natural log, as the backward kernels read it
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(LSE + b * slb + t * slt + g * HPG + offs_h, lse, mask=hmask)
 
     @triton.jit

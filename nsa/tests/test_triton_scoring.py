@@ -225,8 +225,8 @@ def test_top_blocks_builds_for_sm90_without_spilling(nb):
     if ts._interpreting():
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions in this process")
     nbp, rows = ts.top_tiles(nb)
-    built = build_sm90(ts._topn, dict(G=4, SEL=64, NSEL=16, NSP=16, NBP=nbp, BLOCK_R=rows),
-                       {"SC": "*fp32", "OUT": "*i64"}, warps=4, stages=1)
+    built = build_sm90(ts._topn, dict(G=4, SEL=64, NSEL=16, NSP=16, NBP=nbp, BLOCK_R=rows, POS_PTR=False),
+                       {"SC": "*fp32", "OUT": "*i64", "POS": "*i64"}, warps=4, stages=1)
     assert usage(built)["spill_bytes"] == 0
 
 

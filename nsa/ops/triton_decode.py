@@ -1,0 +1,337 @@
+"""The decode step's attention in Triton: one query per sequence, at the device position ``pos``.
+
+The torch step (:meth:`nsa.NSAAttention._decode` on its reference route) runs the compressed branch
+as a masked matmul over every cache slot, scores the selection with an ``[N, nb]`` overlap matmul,
+sorts every row, gathers the selected tokens and attends the window ring: its cost follows the
+cache's length and the number of small kernels, not what NSA reads. Here six kernels read the
+caches in place (static shapes, position read on the device, no host synchronisation: the step
+stays CUDA-graph capturable), every program owning one GQA group so a loaded key tile serves all
+``h`` heads of it:
+
+1. ``_dec_cmp`` (splits x B*G): flash-decoding over the visible compressed tokens, ``SPLIT`` tokens
+   per program; a partial ``(max, sum, acc)`` per head.
+2. ``_dec_cmp_reduce`` (B*G): the splits merged: the branch's output and log-sum-exp.
+3. ``_dec_scores`` (tiles x B*G): the selection scores as prefill makes them
+   (:mod:`nsa.ops.triton_scoring`): probabilities recomputed from the log-sum-exp, heads summed,
+   tiles of ``16 * l_sel / d`` tokens mapped onto their 16 blocks by overlap weights computed from
+   indices. A tile's tail in the next tile's blocks is carried in registers; the first tile of a
+   program recomputes the tail of the tile before it, so every score is written once, without atomics.
+4. ``_topn`` of :mod:`nsa.ops.triton_scoring`, the position read from the device.
+5. ``_dec_sparse`` (n_sel + window tiles, B*G): one selected block, or one ``l_sel``-slot tile of the
+   window ring, per program; a partial per head.
+6. ``_dec_combine`` (B*G): the selection's and the window's partials merged, and the branches gated:
+   ``g_cmp o_cmp + g_slc o_slc + g_win o_win`` in float32, stored in the queries' dtype.
+
+Partials and scores are float32 scratch of a few KB per group. The plain reference is the torch
+step itself; the tests compare the two under Triton's interpreter (CPU) and on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import checks
+from .triton_attention import _interpreting, _last_dim_contiguous, _on, _pad, _prec, triton
+from .triton_scoring import _topn, top_tiles
+from .triton_scoring import supported as _scoring_supported
+
+if triton is not None:
+    import triton.language as tl
+
+    from .triton_attention import _softmax_step, _store_tile, _tile
+    from .triton_scoring import _overlap
+
+    @triton.jit
+    def _heads(bg, G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr):
+        """Program ``bg`` of the batch x group axis: batch, group, row ids (heads, padded to ``HP``), mask."""
+        offs_h = tl.arange(0, HP)
+        return (bg // G).to(tl.int64), bg % G, offs_h, offs_h < HPG
+
+    @triton.jit
+    def _group(Q, sqb, sqh, G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr,
+               DKP: tl.constexpr):
+        """A (…, batch x group) program's :func:`_heads` and its queries ``[HP, DKP]``."""
+        bg = tl.program_id(1)
+        b, g, offs_h, hmask = _heads(bg, G, HPG, HP)
+        return bg, b, g, offs_h, hmask, _tile(Q, b * sqb, g * HPG + offs_h, sqh, 0, DK, DKP, hmask)
+
+    @triton.jit
+    def _num_visible(POS, N, L: tl.constexpr, D: tl.constexpr):
+        """The position, and how many compressed tokens it sees (token ``j`` once ``j*d + l - 1 <= pos``)."""
+        pos = tl.load(POS)
+        return pos, tl.minimum(tl.maximum(pos - L + 1 + D, 0) // D, N)
+
+    @triton.jit
+    def _store_partial(PM, PL, PACC, part, offs_h, m_i, l_i, acc, HP: tl.constexpr, DVP: tl.constexpr):
+        row = part * HP + offs_h
+        tl.store(PM + row, m_i)
+        tl.store(PL + row, l_i)
+        tl.store(PACC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc)
+
+    @triton.jit
+    def _merge(PM, PL, PACC, first, count, HP: tl.constexpr, DVP: tl.constexpr):
+        """Partials ``first .. first + count - 1`` merged: ``(max, sum, acc)`` per head (log2 units)."""
+        offs_h = tl.arange(0, HP)
+        offs_d = tl.arange(0, DVP)
+        m = tl.full([HP], float("-inf"), tl.float32)
+        for i in range(count):
+            m = tl.maximum(m, tl.load(PM + (first + i) * HP + offs_h))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l_sum = tl.zeros([HP], tl.float32)
+        acc = tl.zeros([HP, DVP], tl.float32)
+        for i in range(count):
+            row = (first + i) * HP + offs_h
+            w = tl.exp2(tl.load(PM + row) - m_safe)  # an empty partial (max -inf) weighs 0
+            l_sum += tl.load(PL + row) * w
+            acc += tl.load(PACC + row[:, None] * DVP + offs_d[None, :]) * w[:, None]
+        return m, l_sum, acc
+
+    @triton.jit
+    def _dec_cmp(Q, K, V, POS, PM, PL, PACC, sqb, sqh, skb, sks, skg, svb, svs, svg, N, SPLIT, qk_scale,
+                 G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                 DV: tl.constexpr, DVP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PREC: tl.constexpr):
+        bg, b, g, offs_h, hmask, q = _group(Q, sqb, sqh, G, HPG, HP, DK, DKP)
+        _, n_vis = _num_visible(POS, N, L, D)
+        lo = tl.program_id(0) * SPLIT
+        hi = tl.minimum(lo + SPLIT, n_vis)
+        m_i = tl.full([HP], float("-inf"), tl.float32)
+        l_i = tl.zeros([HP], tl.float32)
+        acc = tl.zeros([HP, DVP], tl.float32)
+        for j0 in range(lo, hi, BLOCK_N):
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < hi
+            n64 = offs_n.to(tl.int64)
+            k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, nmask)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, nmask)
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, PREC)
+        _store_partial(PM, PL, PACC, bg * tl.num_programs(0) + tl.program_id(0), offs_h, m_i, l_i, acc, HP, DVP)
+
+    @triton.jit
+    def _dec_cmp_reduce(PM, PL, PACC, OC, LSE2, NSPLIT, HP: tl.constexpr, DVP: tl.constexpr):
+        bg = tl.program_id(0)
+        m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, NSPLIT, HP, DVP)
+        has = l_sum > 0
+        row = bg * HP + tl.arange(0, HP)
+        tl.store(OC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc / tl.where(has, l_sum, 1.0)[:, None])
+        tl.store(LSE2 + row, tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf")))
+
+    @triton.jit
+    def _tile_probs(q, K, b, g, skb, sks, skg, lse2, hmask, j0, n_vis, qk_scale, DK: tl.constexpr,
+                    DKP: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        """Tokens ``j0 ..`` of a tile, and their compressed probabilities summed over the group's heads."""
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n_vis
+        k = _tile(K, b * skb, offs_n.to(tl.int64), sks, g * skg, DK, DKP, nmask)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        vis = hmask[:, None] & nmask[None, :]
+        p = tl.where(vis, tl.exp2(s - tl.where(vis, lse2[:, None], s)), 0.0)
+        return offs_n, tl.sum(p, 0)
+
+    @triton.jit
+    def _dec_scores(Q, K, POS, LSE2, SC, sqb, sqh, skb, sks, skg, N, NB, TILES, qk_scale,
+                    G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                    L: tl.constexpr, D: tl.constexpr, SEL: tl.constexpr, NBT: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PREC: tl.constexpr):
+        bg, b, g, offs_h, hmask, q = _group(Q, sqb, sqh, G, HPG, HP, DK, DKP)
+        _, n_vis = _num_visible(POS, N, L, D)
+        lse2 = tl.load(LSE2 + bg * HP + offs_h)
+        offs_b = tl.arange(0, NBT)
+        first = tl.program_id(0) * TILES
+        carry = tl.zeros([NBT], tl.float32)
+        if first > 0:  # the tail of the tile before this program's first
+            offs_n, summed = _tile_probs(q, K, b, g, skb, sks, skg, lse2, hmask, (first - 1) * BLOCK_N, n_vis,
+                                         qk_scale, DK, DKP, BLOCK_N, PREC)
+            carry = tl.sum(summed[:, None] * _overlap(offs_n, first * NBT + offs_b, L, D, SEL), 0)
+        for tile in range(first, first + TILES):
+            offs_n, summed = _tile_probs(q, K, b, g, skb, sks, skg, lse2, hmask, tile * BLOCK_N, n_vis, qk_scale,
+                                         DK, DKP, BLOCK_N, PREC)
+            blk = tile * NBT + offs_b
+            own = tl.sum(summed[:, None] * _overlap(offs_n, blk, L, D, SEL), 0) + carry
+            tl.store(SC + bg * NB + blk, own, mask=blk < NB)
+            carry = tl.sum(summed[:, None] * _overlap(offs_n, blk + NBT, L, D, SEL), 0)
+        # The last tile's tail falls on blocks >= NB (the grid covers every block): nothing to store.
+
+    @triton.jit
+    def _dec_sparse(Q, KS, VS, KW, VW, IDX, POS, PM, PL, PACC,
+                    sqb, sqh, sksb, skss, sksg, svsb, svss, svsg, skwb, skws, skwg, svwb, svws, svwg, sib, sig,
+                    S, W, qk_scale,
+                    G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+                    DV: tl.constexpr, DVP: tl.constexpr, SEL: tl.constexpr, NSEL: tl.constexpr,
+                    PREC: tl.constexpr):
+        # Program i < NSEL: the i-th selected block (keys blk*SEL.., those <= pos and < S); program
+        # i >= NSEL: window-ring slots (i - NSEL)*SEL.. (those < W and <= pos: the ring's used slots).
+        bg, b, g, offs_h, hmask, q = _group(Q, sqb, sqh, G, HPG, HP, DK, DKP)
+        pos = tl.load(POS)
+        i = tl.program_id(0)
+        offs = tl.arange(0, SEL)
+        slot = (i - NSEL) * SEL + offs  # negative on the selection's programs
+        blk = tl.load(IDX + b * sib + g * sig + tl.minimum(i, NSEL - 1))
+        kpos = blk * SEL + offs  # negative for an empty slot (-1)
+        # Vector comparisons only: the interpreter's `&` of a vector and a scalar mask gives int32.
+        smask = (slot < 0) & (kpos >= 0) & (kpos <= pos) & (kpos < S)
+        wmask = (slot >= 0) & (slot < W) & (slot <= pos)
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        # Masked loads read nothing: a program fetches either its block or its ring tile.
+        k = (_tile(KS, b * sksb, kpos, skss, g * sksg, DK, DKP, smask)
+             + _tile(KW, b * skwb, slot, skws, g * skwg, DK, DKP, wmask))
+        v = (_tile(VS, b * svsb, kpos, svss, g * svsg, DV, DVP, smask)
+             + _tile(VW, b * svwb, slot, svws, g * svwg, DV, DVP, wmask))
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where((smask | wmask)[None, :], s, float("-inf"))
+        m_i = tl.max(s, 1)
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        p = tl.exp2(s - m_safe[:, None])
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        _store_partial(PM, PL, PACC, bg * tl.num_programs(0) + i, offs_h, m_i, tl.sum(p, 1), acc, HP, DVP)
+
+    @triton.jit
+    def _dec_combine(PM, PL, PACC, OC, GATES, O, sgb, sgh, sob, soh, NPART,
+                     G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                     NSEL: tl.constexpr):
+        bg = tl.program_id(0)
+        b, g, offs_h, hmask = _heads(bg, G, HPG, HP)
+        _, l_slc, acc_slc = _merge(PM, PL, PACC, bg * NPART, NSEL, HP, DVP)
+        _, l_win, acc_win = _merge(PM, PL, PACC, bg * NPART + NSEL, NPART - NSEL, HP, DVP)
+        o_cmp = tl.load(OC + (bg * HP + offs_h)[:, None] * DVP + tl.arange(0, DVP)[None, :])
+        heads = g * HPG + offs_h
+        gate = GATES + b * sgb + heads * sgh
+        g_cmp = tl.load(gate, mask=hmask, other=0.0).to(tl.float32)
+        g_slc = tl.load(gate + 1, mask=hmask, other=0.0).to(tl.float32)
+        g_win = tl.load(gate + 2, mask=hmask, other=0.0).to(tl.float32)
+        o = (g_cmp[:, None] * o_cmp + g_slc[:, None] * (acc_slc / tl.where(l_slc > 0, l_slc, 1.0)[:, None])
+             + g_win[:, None] * (acc_win / tl.where(l_win > 0, l_win, 1.0)[:, None]))
+        _store_tile(O, b * sob, heads, soh, 0, o, DV, DVP, hmask)
+
+
+def supported(heads: int, groups: int, d_k: int, d_v: int, block_len: int, block_stride: int,
+              sel_block_len: int) -> str | None:
+    """Why these kernels cannot run this layer's decode step, or None when they can (the route table asks)."""
+    why = _scoring_supported(heads, groups, d_k, block_len, block_stride, sel_block_len)
+    if why is not None:
+        return why
+    if sel_block_len < 16 or sel_block_len & (sel_block_len - 1):
+        return f"sel_block_len={sel_block_len} (a power of two >= 16: one block is one tile of keys)"
+    if d_v > 256:
+        return f"d_v={d_v} (up to 256)"
+    return None
+
+
+def kernel_warps(dkp: int) -> dict:
+    """Warps per kernel for ``d_k`` padded to ``dkp``, from sm_90 builds
+    (``test_decode_kernels_build_for_sm90_without_spilling``): at 4 warps the selected-block kernel
+    spills at d_k >= 128 (192 bytes at 128, 696 at 192), at 8 none does."""
+    return {"cmp": 4, "reduce": 4, "scores": 4, "sparse": 8 if dkp > 64 else 4, "combine": 4}
+
+
+def _splits(N: int, B: int, G: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """``(tokens per split, splits)`` of the compressed branch: enough programs to fill an H100's 132
+    SMs about twice, each at least one tile (the interpreter: one tile, so tests cross splits)."""
+    tiles = triton.cdiv(max(N, 1), block_n)
+    per = 1 if device.type != "cuda" else max(1, tiles * B * G // 264)
+    return per * block_n, triton.cdiv(tiles, per)
+
+
+def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor, k_cmp: torch.Tensor,
+                      v_cmp: torch.Tensor, k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor,
+                      v_win: torch.Tensor, pos: torch.Tensor, block_len: int, block_stride: int, sel_block_len: int,
+                      n_sel: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, _, H, Dk = q.shape
+    N, G, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
+    S, W = k_slc.shape[1], k_win.shape[1]
+    h = H // G
+    hp = max(16, triton.next_power_of_2(h))
+    dkp, dvp = _pad(Dk), _pad(Dv)
+    q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = _last_dim_contiguous(
+        q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
+    qk_scale = 1.0 / math.sqrt(Dk) * 1.4426950408889634
+    dev = q.device
+    f32 = {"device": dev, "dtype": torch.float32}
+    common = dict(G=G, HPG=h, HP=hp, DK=Dk, DKP=dkp, PREC=_prec(q.dtype))
+    interp = dev.type != "cuda"
+    warps = kernel_warps(dkp)
+    # 1-2: compressed branch
+    block_n = 16 if interp else 64
+    split, nsplit = _splits(N, B, G, block_n, dev)
+    pm, pl = torch.empty(B * G * nsplit * hp, **f32), torch.empty(B * G * nsplit * hp, **f32)
+    pacc = torch.empty(B * G * nsplit * hp * dvp, **f32)
+    _dec_cmp[(nsplit, B * G)](q, k_cmp, v_cmp, pos, pm, pl, pacc, q.stride(0), q.stride(2), *k_cmp.stride()[:3],
+                              *v_cmp.stride()[:3], N, split, qk_scale, **common, DV=Dv, DVP=dvp, L=block_len,
+                              D=block_stride, BLOCK_N=block_n, num_warps=warps["cmp"])
+    o_cmp, lse2 = torch.empty(B * G * hp * dvp, **f32), torch.empty(B * G * hp, **f32)
+    _dec_cmp_reduce[(B * G,)](pm, pl, pacc, o_cmp, lse2, nsplit, HP=hp, DVP=dvp, num_warps=warps["reduce"])
+    # 3-4: selection scores and the top-n blocks
+    nbt = 16
+    tile_n = nbt * sel_block_len // block_stride
+    n_tiles = max(triton.cdiv(N, tile_n), triton.cdiv(num_blocks, nbt))
+    per = 1 if interp else max(1, n_tiles * B * G // 264)
+    scores = torch.empty(B, G, num_blocks, **f32)
+    _dec_scores[(triton.cdiv(n_tiles, per), B * G)](
+        q, k_cmp, pos, lse2, scores, q.stride(0), q.stride(2), *k_cmp.stride()[:3], N, num_blocks, per, qk_scale,
+        **common, L=block_len, D=block_stride, SEL=sel_block_len, NBT=nbt, BLOCK_N=tile_n, num_warps=warps["scores"])
+    idx = torch.empty(B, 1, G, n_sel, device=dev, dtype=torch.long)
+    nbp, block_r = top_tiles(num_blocks)
+    _topn[(triton.cdiv(B * G, block_r),)](
+        scores, idx, pos, G * num_blocks, 0, num_blocks, *idx.stride()[:3], B * G, 1, 0, num_blocks,
+        G=G, SEL=sel_block_len, NSEL=n_sel, NSP=triton.next_power_of_2(n_sel), NBP=nbp, BLOCK_R=block_r,
+        POS_PTR=True, num_warps=4)
+    # 5-6: selected blocks and window ring, then the gated sum of the three branches
+    nparts = n_sel + triton.cdiv(W, sel_block_len)
+    pm, pl = torch.empty(B * G * nparts * hp, **f32), torch.empty(B * G * nparts * hp, **f32)
+    pacc = torch.empty(B * G * nparts * hp * dvp, **f32)
+    _dec_sparse[(nparts, B * G)](
+        q_rope, k_slc, v_slc, k_win, v_win, idx, pos, pm, pl, pacc, q_rope.stride(0), q_rope.stride(2),
+        *k_slc.stride()[:3], *v_slc.stride()[:3], *k_win.stride()[:3], *v_win.stride()[:3], idx.stride(0),
+        idx.stride(2), S, W, qk_scale, **common, DV=Dv, DVP=dvp, SEL=sel_block_len, NSEL=n_sel,
+        num_warps=warps["sparse"])
+    o = torch.empty(B, 1, H, Dv, device=dev, dtype=q.dtype)
+    _dec_combine[(B * G,)](pm, pl, pacc, o_cmp, gates, o, gates.stride(0), gates.stride(2), o.stride(0), o.stride(2),
+                           nparts, G=G, HPG=h, HP=hp, DV=Dv, DVP=dvp, NSEL=n_sel, num_warps=warps["combine"])
+    return o, idx
+
+
+@torch.library.custom_op("nsa::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor, k_cmp: torch.Tensor,
+                         v_cmp: torch.Tensor, k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor,
+                         v_win: torch.Tensor, pos: torch.Tensor, block_len: int, block_stride: int,
+                         sel_block_len: int, n_sel: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # A custom op: torch.compile (compile_decode) keeps it as one opaque call instead of tracing the
+    # launches; the op itself holds no host synchronisation, so CUDA graphs capture it.
+    with _on(q.device):
+        return _decode_attention(q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos, block_len,
+                                 block_stride, sel_block_len, n_sel, num_blocks)
+
+
+@_decode_attention_op.register_fake
+def _(q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos, block_len, block_stride, sel_block_len,
+      n_sel, num_blocks):
+    B, _, H, _ = q.shape
+    return (q.new_empty(B, 1, H, v_cmp.shape[-1]),
+            q.new_empty(B, 1, k_cmp.shape[2], n_sel, dtype=torch.long))
+
+
+def decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor, k_cmp: torch.Tensor,
+                     v_cmp: torch.Tensor, k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor,
+                     v_win: torch.Tensor, pos: torch.Tensor, *, block_len: int, block_stride: int, sel_block_len: int,
+                     n_sel: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's gated attention ``[B, 1, H, d_v]`` (before the output projection) and its
+    selected blocks ``[B, 1, G, n_sel]`` (int64, ascending, ``-1`` empty), for queries at ``pos``.
+
+    ``q`` (compressed branch) and ``q_rope`` (selection, window) ``[B, 1, H, d_k]``; ``gates
+    [B, 1, H, 3]`` (cmp, slc, win); the caches as :class:`nsa.attention.NSACache` holds them after this
+    step's token was written: ``k_cmp/v_cmp [B, N, G, d]`` (slots ``0..N-1``), ``k_slc/v_slc
+    [B, S, G, d]``, the window ring ``k_win/v_win [B, W, G, d]``; ``pos [1]`` int64 on the device.
+    ``num_blocks`` selection blocks (``ceil(S / l_sel)``) are scored. No checks beyond the device:
+    reached through :mod:`nsa.routes` with the layer's own tensors.
+    """
+    if triton is None:
+        raise RuntimeError("decode_attention: Triton is not installed (pip install triton)")
+    if q.device.type != "cuda" and not _interpreting():
+        checks.fail("decode_attention", "q.device", str(q.device), "a CUDA device (CPU tensors only under "
+                    "TRITON_INTERPRET=1, set before Triton is first imported)")
+    return _decode_attention_op(q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos, block_len,
+                                block_stride, sel_block_len, n_sel, num_blocks)
