@@ -143,11 +143,12 @@ if triton is not None:
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_, DV_,
                   sqb, sqt, sqh, skb, sks, skg, svb, svs, svg, sdb, sdt, sdh, slb, slt,
                   sgkb, sgks, sgkg, sgvb, sgvs, sgvg,
-                  T, S, key_stride, key_offset, window, qk_scale, scale,
+                  T, S, key_stride, key_offset, window, qk_scale, scale, seg_rows,
                   G: tl.constexpr, HPG: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr,
                   DVP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
-                  PREC: tl.constexpr):
-        # One program per (key tile, group): dK, dV summed over every query row (all h heads) that sees it.
+                  PREC: tl.constexpr, ATOMIC: tl.constexpr):
+        # One program per (key tile, group, segment of seg_rows query rows): dK, dV summed over the
+        # segment's rows (all h heads) that see the tile. ATOMIC: segments add into float32 dK/dV.
         j0 = tl.program_id(0) * BLOCK_N
         b = (tl.program_id(1) // G).to(tl.int64)
         g = tl.program_id(1) % G
@@ -162,8 +163,11 @@ if triton is not None:
         t_end = t_start * 0 + T
         if WINDOWED:
             t_end = tl.minimum((tl.minimum(j0 + BLOCK_N, S) - 1) * key_stride + key_offset + window, T)
-        for r0 in range(t_start * HPG, t_end * HPG, BLOCK_M):
+        row_lo = tl.maximum(t_start * HPG, tl.program_id(2) * seg_rows)
+        row_hi = tl.minimum(t_end * HPG, (tl.program_id(2) + 1) * seg_rows)
+        for r0 in range(row_lo, row_hi, BLOCK_M):
             t, head, rmask = _row_tile(r0, g, t_end, HPG, BLOCK_M)
+            rmask = rmask & (r0 + tl.arange(0, BLOCK_M) < row_hi)  # the next segment's rows are its own
             t64 = t.to(tl.int64)
             q = _tile(Q, b * sqb, t64, sqt, head[:, None] * sqh, DK, DKP, rmask)
             do = _tile(DO, b * sdb, t64, sdt, head[:, None] * sdh, DV, DVP, rmask)
@@ -177,8 +181,17 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        _store_tile(DK_, b * sgkb, n64, sgks, g * sgkg, dk * scale, DK, DKP, offs_n < S)
-        _store_tile(DV_, b * sgvb, n64, sgvs, g * sgvg, dv, DV, DVP, offs_n < S)
+        if ATOMIC:
+            if row_lo < row_hi:
+                offs_dk = tl.arange(0, DKP)
+                offs_dv = tl.arange(0, DVP)
+                tl.atomic_add(DK_ + b * sgkb + n64[:, None] * sgks + g * sgkg + offs_dk[None, :], dk * scale,
+                              mask=(offs_n < S)[:, None] & (offs_dk[None, :] < DK))
+                tl.atomic_add(DV_ + b * sgvb + n64[:, None] * sgvs + g * sgvg + offs_dv[None, :], dv,
+                              mask=(offs_n < S)[:, None] & (offs_dv[None, :] < DV))
+        else:
+            _store_tile(DK_, b * sgkb, n64, sgks, g * sgkg, dk * scale, DK, DKP, offs_n < S)
+            _store_tile(DV_, b * sgvb, n64, sgvs, g * sgvg, dv, DV, DVP, offs_n < S)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
@@ -290,15 +303,33 @@ def _forward(q, k, v, key_stride, key_offset, window, scale):
     return o, lse
 
 
+def dkdv_segments(T: int, h: int, S: int, B: int, G: int, windowed: bool, device: torch.device) -> int:
+    """Segments of query rows the dK/dV kernel splits each key tile's rows into. The compressed
+    branch has few key tiles (T/d keys: at T=8192, 4 groups and tiles of 64, 32 programs for an
+    H100's 132 SMs), each summing over up to T*h rows, so its rows are split until there are about
+    four programs per SM; the segments add atomically. A window tile's rows are already few: one.
+    Under the interpreter three, so tests cross segments."""
+    if windowed:
+        return 1
+    rows = T * h
+    if device.type != "cuda":
+        return max(1, min(3, rows // 32))
+    key_programs = triton.cdiv(S, 64) * B * G
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(4 * sms, key_programs), rows // 1024))
+
+
 def _backward(do, q, k, v, o, lse, key_stride, key_offset, window, scale):
     B, T, H, Dk = q.shape
     S, G, Dv = k.shape[1], k.shape[2], v.shape[3]
     dkp, dvp, h = _pad(Dk), _pad(Dv), H // G
     dq = torch.empty(B, T, H, Dk, device=q.device, dtype=q.dtype)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    nseg = dkdv_segments(T, h, S, B, G, window is not None, q.device)
+    # Segments add into zeroed float32 buffers; a single segment stores in the inputs' dtype.
+    alloc, acc = (torch.zeros, torch.float32) if nseg > 1 else (torch.empty, k.dtype)
+    dk, dv = alloc(k.shape, dtype=acc, device=k.device), alloc(v.shape, dtype=acc, device=k.device)
     if T == 0 or S == 0 or B == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     (do,) = _last_dim_contiguous(do)
     delta = torch.empty_like(lse)
     rows = 64
@@ -307,12 +338,12 @@ def _backward(do, q, k, v, o, lse, key_stride, key_offset, window, scale):
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2])
     tail = (T, S, key_stride, key_offset, window or 0, scale * _LOG2E, scale)
     meta = dict(G=G, HPG=h, DK=Dk, DKP=dkp, DV=Dv, DVP=dvp, WINDOWED=window is not None, PREC=_prec(q.dtype))
-    _launch(_bwd_dkdv, "dkdv", lambda o_: o_["dkdv"], lambda bm, bn: (triton.cdiv(S, bn), B * G),
-            (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3], *tail), meta,
-            q.device, q.dtype, dkp, dvp)
+    _launch(_bwd_dkdv, "dkdv", lambda o_: o_["dkdv"], lambda bm, bn: (triton.cdiv(S, bn), B * G, nseg),
+            (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3], *tail,
+             triton.cdiv(T * h, nseg)), dict(meta, ATOMIC=nseg > 1), q.device, q.dtype, dkp, dvp)
     _launch(_bwd_dq, "dq", lambda o_: o_["dq"], lambda bm, bn: (triton.cdiv(T * h, bm), B * G),
             (q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3], *tail), meta, q.device, q.dtype, dkp, dvp)
-    return dq, dk, dv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _on(device: torch.device):
