@@ -21,6 +21,7 @@ the tests check the kernels that way at small shapes, in a subprocess.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -315,8 +316,13 @@ def dkdv_segments(T: int, h: int, S: int, B: int, G: int, windowed: bool, device
     if device.type != "cuda":
         return max(1, min(3, rows // 32))
     key_programs = triton.cdiv(S, 64) * B * G
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, key_programs), rows // 1024))
+    return max(1, min(triton.cdiv(4 * sm_count(device), key_programs), rows // 1024))
+
+
+@functools.lru_cache(maxsize=8)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (grids are sized to fill them)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _backward(do, q, k, v, o, lse, key_stride, key_offset, window, scale):

@@ -33,7 +33,7 @@ import math
 import torch
 
 from . import checks
-from .triton_attention import _interpreting, _last_dim_contiguous, _on, _pad, _prec, triton
+from .triton_attention import _interpreting, _last_dim_contiguous, _on, _pad, _prec, sm_count, triton
 from .triton_scoring import _topn, top_tiles
 from .triton_scoring import supported as _scoring_supported
 
@@ -228,12 +228,10 @@ def kernel_warps(dkp: int) -> dict:
     return {"cmp": 4, "reduce": 4, "scores": 4, "sparse": 8 if dkp > 64 else 4, "combine": 4}
 
 
-def _splits(N: int, B: int, G: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """``(tokens per split, splits)`` of the compressed branch: enough programs to fill an H100's 132
-    SMs about twice, each at least one tile (the interpreter: one tile, so tests cross splits)."""
-    tiles = triton.cdiv(max(N, 1), block_n)
-    per = 1 if device.type != "cuda" else max(1, tiles * B * G // 264)
-    return per * block_n, triton.cdiv(tiles, per)
+def _tiles_per_program(tiles: int, B: int, G: int, device: torch.device) -> int:
+    """Tiles each program of a split kernel walks: about two programs per SM, at least one tile
+    each (the interpreter: one tile, so tests cross programs)."""
+    return 1 if device.type != "cuda" else max(1, tiles * B * G // (2 * sm_count(device)))
 
 
 def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor, k_cmp: torch.Tensor,
@@ -252,11 +250,12 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
     dev = q.device
     f32 = {"device": dev, "dtype": torch.float32}
     common = dict(G=G, HPG=h, HP=hp, DK=Dk, DKP=dkp, PREC=_prec(q.dtype))
-    interp = dev.type != "cuda"
     warps = kernel_warps(dkp)
     # 1-2: compressed branch
-    block_n = 16 if interp else 64
-    split, nsplit = _splits(N, B, G, block_n, dev)
+    block_n = 64 if dev.type == "cuda" else 16
+    tiles = triton.cdiv(max(N, 1), block_n)
+    per = _tiles_per_program(tiles, B, G, dev)
+    split, nsplit = per * block_n, triton.cdiv(tiles, per)
     pm, pl = torch.empty(B * G * nsplit * hp, **f32), torch.empty(B * G * nsplit * hp, **f32)
     pacc = torch.empty(B * G * nsplit * hp * dvp, **f32)
     _dec_cmp[(nsplit, B * G)](q, k_cmp, v_cmp, pos, pm, pl, pacc, q.stride(0), q.stride(2), *k_cmp.stride()[:3],
@@ -268,7 +267,7 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
     nbt = 16
     tile_n = nbt * sel_block_len // block_stride
     n_tiles = max(triton.cdiv(N, tile_n), triton.cdiv(num_blocks, nbt))
-    per = 1 if interp else max(1, n_tiles * B * G // 264)
+    per = _tiles_per_program(n_tiles, B, G, dev)
     scores = torch.empty(B, G, num_blocks, **f32)
     _dec_scores[(triton.cdiv(n_tiles, per), B * G)](
         q, k_cmp, pos, lse2, scores, q.stride(0), q.stride(2), *k_cmp.stride()[:3], N, num_blocks, per, qk_scale,
