@@ -149,18 +149,16 @@ def test_training_without_backward_is_not_supported(tmp_path):
     assert none["toy"]["status"] == "unsupported" and "backward" in none["toy"]["reason"]
 
 
-def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypatch):
-    state = {"setting_up": 0, "most": 0, "started": 0}
+def _fake_remote(on_start, on_receive=lambda: None):
+    """A stand-in for ``interleave.Remote``: ``on_start(env)`` gives its pid; ready when received
+    from; one sample per request."""
 
-    class FakeRemote:  # says ready when received from; answers every request with one sample
+    class FakeRemote:
         def __init__(self, cmd, env, log_path):
-            state["setting_up"] += 1
-            state["started"] += 1
-            state["most"] = max(state["most"], state["setting_up"])
-            self.log_path, self.proc = log_path, types.SimpleNamespace(pid=state["started"])
+            self.log_path, self.proc = log_path, types.SimpleNamespace(pid=on_start(env))
 
         def receive(self, timeout):
-            state["setting_up"] -= 1
+            on_receive()
             return {"info": {}}
 
         def ask(self, obj, timeout):
@@ -169,7 +167,22 @@ def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypa
         def close(self):
             pass
 
-    monkeypatch.setattr(interleave, "Remote", FakeRemote)
+    return FakeRemote
+
+
+def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypatch):
+    state = {"setting_up": 0, "most": 0, "started": 0}
+
+    def start(env):
+        state["setting_up"] += 1
+        state["started"] += 1
+        state["most"] = max(state["most"], state["setting_up"])
+        return state["started"]
+
+    def ready():
+        state["setting_up"] -= 1
+
+    monkeypatch.setattr(interleave, "Remote", _fake_remote(start, ready))
     runs = [{"variant": f"v{i}", "sha": "0" * 40, "reserve": "none", "kind": "impl", "env_dir": sys.prefix,
              "vars": {}, "spec": {}} for i in range(3)]
     for parallel, most in ((0, 6), (1, 1), (4, 4)):
@@ -180,6 +193,20 @@ def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypa
                                         threads=None, setup_parallel=parallel)
         assert state["most"] == most and state["started"] == 6
         assert all(r["status"] == "ok" and [len(p["samples"]) for p in r["processes"]] == [3, 3] for r in results)
+
+
+def test_cpu_workers_keep_freed_memory_unless_told_not_to(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(interleave, "Remote", _fake_remote(lambda env: seen.append(env) or len(seen)))
+    runs = [{"variant": "v", "sha": "0" * 40, "reserve": "none", "kind": "impl", "env_dir": sys.prefix, "vars": {},
+             "spec": {}}]
+    for device, reuse, expected in (("cpu", True, True), ("cpu", False, False), ("cuda", True, False)):
+        seen.clear()
+        interleave.coordinate(runs, script="worker.py", request={"cmd": "sample"}, merge=lambda p, a: None,
+                              processes=2, rounds=1, device=device, log_dir=tmp_path, timeout=1, seed=0, threads=1,
+                              malloc_reuse=reuse)
+        assert len(seen) == 2
+        assert all((env.get("MALLOC_MMAP_THRESHOLD_") == str(32 << 20)) == expected for env in seen), (device, reuse)
 
 
 def test_on_cuda_one_worker_per_distinct_code_sets_up_first():

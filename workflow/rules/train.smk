@@ -18,6 +18,7 @@ rule train:
         seed=config["seed"],
         threads=config["threads"],
         denormal="" if config["cpu_flush_denormal"] else "--no-flush-denormal",
+        malloc="" if config["cpu_malloc_reuse"] else "--no-malloc-reuse",
         timeout=config["timeouts"]["train"],
         log_dir=f"{RESULTS}/logs/train",
     threads: timing_threads("train")
@@ -28,5 +29,5 @@ rule train:
     shell:
         "{params.python:q} {input.script:q} --runs {params.runs:q} --sizes {params.sizes:q}"
         " --model {params.model:q} --adapter {input.adapter:q} --device {params.device} --seed {params.seed}"
-        " --threads {params.threads} {params.denormal} --timeout {params.timeout} --out {output:q}"
+        " --threads {params.threads} {params.denormal} {params.malloc} --timeout {params.timeout} --out {output:q}"
         " --log-dir {params.log_dir:q} > {log:q} 2>&1"

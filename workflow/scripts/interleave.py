@@ -108,14 +108,16 @@ def setup_waves(specs: list, runs: list[dict], setup_parallel: int, warm_first: 
 
 
 def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes: int, rounds: int, device: str,
-               log_dir: Path, timeout: float, seed: int, threads: int | None, setup_parallel: int = 0) -> list[dict]:
+               log_dir: Path, timeout: float, seed: int, threads: int | None, setup_parallel: int = 0,
+               malloc_reuse: bool = True) -> list[dict]:
     """Measure every run with ``processes`` workers of ``script`` over ``rounds`` interleaved rounds.
 
     ``runs``: dicts with variant, sha, reserve, kind, spec, vars, and env_dir or env_error.
     ``merge(process_record, answer)`` folds one answer to ``request`` into the process's record.
     ``setup_parallel``: workers setting up at once (0: all). Set-up is when a worker peaks in memory
     (a training worker's warm-up steps); measuring is one worker at a time anyway. On CUDA one
-    worker per distinct code sets up first (:func:`setup_waves`).
+    worker per distinct code sets up first (:func:`setup_waves`). ``malloc_reuse``: CPU workers run
+    with :data:`harness.CPU_MALLOC_ENV`.
     """
     results, specs, workers = [], [], []  # specs: (run index, process record, command, env, log); workers: started
     for i, run in enumerate(runs):
@@ -128,6 +130,8 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
         env = harness.child_env(run["vars"], device)
         if threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        if device == "cpu" and malloc_reuse:
+            env.update(harness.CPU_MALLOC_ENV)
         for j in range(processes):
             cmd = harness.worker_command(run["env_dir"], script, "--spec", json.dumps(run["spec"]))
             name = f"{i:02d}-{run['variant']}.{run.get('reserve') or 'ref'}.p{j}"
@@ -371,6 +375,7 @@ def bench_parser(description: str, sizes_help: str, timeout: int) -> argparse.Ar
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of each worker")
     ap.add_argument("--no-flush-denormal", action="store_true")
+    ap.add_argument("--no-malloc-reuse", action="store_true", help="CPU workers without harness.CPU_MALLOC_ENV")
     ap.add_argument("--timeout", type=float, default=timeout, help="seconds one worker may take to answer")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--log-dir", type=Path, required=True)
@@ -388,7 +393,8 @@ def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: 
     results, conditions = measure_conditions(args.threads, args.device, lambda: coordinate(
         runs, script=script, request=request, merge=merge, processes=sizes["processes"], rounds=sizes["rounds"],
         device=args.device, log_dir=args.log_dir, timeout=args.timeout, seed=args.seed, threads=args.threads,
-        setup_parallel=sizes.get("setup_parallel", 0)))
+        setup_parallel=sizes.get("setup_parallel", 0), malloc_reuse=not args.no_malloc_reuse))
+    conditions["host"]["malloc_reuse"] = args.device == "cpu" and not args.no_malloc_reuse
     record = {"schema_version": SCHEMA_VERSION, "device": args.device, "timer": harness.Timer(args.device).name,
               "rounds": sizes["rounds"], "processes": sizes["processes"], "sizes": sizes, "conditions": conditions,
               "placement": harness.placement(args.device, (conditions["gpu_before"] or {}).get("name")), "runs": results}
