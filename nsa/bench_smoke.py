@@ -2,9 +2,11 @@
 
 Decode: ms per ``decode_step`` on the seed report's layer (dim 256, 8 heads in 2 groups, d_k=d_v=32,
 l=32, d=16, l_sel=64, n_sel=16, w=512) after prefilling 512 / 1024 / 2048 tokens (``--contexts``;
-``--batches`` sets the batch sizes, default 1: e.g. ``--contexts 65536 --batches 1,8`` at long context),
-eager and replayed as a CUDA graph (``--compile`` adds ``compile_decode()`` rows), next to a dense GQA decode layer of the same size. Each step is
-timed on its own with CUDA events after warm-up (perf_counter on CPU); medians and quartiles.
+``--batches`` sets the batch sizes, default 1: e.g. ``--contexts 65536 --batches 1,8``), eager and
+replayed as a CUDA graph (``--compile`` adds ``compile_decode()`` rows), next to two dense GQA decode
+layers of the same size: "dense" repeats K/V across each group's heads every step (the issue's
+baseline), "dense_gqa" lets SDPA share them (``enable_gqa``). Each step is timed on its own with CUDA
+events after warm-up (perf_counter on CPU); medians and quartiles.
 Prefill: ms for T=8192 at the paper's config (G=4, h=16, d_k=192, d_v=128, bf16) next to dense
 ``scaled_dot_product_attention`` over the same heads, in the same run.
 """
@@ -60,11 +62,15 @@ def summarise(samples: list[float]) -> dict:
 
 
 class DenseDecode(torch.nn.Module):
-    """A dense GQA decode layer of the same size, for orientation (static shapes, graph-capturable)."""
+    """A dense GQA decode layer of the same size, for orientation (static shapes, graph-capturable).
 
-    def __init__(self, cfg: NSAConfig):
+    ``expand=True`` repeats K/V across each group's heads every step (the issue's baseline, "dense");
+    ``expand=False`` lets SDPA share them (``enable_gqa``, "dense_gqa"): no per-step copy of the cache.
+    """
+
+    def __init__(self, cfg: NSAConfig, expand: bool = True):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.expand = cfg, expand
         H, G = cfg.num_heads, cfg.groups
         self.qkv = torch.nn.Linear(cfg.dim, H * cfg.d_k + G * (cfg.d_k + cfg.d_v), bias=False)
         self.out = torch.nn.Linear(H * cfg.d_v, cfg.dim, bias=False)
@@ -91,10 +97,11 @@ class DenseDecode(torch.nn.Module):
         cache["k"].index_copy_(2, cache["pos"], k.view(B, G, 1, dk))
         cache["v"].index_copy_(2, cache["pos"], v.view(B, G, 1, -1))
         keep = (torch.arange(cache["k"].shape[2], device=x.device) <= cache["pos"]).view(1, 1, 1, -1)
-        h = H // G
-        o = F.scaled_dot_product_attention(q.view(B, 1, H, dk).transpose(1, 2),
-                                           cache["k"].repeat_interleave(h, 1), cache["v"].repeat_interleave(h, 1),
-                                           attn_mask=keep)
+        h, k, v = H // G, cache["k"], cache["v"]
+        gqa = {"enable_gqa": True}
+        if self.expand:
+            k, v, gqa = k.repeat_interleave(h, 1), v.repeat_interleave(h, 1), {}
+        o = F.scaled_dot_product_attention(q.view(B, 1, H, dk).transpose(1, 2), k, v, attn_mask=keep, **gqa)
         cache["pos"].add_(1)
         return self.out(o.transpose(1, 2).reshape(B, 1, -1))
 
@@ -131,6 +138,7 @@ def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False, ba
     cfg = NSAConfig(**SEED_CFG)
     nsa_layer = NSAAttention(cfg).to(device=device, dtype=dtype).eval()
     dense = DenseDecode(cfg).to(device=device, dtype=dtype).eval()
+    dense_gqa = DenseDecode(cfg, expand=False).to(device=device, dtype=dtype).eval()
     modes = ["eager", "graph"] if device.type == "cuda" else ["eager"]
     if compile_modes:
         modes += ["compiled", "compiled+graph"] if device.type == "cuda" else ["compiled"]
@@ -142,6 +150,8 @@ def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False, ba
              lambda x, c: nsa_layer.prefill(x, c)),
             ("dense", dense, lambda n: dense.new_cache(batch, n, device, dtype),
              lambda x, c: dense.prefill(x, c)),
+            ("dense_gqa", dense_gqa, lambda n: dense_gqa.new_cache(batch, n, device, dtype),
+             lambda x, c: dense_gqa.prefill(x, c)),
         ):
             for mode in modes:
                 step_fn = None
@@ -156,7 +166,7 @@ def bench_decode(device, dtype, contexts, steps, warmup, compile_modes=False, ba
                     samples = time_decode(layer, make, pre, context, steps, warmup, device, dtype,
                                           mode.endswith("graph"), step_fn, batch)
                 rows.append({"layer": name, "batch": batch, "context": context, "mode": mode, **summarise(samples)})
-                print(f"decode {name:5s} B={batch} ctx={context:5d} {mode:5s} median {rows[-1]['median_ms']:.4f} ms "
+                print(f"decode {name:9s} B={batch} ctx={context:5d} {mode:5s} median {rows[-1]['median_ms']:.4f} ms "
                       f"(IQR {rows[-1]['q25_ms']:.4f}-{rows[-1]['q75_ms']:.4f}, n={len(samples)})", flush=True)
     return rows
 
@@ -217,7 +227,7 @@ def main(argv=None):
     result["workspace_stats"] = workspace_stats()
     print("\nsummary (median ms/step):")
     for r in result["decode"]:
-        print(f"  {r['layer']:5s} B={r['batch']} ctx {r['context']:5d} {r['mode']:5s} {r['median_ms']:.4f}")
+        print(f"  {r['layer']:9s} B={r['batch']} ctx {r['context']:5d} {r['mode']:5s} {r['median_ms']:.4f}")
     for r in result.get("prefill", []):
         print(f"  prefill {r['what']:10s} T={r['T']} {r['median_ms']:.3f}")
     write_json(args.json, result)
