@@ -4,8 +4,8 @@
 
 The TinyLM (workflow/scripts/tinylm.py) is built around the adapter's layer, or around the
 harness's dense layer for the reference run (the dense twin: identical code in every commit).
-Set-up runs the warm-up steps; each ``steps`` request then runs ``n`` optimizer steps and
-answers tokens/s per step (CUDA events on GPU, perf_counter on CPU) and the loss of every step.
+Set-up runs the warm-up steps; each ``steps`` request then runs one untimed step and ``n`` timed
+optimizer steps, and answers tokens/s per timed step (CUDA events on GPU, perf_counter on CPU) and the loss of every step.
 Half precision runs through autocast over float32 master weights, as a training loop would.
 """
 
@@ -83,8 +83,11 @@ class TrainWorker:
         return tokens_per_s(self.s["batch"], self.s["seq_len"], ms), float(holder["loss"].float())
 
     def steps(self, n: int) -> dict:
-        if self.device == "cuda" and n:
-            self._step()  # untimed: the allocator takes back what _release gave away
+        if n:
+            # Untimed: after waiting for the other workers' turns, a worker's first step runs cold
+            # (CPU: caches, about 1.5x slower on the 2-core CI machine; GPU: the allocator takes
+            # back what _release gave away). Training runs its steps back to back.
+            self._step()
         self.probe.start()
         tps, loss = zip(*(self._step() for _ in range(n))) if n else ((), ())
         self.probe.stop()
