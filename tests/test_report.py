@@ -279,6 +279,16 @@ def test_a_ci_too_wide_to_rule_out_a_regression_is_inconclusive_not_no_change(tm
     assert s["overview"][2]["decode"].startswith("uncertain: the CI reaches beyond ±10%")
 
 
+def test_a_ci_wide_only_on_the_faster_side_passes_and_says_not_slower(tmp_path):
+    # The feature is ~8% faster and its processes scatter 4%: some CIs reach past -10% (maybe much
+    # faster) but none past +10%, so nothing can hide a regression: PASS, and the words say why.
+    fac = {("feature", r, "eager"): 0.92 for r in ("none", "presized")}
+    s = aggregate.build_summary(build(tmp_path, factor=fac, spread_of={"feature": 0.04}, seed=4))
+    assert "uncertain" in {r["call"] for r in s["decode"]["rows"] if r["variant"] == "feature"}
+    assert s["verdict"] == "PASS", s["reasons"]
+    assert s["overview"][2]["decode"].startswith("not slower beyond ±10% (may be faster; largest -"), s["overview"][2]
+
+
 def test_noise_from_the_reference_alone_without_a_twin(tmp_path):
     s = aggregate.build_summary(build(tmp_path, twin=False, ref_between_sd=0.3, seed=1))
     n = s["decode"]["noise"]["eager"]

@@ -169,7 +169,7 @@ def consistency(s, acc):
                 "every position within the dtype's tolerance", reasons)
 
 
-def _may_be_worse(r, lower_is_better) -> bool:
+def may_be_worse(r, lower_is_better) -> bool:
     """An uncertain cell whose CI reaches past the threshold on the worse side."""
     bound = r["ci_high_pct"] if lower_is_better else -r["ci_low_pct"]
     return r["call"] == stats.UNCERTAIN and bound > r["threshold_pct"]
@@ -194,7 +194,7 @@ def _perf_vs(s, acc, stage, table, cid, title, against):
     # A CI wide enough to hold a regression beyond the threshold proves nothing either way; where the
     # mode is too noisy, the noise criterion says so already (once).
     noise = sec.get("noise") or {}
-    unsure = [r for r in rows if _may_be_worse(r, lower) and not noise.get(r["mode"], {}).get("too_noisy")]
+    unsure = [r for r in rows if may_be_worse(r, lower) and not noise.get(r["mode"], {}).get("too_noisy")]
     if unsure:
         return line(cid, title, INCONCLUSIVE, measured, threshold,
                     _uncertain_reasons(unsure, stage, what, lower, acc["ci_level"], against))

@@ -236,8 +236,17 @@ def _perf_cell(rows: list[dict], lower_is_better: bool, acc: dict, tolerance: fl
     rows = [r for r in rows if r.get("status") == OK and r.get("judged") and r.get("delta_pct") is not None]
     if not rows:
         return ""
-    order = (stats.SLOWER, stats.FASTER, stats.UNCERTAIN, performance.WITHIN_NOISE, stats.NO_CHANGE)
-    pick = next((p for p in ([r for r in rows if r["call"] == c] for c in order) if p), rows)
+    # An uncertain cell whose CI cannot reach a slowdown past the threshold is "not slower": it
+    # passes, and the words must not read as a doubt about the verdict.
+    not_worse = "not slower"
+
+    def call(r):
+        if r["call"] == stats.UNCERTAIN and not acceptance.may_be_worse(r, lower_is_better):
+            return not_worse
+        return r["call"]
+
+    order = (stats.SLOWER, stats.FASTER, stats.UNCERTAIN, performance.WITHIN_NOISE, not_worse, stats.NO_CHANGE)
+    pick = next((p for p in ([r for r in rows if call(r) == c] for c in order) if p), rows)
     r = max(pick, key=lambda r: abs(r["delta_pct"]))
     where = acceptance.where(r, "decode" if r["mode"] != performance.TRAIN_MODE else "train")
     ci = acceptance.ci_words(r, acc["ci_level"])
@@ -246,10 +255,12 @@ def _perf_cell(rows: list[dict], lower_is_better: bool, acc: dict, tolerance: fl
     if r["call"] in (stats.SLOWER, stats.FASTER):
         more = f"; {len(pick) - 1} more cell{'s' if len(pick) > 2 else ''}" if len(pick) > 1 else ""
         return f"{acceptance.change_words(r['delta_pct'], lower_is_better)}{where}{res} ({ci}{more})"
-    if r["call"] in (stats.UNCERTAIN, performance.WITHIN_NOISE) and r["threshold_pct"] > tolerance:
+    if call(r) in (stats.UNCERTAIN, performance.WITHIN_NOISE) and r["threshold_pct"] > tolerance:
         return f"not called: within the ±{r['threshold_pct']:.0f}% noise ({largest})"
-    if r["call"] == stats.UNCERTAIN:
+    if call(r) == stats.UNCERTAIN:
         return f"uncertain: the CI reaches beyond ±{r['threshold_pct']:.0f}% ({largest})"
+    if call(r) == not_worse:
+        return f"not slower beyond ±{r['threshold_pct']:.0f}% (may be faster; {largest})"
     return f"no change ({largest})"
 
 
