@@ -5,7 +5,8 @@
 The TinyLM (workflow/scripts/tinylm.py) is built around the adapter's layer, or around the
 harness's dense layer for the reference run (the dense twin: identical code in every commit).
 Set-up runs the warm-up steps; each ``steps`` request then runs one untimed step and ``n`` timed
-optimizer steps, and answers tokens/s per timed step (CUDA events on GPU, perf_counter on CPU) and the loss of every step.
+optimizer steps, and answers the timed steps' tokens/s (CUDA events on GPU, perf_counter on CPU)
+and losses.
 Half precision runs through autocast over float32 master weights, as a training loop would.
 """
 
