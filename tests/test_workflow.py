@@ -90,7 +90,8 @@ def test_raw_results_follow_the_contract(e2e):
     train = {(r["variant"], r["reserve"]): r for r in _read(work, "train/train.json")["runs"]}
     proc = train[("base", "none")]["processes"][0]
     assert train[("base", "none")]["status"] == "ok" and len(train[("base", "none")]["processes"]) == 2
-    assert len(proc["loss"]) == 2 + 9 and len(proc["tokens_per_s"]) == 9  # warm-up + 3 rounds x 3 steps
+    # losses: warm-up + 3 rounds x (1 untimed + 3 timed steps); tokens/s of the timed steps only
+    assert len(proc["loss"]) == 2 + 3 * (1 + 3) and len(proc["tokens_per_s"]) == 9
     assert train[("reference", None)]["status"] == "ok" and train[("broken", "none")]["status"] == "failed"
     assert _read(work, f"equiv/{repo['slow']}/presized.json")["status"] == "ok"
     assert (work / "results" / "equiv" / repo["slow"] / "presized.pt").exists()

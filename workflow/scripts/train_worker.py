@@ -6,7 +6,7 @@ The TinyLM (workflow/scripts/tinylm.py) is built around the adapter's layer, or 
 harness's dense layer for the reference run (the dense twin: identical code in every commit).
 Set-up runs the warm-up steps; each ``steps`` request then runs one untimed step and ``n`` timed
 optimizer steps, and answers the timed steps' tokens/s (CUDA events on GPU, perf_counter on CPU)
-and losses.
+and every step's loss.
 Half precision runs through autocast over float32 master weights, as a training loop would.
 """
 
@@ -84,16 +84,16 @@ class TrainWorker:
         return tokens_per_s(self.s["batch"], self.s["seq_len"], ms), float(holder["loss"].float())
 
     def steps(self, n: int) -> dict:
-        if n:
-            # Untimed: after waiting for the other workers' turns, a worker's first step runs cold
-            # (CPU: caches, about 1.5x slower on the 2-core CI machine; GPU: the allocator takes
-            # back what _release gave away). Training runs its steps back to back.
-            self._step()
+        # One untimed step first: after waiting for the other workers' turns, a worker's first step
+        # runs cold (CPU: caches, about 1.5x slower on the 2-core CI machine; GPU: the allocator takes
+        # back what _release gave away), and training runs its steps back to back. It trains like
+        # any other, so its loss joins the curve (the loss check compares the curve's ends).
+        untimed = [self._step()[1]] if n else []
         self.probe.start()
         tps, loss = zip(*(self._step() for _ in range(n))) if n else ((), ())
         self.probe.stop()
         self._release()
-        return {"tokens_per_s": list(tps), "loss": list(loss)}
+        return {"tokens_per_s": list(tps), "loss": untimed + list(loss)}
 
     def finish(self) -> dict:
         torch = self.torch
