@@ -312,3 +312,11 @@ def test_condition_warnings_name_other_work_and_gpu_changes():
     assert "held back (software power cap, software thermal slowdown) after" in text
     assert "other processes were on the GPU" in text
     assert 0 <= interleave.busy_cores(0.05) <= 2 * (__import__("os").cpu_count() or 1)
+    # Time the hypervisor gave to other guests during the measurement
+    assert interleave.steal_pct((1000, 10), (2000, 40)) == 3.0
+    assert interleave.steal_pct((1000, 10), (1000, 10)) is None and interleave.steal_pct(None, (1, 0)) is None
+    stolen = interleave.condition_warnings(quiet, quiet, None, None, steal=3.0)
+    assert stolen and "hypervisor took 3.0% of the CPU time" in stolen[0]
+    assert interleave.condition_warnings(quiet, quiet, None, None, steal=0.5) == []
+    ticks = interleave.cpu_ticks()
+    assert ticks is None or (ticks[0] >= ticks[1] >= 0)

@@ -253,6 +253,28 @@ def busy_cores(window_s: float = 0.5) -> float | None:
     return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """``(all, steal)`` jiffies of /proc/stat's cpu line. Steal is time the hypervisor gave this
+    virtual machine's CPUs to other guests: invisible to the load average and to busy_cores' idle
+    count, it slows every worker at random (a neighbour on the physical host)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(values), values[7] if len(values) > 7 else 0) if values else None
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Percent of the CPU time between two :func:`cpu_ticks` readings that the hypervisor took."""
+    if not before or not after or after[0] <= before[0]:
+        return None
+    return round((after[1] - before[1]) / (after[0] - before[0]) * 100, 2)
+
+
+STEAL_WARN_PCT = 2.0  # above this, a warning: per-step timings then scatter visibly on a VM
+
+
 def host_conditions(threads: int | None) -> dict:
     try:
         load = list(os.getloadavg())
@@ -305,9 +327,13 @@ def slowdowns(reasons: str | None) -> list[str]:
     return [name for bit, name in SLOWDOWN_BITS.items() if bits & bit]
 
 
-def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | None, gpu_after: dict | None) -> list[str]:
+def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | None, gpu_after: dict | None,
+                       steal: float | None = None) -> list[str]:
     """Plain-words warnings where the machine was busy or changed during the measurement."""
     out = []
+    if steal is not None and steal >= STEAL_WARN_PCT:
+        out.append(f"the hypervisor took {steal:.1f}% of the CPU time during the measurement (steal: other guests "
+                   "on the physical host), so timings scatter more than on a dedicated machine")
     cores = host_before.get("cores") or 1
     for when, host in (("before", host_before), ("after", host_after)):
         busy = host.get("busy_cores")
@@ -336,12 +362,15 @@ def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | N
 def measure_conditions(threads: int | None, device: str, body):
     """Run ``body()`` and return (its result, the conditions before/after with warnings)."""
     host_before, gpu_before = host_conditions(threads), gpu_conditions() if device == "cuda" else None
+    ticks = cpu_ticks()
     result = body()
+    steal = steal_pct(ticks, cpu_ticks())
     host_after, gpu_after = host_conditions(threads), gpu_conditions() if device == "cuda" else None
-    warnings = condition_warnings(host_before, host_after, gpu_before, gpu_after)
+    warnings = condition_warnings(host_before, host_after, gpu_before, gpu_after, steal)
     host = {k: v for k, v in host_before.items() if k not in ("loadavg", "busy_cores")}
     host.update(loadavg_before=host_before["loadavg"], loadavg_after=host_after["loadavg"],
-                busy_cores_before=host_before["busy_cores"], busy_cores_after=host_after["busy_cores"])
+                busy_cores_before=host_before["busy_cores"], busy_cores_after=host_after["busy_cores"],
+                steal_pct=steal)
     return result, {"host": host, "gpu_before": gpu_before, "gpu_after": gpu_after, "warnings": warnings}
 
 

@@ -138,9 +138,11 @@ def run_facts(s: dict) -> list[str]:
         bb, ba = host.get("busy_cores_before"), host.get("busy_cores_after")
         load = (f"; cores busy with other work {bb:.1f} before, {ba:.1f} after decode"
                 if isinstance(bb, (int, float)) and isinstance(ba, (int, float)) else "")
+        steal = host.get("steal_pct")
+        steal = f"; hypervisor steal {steal:.1f}% of CPU time during decode" if isinstance(steal, (int, float)) else ""
         malloc = "; freed memory kept for reuse (glibc malloc thresholds)" if host.get("malloc_reuse") else ""
         facts.append(f"Host: {host.get('cpu_model')}, {host.get('cores')} cores, threads per worker: "
-                     f"{host.get('threads')}{load}{malloc}.")
+                     f"{host.get('threads')}{load}{steal}{malloc}.")
     gpu = (s.get("conditions", {}).get("decode") or {}).get("gpu_before")
     if isinstance(gpu, dict) and gpu:
         facts.append("GPU before decode: " + ", ".join(f"{k} {v}" for k, v in gpu.items()
