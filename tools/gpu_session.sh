@@ -38,6 +38,7 @@ case "${1:-tests}" in
   long)
     [ -d "$OLDPWD/.whl/fla" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$OLDPWD"/.whl/fla/*.whl
     timeout 120 python3 -m pytest nsa/tests -q -rs -p no:cacheprovider -m "gpu or ops" -k "${GPU_SESSION_TESTS:-gpu or triton or select_from}" \
+      --ignore=nsa/tests/test_triton_decode.py \
       > "$OUT/long-pytest.log" 2>&1; tail -n 15 "$OUT/long-pytest.log"
     timeout "${GPU_SESSION_PREFILL_S:-200}" python3 -m nsa.bench_prefill --lengths ${GPU_SESSION_LENGTHS:-8192 16384 32768 65536} \
       --reps 3 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; cat "$OUT/prefill.log"
