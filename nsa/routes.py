@@ -281,16 +281,15 @@ def route_decode(device, dtype, heads: int, groups: int, d_k: int, d_v: int, blo
                  sel_block_len: int) -> Route:
     """The decode step's attention: ``fn(q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos, *,
     block_len, block_stride, sel_block_len, n_sel, num_blocks) -> (gated output, blocks)``, or None:
-    the module's own torch step (cached masked matmul, selection by ``route_slc_decode``)."""
+    the module's own torch step (cached masked matmul, selection by ``route_slc_decode``). Asked on
+    every decode step: the torch route's selection is named by :func:`backends`, not built here."""
     blocker = _triton_blocker(device, dtype) or triton_decode.supported(heads, groups, d_k, d_v, block_len,
                                                                          block_stride, sel_block_len)
     if blocker is None:
         return Route("triton-fused", "NSA_USE_TRITON=1: six Triton kernels read the caches in place (split "
                      "compressed attention, block scores, top-n, selected blocks and window ring, gated sum)",
                      triton_decode.decode_attention)
-    slc = route_slc_decode()
-    return Route("cached-masked-matmul, selection " + slc.name,
-                 f"static shapes, device-side positions: CUDA-graph capturable; selection: {slc.reason} "
+    return Route("cached-masked-matmul", f"static shapes, device-side positions: CUDA-graph capturable "
                  f"(Triton not taken: {blocker})")
 
 
@@ -320,6 +319,9 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
     out["prefill"] = {"route": prefill.name, "reason": prefill.reason}
     decode = route_decode(device, dtype, groups * heads_per_group, groups, d_k, d_v, block_len, block_stride,
                           sel_block_len)
+    if decode.fn is None:  # the torch step: its selection route too
+        slc = route_slc_decode()
+        decode = Route(f"{decode.name}, selection {slc.name}", f"{decode.reason}; selection: {slc.reason}")
     out["decode"] = {"route": decode.name, "reason": decode.reason}
     out["fa2"] = {"available": provider != "none", "provider": provider, "reason": why}
     out["query"] = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "d_k": d_k, "d_v": d_v,
