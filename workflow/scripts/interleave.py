@@ -91,15 +91,14 @@ def setup_waves(specs: list, runs: list[dict], setup_parallel: int, warm_first: 
     once each and fill the on-disk caches the later waves read, instead of every worker compiling
     the same graphs at once. ``specs`` items start with their run's index in ``runs``.
     """
-    first = []
-    if warm_first:
-        seen = set()
-        for n, spec in enumerate(specs):
-            run = runs[spec[0]]
-            if (run.get("sha"), run.get("kind")) not in seen:
-                seen.add((run.get("sha"), run.get("kind")))
-                first.append(n)
-    rest = [spec for n, spec in enumerate(specs) if n not in first]
+    first, seen = [], set()
+    for n, spec in enumerate(specs):
+        code = (runs[spec[0]].get("sha"), runs[spec[0]].get("kind"))
+        if warm_first and code not in seen:
+            seen.add(code)
+            first.append(n)
+    leaders = set(first)
+    rest = [spec for n, spec in enumerate(specs) if n not in leaders]
     waves = []
     for group in ([specs[n] for n in first], rest):
         size = setup_parallel or max(len(group), 1)
@@ -230,6 +229,17 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def _cpu_line() -> list[int] | None:
+    """The aggregate ``cpu`` line of /proc/stat in jiffies: user, nice, system, idle, iowait, irq,
+    softirq, steal, ... (None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return values or None
+
+
 def busy_cores(window_s: float = 0.5) -> float | None:
     """Cores kept busy by *other* work right now (/proc/stat over ``window_s``), taken while none of
     our workers runs. The load average cannot tell that: it lags a minute behind, so it still counts
@@ -237,8 +247,7 @@ def busy_cores(window_s: float = 0.5) -> float | None:
     import time
 
     def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
+        values = _cpu_line()
         idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
         return sum(values), idle
 
@@ -246,7 +255,7 @@ def busy_cores(window_s: float = 0.5) -> float | None:
         total0, idle0 = sample()
         time.sleep(window_s)
         total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
+    except (TypeError, IndexError):  # no /proc/stat, or too few fields
         return None
     if total1 <= total0:
         return None
@@ -257,11 +266,7 @@ def cpu_ticks() -> tuple[int, int] | None:
     """``(all, steal)`` jiffies of /proc/stat's cpu line. Steal is time the hypervisor gave this
     virtual machine's CPUs to other guests: invisible to the load average and to busy_cores' idle
     count, it slows every worker at random (a neighbour on the physical host)."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
+    values = _cpu_line()
     return (sum(values), values[7] if len(values) > 7 else 0) if values else None
 
 
