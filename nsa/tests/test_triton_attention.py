@@ -184,16 +184,13 @@ def compute_all() -> dict:
     return run_cases({**{name: (lambda n=name: _case_errors(n)) for name in CASES}, **special})
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    return triton_build.interpreter_results("nsa.tests.test_triton_attention", compute_all)
+interpreter_results = triton_build.interpreter_fixture("nsa.tests.test_triton_attention", compute_all)
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_attention_matches_reference_in_interpreter(name, interpreter_results):
-    r = interpreter_results[name]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, name)
     tol = TOL_FP16 if name.endswith("fp16") else TOL
     for key in ("o", "dq", "dk", "dv", "lse"):
         if key in r:
@@ -205,8 +202,7 @@ def test_triton_attention_matches_reference_in_interpreter(name, interpreter_res
 
 @pytest.mark.ops
 def test_layer_on_the_triton_compressed_route_matches_the_reference_route(interpreter_results):
-    r = interpreter_results["module"]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, "module")
     assert r["o"] <= TOL and r["grads"] <= TOL, r
 
 
@@ -229,8 +225,7 @@ def test_routes_take_the_triton_compressed_kernel_on_a_gpu_for_half_dtypes(monke
 
 @pytest.mark.ops
 def test_triton_attention_skips_invisible_tiles_in_interpreter(interpreter_results):
-    r = interpreter_results["skipping"]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, "skipping")
     assert r == {"fwd_far_rows_finite": 1.0, "bwd_far_rows_finite": 1.0}
 
 

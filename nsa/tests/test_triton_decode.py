@@ -133,16 +133,13 @@ def compute_all() -> dict:
                       "layer": _layer_case})
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    return triton_build.interpreter_results("nsa.tests.test_triton_decode", compute_all)
+interpreter_results = triton_build.interpreter_fixture("nsa.tests.test_triton_decode", compute_all)
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("case", [f"{name}-pos{p}" for name, c in OP_CASES.items() for p in c[-1]])
 def test_decode_attention_matches_the_reference_ops_in_interpreter(case, interpreter_results):
-    r = interpreter_results[case]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, case)
     assert r["o"] <= TOL and r["blocks_equal"] == 1.0 and r["dtype"] == 1.0, r
     assert r["picked_scores"] <= 1e-12, r
 
@@ -157,8 +154,7 @@ def test_cases_make_the_selection_choose():
 
 @pytest.mark.ops
 def test_layer_decode_on_the_fused_route_matches_the_torch_route_in_interpreter(interpreter_results):
-    r = interpreter_results["layer"]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, "layer")
     assert r["o"] <= 1e-5, r
     assert r["control"] > 1e-3, r  # the comparison sees wrong queries
     assert r["compiled"] <= 1e-6, r

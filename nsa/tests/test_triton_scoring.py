@@ -139,16 +139,13 @@ def compute_all() -> dict:
                       "module": _module_case})
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    return triton_build.interpreter_results("nsa.tests.test_triton_scoring", compute_all)
+interpreter_results = triton_build.interpreter_fixture("nsa.tests.test_triton_scoring", compute_all)
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("name", list(SCORE_CASES))
 def test_block_scores_match_the_reference_in_interpreter(name, interpreter_results):
-    r = interpreter_results[f"scores-{name}"]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, f"scores-{name}")
     assert r["lse"] <= TOL and r["scores"] <= TOL, r
     assert r["lse_unseen_-inf"] == 1.0, r
     assert r["blocks_equal"] == 1.0, f"selected blocks differ from the reference's ({r})"
@@ -157,15 +154,13 @@ def test_block_scores_match_the_reference_in_interpreter(name, interpreter_resul
 @pytest.mark.ops
 @pytest.mark.parametrize("name", list(TOP_CASES))
 def test_top_blocks_equal_select_blocks_in_interpreter(name, interpreter_results):
-    r = interpreter_results[f"top-{name}"]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, f"top-{name}")
     assert r == {"equal": 1.0, "dtype_int64": 1.0}
 
 
 @pytest.mark.ops
 def test_layer_on_the_triton_scoring_route_matches_the_reference_route(interpreter_results):
-    r = interpreter_results["module"]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, "module")
     assert r["o"] <= 1e-5, r
     assert r["broken"] > 1e-2, f"the layer cannot tell a wrong selection from the right one ({r})"
 

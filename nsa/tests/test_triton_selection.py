@@ -113,16 +113,13 @@ def compute_all() -> dict:
                       "module": _module_case})
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    return triton_build.interpreter_results("nsa.tests.test_triton_selection", compute_all)
+interpreter_results = triton_build.interpreter_fixture("nsa.tests.test_triton_selection", compute_all)
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_selection_matches_the_reference_in_interpreter(name, interpreter_results):
-    r = interpreter_results[name]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, name)
     assert r["dtype"] == 1.0, r
     for key in ("o", "dq", "dk", "dv"):
         assert r[key] <= TOL, f"{key}: max error {r[key]:.3g} > {TOL} relative ({r})"
@@ -130,14 +127,13 @@ def test_triton_selection_matches_the_reference_in_interpreter(name, interpreter
 
 @pytest.mark.ops
 def test_selection_inverted_into_query_lists(interpreter_results):
-    r = interpreter_results["lists"]
+    r = triton_build.case(interpreter_results, "lists")
     assert r == {"equal": 1.0}, r
 
 
 @pytest.mark.ops
 def test_layer_trained_through_the_triton_selection_matches_the_reference_route(interpreter_results):
-    r = interpreter_results["module"]
-    assert "error" not in r, r.get("error")
+    r = triton_build.case(interpreter_results, "module")
     assert r["o"] <= 1e-4 and r["grads"] <= 1e-4, r
 
 

@@ -101,3 +101,21 @@ def interpreter_results(module: str, compute_all) -> dict:
     if "skip" in results:
         pytest.skip(results["skip"])
     return results
+
+
+def interpreter_fixture(module: str, compute_all):
+    """The module-scoped ``interpreter_results`` fixture of a test module: ``compute_all()``'s cases
+    under the interpreter (see :func:`interpreter_results`), computed once per module."""
+
+    @pytest.fixture(scope="module", name="interpreter_results")
+    def fixture() -> dict:
+        return interpreter_results(module, compute_all)
+
+    return fixture
+
+
+def case(results: dict, name: str) -> dict:
+    """One case of ``results``; a case that raised fails the test with its own traceback."""
+    r = results[name]
+    assert "error" not in r, r.get("error")
+    return r
