@@ -132,7 +132,10 @@ def test_fa2_module_equals_reference_routes(T, cuda, override, gen):
     attn = nsa.NSAAttention(cfg).to(cuda, torch.bfloat16)
     x = torch.randn(2, T, cfg.dim, generator=gen).to(cuda, torch.bfloat16)
     with torch.no_grad():
-        with override(use_fa2=True, use_flex=False):
+        # Triton off on both sides: selection then scores by the same route, and only the FA-2
+        # branches differ (Triton's float32 logits and the reference's bf16 ones pick differently
+        # at near ties, which the spec's bf16 tolerance does not cover).
+        with override(use_fa2=True, use_flex=False, use_triton=False):
             names = {b: nsa.backends(cuda, torch.bfloat16, 32, 32)[b]["route"] for b in ("cmp", "win")}
             got = attn(x)
         with override(use_fa2=False, use_flex=False, use_triton=False):  # the reference routes
@@ -151,7 +154,7 @@ def test_fa2_module_backward_matches_reference(cuda, override, gen):
     grads = []
     for fa2 in (True, False):
         xg = x.clone().requires_grad_()
-        with override(use_fa2=fa2, use_flex=False, use_triton=fa2):  # fa2=False: the reference routes
+        with override(use_fa2=fa2, use_flex=False, use_triton=False):  # fa2=False: the reference routes
             attn(xg).float().square().sum().backward()
         grads.append(xg.grad.float())
     assert torch.isfinite(grads[0]).all() and max_rel_err(grads[0], grads[1]) <= 3e-2

@@ -226,20 +226,30 @@ def test_fused_decode_replays_in_a_cuda_graph(B, G, h, dk, dv, context, cuda):
     x = torch.randn(B, context + 12, 256, device=cuda, dtype=torch.bfloat16)
     steps = range(context, context + 12)
     layer.compile_decode()
-    with torch.no_grad():
-        cache = layer.new_cache(B, context + 16)
-        layer.prefill(x[:, :context], cache)
-        eager = [layer.decode_step(x[:, t:t + 1], cache).clone() for t in steps]
+    x_t = torch.empty(B, 1, 256, device=cuda, dtype=torch.bfloat16)
+
+    def warmed_cache():
+        # Both runs fill the cache the same way (a prefill's projections round differently from a
+        # step's, so a cache prefilled to `context` is not the one three steps build): prefill to
+        # context - 3, then three steps on a side stream (they compile; capture needs that stream).
         cache = layer.new_cache(B, context + 16)
         layer.prefill(x[:, :context - 3], cache)
-        x_t = torch.empty(B, 1, 256, device=cuda, dtype=torch.bfloat16)
-        for t in range(context - 3, context):  # warm-up (compiles) on a side stream, then capture
+        for t in range(context - 3, context):
             x_t.copy_(x[:, t:t + 1])
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 layer.decode_step(x_t, cache)
             torch.cuda.current_stream().wait_stream(side)
+        return cache
+
+    with torch.no_grad():
+        cache = warmed_cache()
+        eager = []
+        for t in steps:
+            x_t.copy_(x[:, t:t + 1])
+            eager.append(layer.decode_step(x_t, cache).clone())
+        cache = warmed_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = layer.decode_step(x_t, cache)
