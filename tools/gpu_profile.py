@@ -1,18 +1,81 @@
-"""Profile one prefill of the paper config at T=8192 (GPU): top kernels by CUDA time."""
+"""Profile on the GPU: top kernels by CUDA time.
+
+    python3 tools/gpu_profile.py prefill            one prefill of the paper config at T=8192
+    python3 tools/gpu_profile.py decode [CTX] [B]   20 compiled decode steps of the seed layer (default
+                                                    64K context, B=1), then 20 replays of its CUDA graph
+"""
+import sys
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nsa import NSAAttention, NSAConfig
-from nsa.bench_smoke import PAPER_CFG
+from nsa.bench_smoke import PAPER_CFG, SEED_CFG
 
-cfg = NSAConfig(**PAPER_CFG)
-layer = NSAAttention(cfg).cuda().bfloat16()
-x = torch.randn(1, 8192, cfg.dim, device="cuda", dtype=torch.bfloat16)
-with torch.no_grad():
-    layer(x)
-    layer(x)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+
+def table(prof, rows=30):
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def prefill():
+    cfg = NSAConfig(**PAPER_CFG)
+    layer = NSAAttention(cfg).cuda().bfloat16()
+    x = torch.randn(1, 8192, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
         layer(x)
         torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            layer(x)
+            torch.cuda.synchronize()
+    print(table(prof))
+
+
+def decode(context=65536, batch=1, steps=20):
+    cfg = NSAConfig(**SEED_CFG)
+    layer = NSAAttention(cfg).cuda().bfloat16().eval()
+    step = layer.compile_decode().decode_step
+    with torch.no_grad():
+        cache = layer.new_cache(batch, context + 4 * steps + 16)
+        layer.prefill(torch.randn(batch, context, cfg.dim, device="cuda", dtype=torch.bfloat16), cache)
+        x_t = torch.randn(batch, 1, cfg.dim, device="cuda", dtype=torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(x_t, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step(x_t, cache)
+            torch.cuda.synchronize()
+        print(f"compiled decode step, ctx {context}, B={batch}, {steps} steps (CUDA time / steps = per step)")
+        print(table(prof, 40))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(x_t, cache)
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"graph replay: {start.elapsed_time(end) / steps * 1000:.1f} us per step (back to back)")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+        print(f"graph replays, {steps}")
+        print(table(prof, 40))
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "prefill"
+    if what == "decode":
+        decode(*(int(a) for a in sys.argv[2:4]))
+    else:
+        prefill()

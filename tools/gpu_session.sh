@@ -37,16 +37,17 @@ case "${1:-tests}" in
     ;;
   long)
     [ -d "$OLDPWD/.whl/fla" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$OLDPWD"/.whl/fla/*.whl
-    timeout 120 python3 -m pytest nsa/tests -q -rs -p no:cacheprovider -m "gpu or ops" -k "${GPU_SESSION_TESTS:-gpu or triton or select_from}" \
-      --ignore=nsa/tests/test_triton_decode.py \
-      > "$OUT/long-pytest.log" 2>&1; tail -n 15 "$OUT/long-pytest.log"
+    timeout "${GPU_SESSION_TESTS_S:-300}" python3 -m pytest nsa/tests -q -rfs -p no:cacheprovider -m "gpu or ops" \
+      -k "${GPU_SESSION_TESTS:-gpu or triton or select_from}" --ignore=nsa/tests/test_triton_decode.py \
+      --junitxml="$OUT/long-junit.xml" > "$OUT/long-pytest.log" 2>&1; grep -E "^(FAILED|ERROR)" "$OUT/long-pytest.log"
+    tail -n 3 "$OUT/long-pytest.log"
     timeout "${GPU_SESSION_PREFILL_S:-200}" python3 -m nsa.bench_prefill --lengths ${GPU_SESSION_LENGTHS:-8192 16384 32768 65536} \
       --reps 3 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; cat "$OUT/prefill.log"
     timeout "${GPU_SESSION_KERNELS_S:-150}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-150} - 20 ))" \
       --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
     ;;
   decode)
-    timeout 150 python3 -m pytest nsa/tests/test_triton_decode.py -q -rs -p no:cacheprovider > "$OUT/decode-pytest.log" 2>&1
+    timeout 150 python3 -m pytest nsa/tests/test_triton_decode.py -q -rfs -p no:cacheprovider > "$OUT/decode-pytest.log" 2>&1
     tail -n 8 "$OUT/decode-pytest.log"
     timeout "${GPU_SESSION_DECODE_S:-400}" python3 -m nsa.bench_smoke --skip-prefill --compile --contexts 2048,65536 \
       --batches 1,8 --steps 100 --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1
