@@ -9,14 +9,15 @@ stays CUDA-graph capturable), every program owning one GQA group so a loaded key
 ``h`` heads of it:
 
 1. ``_dec_cmp`` (splits x B*G): flash-decoding over the visible compressed tokens, ``SPLIT`` tokens
-   per program; a partial ``(max, sum, acc)`` per head.
-2. ``_dec_cmp_reduce`` (B*G): the splits merged: the branch's output and log-sum-exp.
+   per program (at most 16 splits); a partial ``(max, sum, acc)`` per head.
+2. ``_dec_cmp_reduce`` (B*G): the splits merged, a chunk of partials per load: the branch's output
+   and log-sum-exp.
 3. ``_dec_scores`` (tiles x B*G): the selection scores as prefill makes them
    (:mod:`nsa.ops.triton_scoring`): probabilities recomputed from the log-sum-exp, heads summed,
    tiles of ``16 * l_sel / d`` tokens mapped onto their 16 blocks by overlap weights computed from
    indices. A tile's tail in the next tile's blocks is carried in registers; the first tile of a
    program recomputes the tail of the tile before it, so every score is written once, without atomics.
-4. ``_topn`` of :mod:`nsa.ops.triton_scoring`, the position read from the device.
+4. ``_topn`` of :mod:`nsa.ops.triton_scoring`, one row per program, the position read from the device.
 5. ``_dec_sparse`` (n_sel + window tiles, B*G): one selected block, or one ``l_sel``-slot tile of the
    window ring, per program; a partial per head.
 6. ``_dec_combine`` (B*G): the selection's and the window's partials merged, and the branches gated:
@@ -34,7 +35,7 @@ import torch
 
 from . import checks
 from .triton_attention import _interpreting, _last_dim_contiguous, _on, _pad, _prec, sm_count, triton
-from .triton_scoring import _topn, top_tiles
+from .triton_scoring import _topn
 from .triton_scoring import supported as _scoring_supported
 
 if triton is not None:
@@ -71,21 +72,29 @@ if triton is not None:
         tl.store(PACC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc)
 
     @triton.jit
-    def _merge(PM, PL, PACC, first, count, HP: tl.constexpr, DVP: tl.constexpr):
-        """Partials ``first .. first + count - 1`` merged: ``(max, sum, acc)`` per head (log2 units)."""
+    def _merge(PM, PL, PACC, first, count, HP: tl.constexpr, DVP: tl.constexpr, PC: tl.constexpr):
+        """Partials ``first .. first + count - 1`` merged: ``(max, sum, acc)`` per head (log2 units).
+
+        ``PC`` partials per iteration, loaded as one ``[PC, HP, DVP]`` tile and merged online: a
+        partial at a time made every load wait for the one before (23 us for 64 partials on an H200)."""
         offs_h = tl.arange(0, HP)
         offs_d = tl.arange(0, DVP)
         m = tl.full([HP], float("-inf"), tl.float32)
-        for i in range(count):
-            m = tl.maximum(m, tl.load(PM + (first + i) * HP + offs_h))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
         l_sum = tl.zeros([HP], tl.float32)
         acc = tl.zeros([HP, DVP], tl.float32)
-        for i in range(count):
-            row = (first + i) * HP + offs_h
-            w = tl.exp2(tl.load(PM + row) - m_safe)  # an empty partial (max -inf) weighs 0
-            l_sum += tl.load(PL + row) * w
-            acc += tl.load(PACC + row[:, None] * DVP + offs_d[None, :]) * w[:, None]
+        for c in range(0, count, PC):
+            part = c + tl.arange(0, PC)
+            row = (first + part)[:, None] * HP + offs_h[None, :]  # [PC, HP]
+            pmask = (part < count)[:, None]
+            pm = tl.load(PM + row, mask=pmask, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(pm, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)  # 0 while nothing was merged (m = -inf)
+            w = tl.exp2(pm - m_safe[None, :])  # an empty or masked partial (max -inf) weighs 0
+            l_sum = l_sum * alpha + tl.sum(tl.load(PL + row, mask=pmask, other=0.0) * w, 0)
+            pacc = tl.load(PACC + row[:, :, None] * DVP + offs_d[None, None, :], mask=pmask[:, :, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(pacc * w[:, :, None], 0)
+            m = m_new
         return m, l_sum, acc
 
     @triton.jit
@@ -112,9 +121,9 @@ if triton is not None:
         _store_partial(PM, PL, PACC, bg * tl.num_programs(0) + tl.program_id(0), offs_h, m_i, l_i, acc, HP, DVP)
 
     @triton.jit
-    def _dec_cmp_reduce(PM, PL, PACC, OC, LSE2, NSPLIT, HP: tl.constexpr, DVP: tl.constexpr):
+    def _dec_cmp_reduce(PM, PL, PACC, OC, LSE2, NSPLIT, HP: tl.constexpr, DVP: tl.constexpr, PC: tl.constexpr):
         bg = tl.program_id(0)
-        m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, NSPLIT, HP, DVP)
+        m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, NSPLIT, HP, DVP, PC)
         has = l_sum > 0
         row = bg * HP + tl.arange(0, HP)
         tl.store(OC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc / tl.where(has, l_sum, 1.0)[:, None])
@@ -192,11 +201,11 @@ if triton is not None:
     @triton.jit
     def _dec_combine(PM, PL, PACC, OC, GATES, O, sgb, sgh, sob, soh, NPART,
                      G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                     NSEL: tl.constexpr):
+                     NSEL: tl.constexpr, PC: tl.constexpr):
         bg = tl.program_id(0)
         b, g, offs_h, hmask = _heads(bg, G, HPG, HP)
-        _, l_slc, acc_slc = _merge(PM, PL, PACC, bg * NPART, NSEL, HP, DVP)
-        _, l_win, acc_win = _merge(PM, PL, PACC, bg * NPART + NSEL, NPART - NSEL, HP, DVP)
+        _, l_slc, acc_slc = _merge(PM, PL, PACC, bg * NPART, NSEL, HP, DVP, PC)
+        _, l_win, acc_win = _merge(PM, PL, PACC, bg * NPART + NSEL, NPART - NSEL, HP, DVP, PC)
         o_cmp = tl.load(OC + (bg * HP + offs_h)[:, None] * DVP + tl.arange(0, DVP)[None, :])
         heads = g * HPG + offs_h
         gate = GATES + b * sgb + heads * sgh
@@ -228,6 +237,19 @@ def kernel_warps(dkp: int) -> dict:
     return {"cmp": 4, "reduce": 4, "scores": 4, "sparse": 8 if dkp > 64 else 4, "combine": 4}
 
 
+def merge_chunk(hp: int, dvp: int, warps: int, device: torch.device) -> int:
+    """Partials a merge loads at once: a ``[PC, hp, dvp]`` float32 tile of about 64 values per
+    thread, up to 16 partials (the interpreter: 4, so tests merge across chunks)."""
+    return 4 if device.type != "cuda" else max(1, min(16, 64 * 32 * warps // (hp * dvp)))
+
+
+def max_splits(device: torch.device) -> int:
+    """Splits of the compressed branch at most. The reduce walks them in chunks and its latency grows
+    with the chunk count: the seed layer at 64K context, 64 splits in 4 chunks, took 14 us on an H200,
+    more than the split kernel itself. The interpreter: 4, so tests walk several tiles per split."""
+    return 16 if device.type == "cuda" else 4
+
+
 def _tiles_per_program(tiles: int, B: int, G: int, device: torch.device) -> int:
     """Tiles each program of a split kernel walks: about two programs per SM, at least one tile
     each (the interpreter: one tile, so tests cross programs)."""
@@ -254,7 +276,7 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
     # 1-2: compressed branch
     block_n = 64 if dev.type == "cuda" else 16
     tiles = triton.cdiv(max(N, 1), block_n)
-    per = _tiles_per_program(tiles, B, G, dev)
+    per = max(_tiles_per_program(tiles, B, G, dev), triton.cdiv(tiles, max_splits(dev)))
     split, nsplit = per * block_n, triton.cdiv(tiles, per)
     pm, pl = torch.empty(B * G * nsplit * hp, **f32), torch.empty(B * G * nsplit * hp, **f32)
     pacc = torch.empty(B * G * nsplit * hp * dvp, **f32)
@@ -262,7 +284,8 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
                               *v_cmp.stride()[:3], N, split, qk_scale, **common, DV=Dv, DVP=dvp, L=block_len,
                               D=block_stride, BLOCK_N=block_n, num_warps=warps["cmp"])
     o_cmp, lse2 = torch.empty(B * G * hp * dvp, **f32), torch.empty(B * G * hp, **f32)
-    _dec_cmp_reduce[(B * G,)](pm, pl, pacc, o_cmp, lse2, nsplit, HP=hp, DVP=dvp, num_warps=warps["reduce"])
+    _dec_cmp_reduce[(B * G,)](pm, pl, pacc, o_cmp, lse2, nsplit, HP=hp, DVP=dvp,
+                              PC=merge_chunk(hp, dvp, warps["reduce"], dev), num_warps=warps["reduce"])
     # 3-4: selection scores and the top-n blocks
     nbt = 16
     tile_n = nbt * sel_block_len // block_stride
@@ -273,11 +296,12 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
         q, k_cmp, pos, lse2, scores, q.stride(0), q.stride(2), *k_cmp.stride()[:3], N, num_blocks, per, qk_scale,
         **common, L=block_len, D=block_stride, SEL=sel_block_len, NBT=nbt, BLOCK_N=tile_n, num_warps=warps["scores"])
     idx = torch.empty(B, 1, G, n_sel, device=dev, dtype=torch.long)
-    nbp, block_r = top_tiles(num_blocks)
-    _topn[(triton.cdiv(B * G, block_r),)](
+    # One row (b, g) per program: measured on an H200 (1024 blocks, 50 launches in a CUDA graph),
+    # 6.8 us against 13.5 with prefill's four rows per program; 4 warps beat 1, 2 and 8.
+    _topn[(B * G,)](
         scores, idx, pos, G * num_blocks, 0, num_blocks, *idx.stride()[:3], B * G, 1, 0, num_blocks,
-        G=G, SEL=sel_block_len, NSEL=n_sel, NSP=triton.next_power_of_2(n_sel), NBP=nbp, BLOCK_R=block_r,
-        POS_PTR=True, num_warps=4)
+        G=G, SEL=sel_block_len, NSEL=n_sel, NSP=triton.next_power_of_2(n_sel),
+        NBP=triton.next_power_of_2(max(num_blocks, 16)), BLOCK_R=1, POS_PTR=True, num_warps=4)
     # 5-6: selected blocks and window ring, then the gated sum of the three branches
     nparts = n_sel + triton.cdiv(W, sel_block_len)
     pm, pl = torch.empty(B * G * nparts * hp, **f32), torch.empty(B * G * nparts * hp, **f32)
@@ -289,7 +313,8 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
         num_warps=warps["sparse"])
     o = torch.empty(B, 1, H, Dv, device=dev, dtype=q.dtype)
     _dec_combine[(B * G,)](pm, pl, pacc, o_cmp, gates, o, gates.stride(0), gates.stride(2), o.stride(0), o.stride(2),
-                           nparts, G=G, HPG=h, HP=hp, DV=Dv, DVP=dvp, NSEL=n_sel, num_warps=warps["combine"])
+                           nparts, G=G, HPG=h, HP=hp, DV=Dv, DVP=dvp, NSEL=n_sel,
+                           PC=merge_chunk(hp, dvp, warps["combine"], dev), num_warps=warps["combine"])
     return o, idx
 
 
