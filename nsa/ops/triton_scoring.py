@@ -169,9 +169,11 @@ LSE_TILES = (64, 64)  # (rows, compressed tokens) of the _lse kernel on a GPU
 
 def score_tiles(h: int, dkp: int) -> dict:
     """``_scores`` tiles: 16 queries (the smallest ``tl.dot`` side: the head sum leaves one row per
-    query) and a chunk of their heads at a time. Built for sm_90, 8 warps, these keep every kernel
-    at d <= 128 and every head count up to 16 free of register spills (d=192: under 128 bytes)."""
-    rows = 128 if dkp <= 128 else 64
+    query) and a chunk of their heads at a time. Built for sm_90, 8 warps, by Triton 3.6 (the lent
+    GPU's) and 3.9, these keep every kernel at d <= 192 and every head count up to 16 free of register
+    spills. At d=128, 128 rows spill when they hold all of a group's 8 heads (224 bytes with Triton
+    3.6, none with 16 heads in two chunks): 64 rows there."""
+    rows = 128 if dkp < 128 or (dkp == 128 and h > 8) else 64
     return {"queries": 16, "heads": min(h, max(1, rows // 16)), "warps": 8}
 
 
