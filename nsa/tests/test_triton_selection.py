@@ -138,16 +138,16 @@ def test_layer_trained_through_the_triton_selection_matches_the_reference_route(
 
 
 @pytest.mark.ops
-def test_routes_train_on_triton_selection_when_flex_is_off(monkeypatch):
+def test_routes_train_on_triton_selection_then_flex(monkeypatch):
     from nsa import override_settings, routes
     from nsa.ops import triton_attention as ta
 
     monkeypatch.setattr(ta, "available", lambda: True)  # the decision, on a machine without a GPU
     monkeypatch.setattr(tsel, "available", lambda: True)
-    assert routes.route_slc("cuda", torch.bfloat16, 64, 128, 128, needs_grad=True).name == "flex-block-sparse"
-    with override_settings(use_flex=False):
-        r = routes.route_slc("cuda", torch.bfloat16, 64, 128, 128, needs_grad=True)
-        assert r.fn is tsel.selection_attention_triton and "NSA_USE_FLEX=0" in r.reason
+    r = routes.route_slc("cuda", torch.bfloat16, 64, 128, 128, needs_grad=True)
+    assert r.fn is tsel.selection_attention_triton and "backward" in r.reason
+    with override_settings(use_triton=False):
+        assert routes.route_slc("cuda", torch.bfloat16, 64, 128, 128, needs_grad=True).name == "flex-block-sparse"
     with override_settings(use_flex=False, use_triton=False):
         assert routes.route_slc("cuda", torch.bfloat16, 64, 128, 128, needs_grad=True).name == "packed"
 
