@@ -9,7 +9,8 @@ Every variant of one length is timed in the same rounds, interleaved, with CUDA 
 untimed warm-up call (compilation, autotuning); the peak memory of each call is recorded. A variant
 that fails (out of memory included) is recorded with its error and skipped for longer lengths; one
 whose first timed call takes more than ``--max-call-s`` is timed once. The NSA layer includes its projections; dense SDPA and fla are the
-attention alone (their projections would add what the layer's do).
+attention alone (their projections would add what the layer's do): ``nsa_projections`` times the layer's
+linear maps alone, so the layer's attention is the difference.
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
                 fn()
         return run
 
+    o = torch.randn(1, T, H * cfg.d_v, device=device, dtype=dtype, requires_grad=True)
+
+    def projections(xx, oo):
+        # The layer's linear maps alone (input projection, gate MLP if any, output projection): what
+        # its timing holds and dense SDPA's and fla's do not.
+        y = layer.proj(xx).sum() + layer.out(oo).sum()
+        return y + layer.gate_mlp(xx).sum() if layer.gate_mlp is not None else y
+
+    def proj_fwd():
+        with torch.no_grad():
+            projections(x, o)
+
+    def proj_fwd_bwd():
+        projections(x_grad, o).backward()
+
     def dense():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
@@ -71,7 +87,8 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
     def dense_fwd_bwd():
         dense().sum().backward()
 
-    out = {"nsa_layer": (nsa_fwd, nsa_fwd_bwd), "dense_sdpa": (dense_fwd, dense_fwd_bwd)}
+    out = {"nsa_layer": (nsa_fwd, nsa_fwd_bwd), "nsa_projections": (proj_fwd, proj_fwd_bwd),
+           "dense_sdpa": (dense_fwd, dense_fwd_bwd)}
     if device.type == "cuda":
         out["nsa_layer_no_flex"] = (all_triton(nsa_fwd), all_triton(nsa_fwd_bwd))
     parallel_nsa = _fla_parallel_nsa() if device.type == "cuda" else None

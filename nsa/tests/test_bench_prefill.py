@@ -13,7 +13,8 @@ def test_bench_prefill_times_every_variant_and_pass(tmp_path):
                                  "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {(r["variant"], r["pass"], r["T"]): r for r in result["rows"]}
-    assert set(rows) == {(v, p, T) for v in ("nsa_layer", "dense_sdpa") for p in ("fwd", "fwd+bwd") for T in (40, 96)}
+    assert set(rows) == {(v, p, T) for v in ("nsa_layer", "nsa_projections", "dense_sdpa") for p in ("fwd", "fwd+bwd")
+                         for T in (40, 96)}
     for row in rows.values():
         assert "error" not in row and row["n"] == 1 and row["median_ms"] > 0
 
