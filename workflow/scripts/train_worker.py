@@ -46,7 +46,10 @@ class TrainWorker:
         self.s = s
         torch.manual_seed(spec["seed"])
         self.model = tinylm.TinyLM(self.adapter, spec["model"], s["vocab"], s["layers"], self.device).to(self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s["lr"])
+        # CPU: the harness's AdamW (torch's imports torch._dynamo, most of a CPU worker's set-up);
+        # GPU: torch's, whose multi-tensor update launches a few kernels instead of several per tensor.
+        adamw = tinylm.AdamW if self.device == "cpu" else torch.optim.AdamW
+        self.opt = adamw(self.model.parameters(), lr=s["lr"])
         self.batches = tinylm.synthetic_batches(s["vocab"], s["batch"], s["seq_len"], seed=spec["seed"],
                                                 device=self.device)
         half = s["dtype"] != "float32"
