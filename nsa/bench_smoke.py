@@ -106,6 +106,21 @@ class DenseDecode(torch.nn.Module):
         return self.out(o.transpose(1, 2).reshape(B, 1, -1))
 
 
+def capture_step(step, x_t, cache) -> torch.cuda.CUDAGraph:
+    """``step(x_t, cache)`` captured in a CUDA graph, after three steps on a side stream (warm-up, and
+    compilation for a compiled step). Capture records the step without running it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(x_t, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(x_t, cache)
+    return graph
+
+
 def time_decode(layer, make_cache, prefill, context, steps, warmup, device, dtype, graph: bool, step_fn=None,
                 batch: int = 1):
     """Per-step times of ``steps`` decode steps after ``context`` prefilled tokens."""
@@ -119,15 +134,7 @@ def time_decode(layer, make_cache, prefill, context, steps, warmup, device, dtyp
         for _ in range(warmup):
             step(x_t, cache)
         return [timer(lambda: step(x_t, cache)) for _ in range(steps)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step(x_t, cache)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step(x_t, cache)
+    g = capture_step(step, x_t, cache)
     for _ in range(warmup):
         g.replay()
     return [timer(g.replay) for _ in range(steps)]

@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nsa import NSAAttention, NSAConfig
-from nsa.bench_smoke import PAPER_CFG, SEED_CFG
+from nsa.bench_smoke import PAPER_CFG, SEED_CFG, capture_step
 
 
 def table(prof, rows=30):
@@ -39,12 +39,7 @@ def decode(context=65536, batch=1, steps=20):
         cache = layer.new_cache(batch, context + 4 * steps + 16)
         layer.prefill(torch.randn(batch, context, cfg.dim, device="cuda", dtype=torch.bfloat16), cache)
         x_t = torch.randn(batch, 1, cfg.dim, device="cuda", dtype=torch.bfloat16)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step(x_t, cache)
-        torch.cuda.current_stream().wait_stream(side)
+        graph = capture_step(step, x_t, cache)  # warms up (compiles) first
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -52,9 +47,6 @@ def decode(context=65536, batch=1, steps=20):
             torch.cuda.synchronize()
         print(f"compiled decode step, ctx {context}, B={batch}, {steps} steps (CUDA time / steps = per step)")
         print(table(prof, 40))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(x_t, cache)
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()
