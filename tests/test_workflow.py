@@ -283,6 +283,73 @@ def test_junit_counts_and_suite_status(tmp_path):
     assert run_suites.suite_result("s", suite, 1, "exit status 1", xml, "j.xml")["status"] == "failed"
 
 
+def test_marker_expressions_match_as_pytest_selects():
+    m = run_suites.marker_matcher("(alpha or beta) and not gamma")
+    assert m(["alpha"]) and m(["beta", "other"]) and not m(["alpha", "gamma"]) and not m([])
+    assert run_suites.marker_matcher("not in")(["is"])  # Python keywords are marker names here
+    for unsupported in ("", "alpha and", "slow(reason=1)", "a.b", "__import__('os')"):
+        assert run_suites.marker_matcher(unsupported) is None, unsupported  # those suites run alone
+    suites = config_check.normalized_suites({"a": "alpha", "b": "beta", "e": {"args": ["t", "-m", "alpha"],
+                                             "env": {"X": 1}}, "k": {"args": ["t", "-k", "x"]}}, "t")
+    assert run_suites.batches(suites) == [["a", "b"], ["e"], ["k"]]
+
+
+SUITE_TESTS = """
+import pytest
+@pytest.mark.alpha
+def test_a(): pass
+@pytest.mark.alpha
+@pytest.mark.beta
+def test_ab(): pass
+@pytest.mark.beta
+@pytest.mark.parametrize("n", [1, 2])
+def test_b(n): assert n == 1, "beta fails at n=2"
+@pytest.mark.gamma
+@pytest.mark.skip(reason="not here")
+def test_g(): pass
+def test_unmarked(): pass
+"""
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["tests", "collection-error"])
+def test_marker_suites_in_one_pytest_give_what_each_alone_gives(tmp_path, broken):
+    checkout = tmp_path / "checkout"
+    (checkout / "t").mkdir(parents=True)
+    (checkout / "t" / "test_m.py").write_text(SUITE_TESTS)
+    (checkout / "pytest.ini").write_text("[pytest]\nmarkers =\n  alpha\n  beta\n  gamma\n  delta\n")
+    if broken:
+        (checkout / "t" / "test_broken.py").write_text("import pytest\n@pytest.mark.alpha\ndef test_x(:\n")
+    env_dir = tmp_path / "env"
+    (env_dir / "bin").mkdir(parents=True)
+    (env_dir / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (env_dir / "bin" / "python").chmod(0o755)
+    suites = config_check.normalized_suites({"alpha": "alpha", "beta": "beta", "alpha_only": "alpha and not beta",
+                                             "gamma": "gamma", "delta": "delta",
+                                             "keyword": {"args": ["t", "-k", "unmarked"]}}, "t")
+
+    def run(names, out):
+        return run_suites.run_suites(env_dir, checkout, {n: suites[n] for n in names}, {}, "cpu", tmp_path / out,
+                                     tmp_path, tmp_path / f"{out}.log", 120)
+
+    together = run(list(suites), "together")
+    alone = {n: run([n], f"alone-{n}")["suites"][n] for n in suites}
+    strip = ("junit", "error", "args")
+    for name in suites:
+        t, a = together["suites"][name], alone[name]
+        assert {k: v for k, v in t.items() if k not in strip} == {k: v for k, v in a.items() if k not in strip}, name
+    got = {n: (s["status"], s["passed"], s["failed"], s["skipped"], s["errors"]) for n, s in together["suites"].items()}
+    if broken:  # a module that does not import fails every suite it might hold tests of
+        assert all(s[0] == "failed" for n, s in got.items() if n != "keyword"), got
+    else:
+        assert got == {"alpha": ("ok", 2, 0, 0, 0), "beta": ("failed", 2, 1, 0, 0), "alpha_only": ("ok", 1, 0, 0, 0),
+                       "gamma": ("ok", 0, 0, 1, 0), "delta": ("not_run", 0, 0, 0, 0),
+                       "keyword": ("ok", 1, 0, 0, 0)}
+        assert "beta fails at n=2" in together["log_tail"] and together["status"] == "failed"
+        junit = tmp_path / together["suites"]["beta"]["junit"]
+        assert run_suites.junit_counts(junit) == {"passed": 2, "failed": 1, "skipped": 0, "errors": 0}
+    assert not (tmp_path / "together" / "combined.xml").exists()
+
+
 def test_round_order_is_a_fresh_permutation_each_round():
     orders = [interleave.round_order(5, r, seed=0) for r in range(6)]
     assert all(sorted(o) == list(range(5)) for o in orders)
