@@ -139,6 +139,29 @@ def test_welch_on_log_process_medians_matches_scipy():
     assert stats.welch_p_log(a, b) == pytest.approx(sps.ttest_ind(ma, mb, equal_var=False).pvalue)
 
 
+def test_median_sampling_variance_is_the_bootstrap_variance_of_the_median():
+    rng = np.random.default_rng(11)
+    x = rng.lognormal(0.0, 0.3, 24)
+    brute = np.var([stats.lower_median(rng.choice(x, x.size)) for _ in range(40000)])
+    assert stats.median_sampling_var(x) == pytest.approx(brute, rel=0.05)
+    assert stats.median_sampling_var([3.0]) == 0.0 and stats.median_sampling_var([2.0, 2.0, 2.0]) == 0.0
+
+
+def test_process_spread_is_what_the_samples_do_not_explain():
+    rng = np.random.default_rng(12)
+    # No process effect: 40 processes of 24 samples scattering 30% (a host-bound step). Their medians
+    # still differ by several percent, all of it sampling noise.
+    iid = [rng.lognormal(0.0, 0.3, 24) for _ in range(40)]
+    sp = stats.spread(iid)
+    assert sp["between_pct"] > 4.0 and sp["sampling_pct"] == pytest.approx(sp["between_pct"], rel=0.25)
+    assert sp["process_pct"] < 0.4 * sp["between_pct"]
+    # A real 5% process effect under 2% scatter of 200 samples: nearly all of it is the processes'.
+    placed = [lv * rng.lognormal(0.0, 0.02, 200) for lv in np.exp(rng.normal(0.0, 0.05, 40))]
+    sp = stats.spread(placed)
+    assert sp["process_pct"] == pytest.approx(sp["between_pct"], rel=0.02) and 3.5 < sp["process_pct"] < 6.5
+    assert stats.spread([[1.0, 2.0]])["process_pct"] is None  # one process: not measured
+
+
 def test_reference_noise_floor_arithmetic():
     # z(99%) = 2.5758; 2% between-process CV, 8 processes: 2.5758 * 2 * sqrt(2/8) = 2.5758.
     assert stats.reference_noise_pct(2.0, 8, 0.99) == pytest.approx(2.5758293, rel=1e-6)

@@ -10,7 +10,10 @@ timing mode (training: one cell per run, tokens/s). Comparisons, each its own ta
 
 The noise floor of a timing mode is the larger of what the A/A twins showed (max |delta|) and what
 the reference workload's between-process spread implies for two cells of identical code
-(``stats.reference_noise_pct``). A change is called only when its CI lies beyond
+(``stats.reference_noise_pct``), counting only the part of that spread its processes' own samples
+do not explain (``stats.spread``'s process_pct): the sampling noise of a median depends on the
+workload's own step-to-step scatter and sample count, and the cells compared carry theirs in
+their CIs already. A change is called only when its CI lies beyond
 max(tolerance, noise floor) (see ``stats.compare``).
 """
 
@@ -92,7 +95,7 @@ def _cell_row(run, cell, metric) -> dict:
     return {"variant": run["variant"], "sha": run["sha"], "reserve": run["reserve"], "kind": run["kind"],
             "context": ctx_value(cell[0]), "mode": cell[1], "value": stats.centre(groups), "q1": q1, "q3": q3,
             "processes": sp["processes"], "samples": sp["samples"], "within_pct": sp["within_pct"],
-            "between_pct": sp["between_pct"]}
+            "between_pct": sp["between_pct"], "process_pct": sp["process_pct"]}
 
 
 def _compare(a_run, b_run, cell, metric, acc, threshold) -> dict:
@@ -123,22 +126,25 @@ def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys) -> list[dict]:
 
 def noise_floors(aa: list[dict], reference, metric, acc, modes, judged) -> dict:
     """Per timing mode: the A/A twins' largest |delta|, and the reference workload's between-process
-    spread, pooled over contexts (root mean square: one context's estimate from k processes is
-    itself noisy) and turned into how far two cells of identical code land apart."""
+    spread beyond its samples' scatter, pooled over contexts (root mean square: one context's
+    estimate from k processes is itself noisy) and turned into how far two cells of identical code
+    land apart."""
     tol = float(acc[metric.tolerance_key])
     out = {}
     for mode in modes:
         aa_d = [abs(r["delta_pct"]) for r in aa if r.get("mode") == mode and r.get("delta_pct") is not None]
         ref = [_cell_row(reference, c, metric) for c in metric.cells(reference) if c[1] == mode] \
             if reference and reference["status"] == OK else []
-        ref = [r for r in ref if r["between_pct"] is not None]
-        between = math.sqrt(sum(r["between_pct"] ** 2 for r in ref) / len(ref)) if ref else None
+        ref = [r for r in ref if r["process_pct"] is not None]
+        between, process = (math.sqrt(sum(r[key] ** 2 for r in ref) / len(ref)) if ref else None
+                            for key in ("between_pct", "process_pct"))
         k = min((r["processes"] for r in ref), default=0)
-        ref_pct = stats.reference_noise_pct(between, k, acc["ci_level"])
+        ref_pct = stats.reference_noise_pct(process, k, acc["ci_level"])
         parts = [x for x in (max(aa_d, default=None), ref_pct) if x is not None]
         floor = max(parts) if parts else None
         out[mode] = {"mode": mode, "aa_pct": max(aa_d, default=None), "aa_cells": len(aa_d),
                      "reference_pct": ref_pct, "reference_between_pct": between,
+                     "reference_process_pct": process,
                      "reference_processes": k or None, "reference_contexts": len(ref),
                      "floor_pct": floor, "tolerance_pct": tol, "threshold_pct": max(tol, floor or 0.0),
                      "too_noisy": floor is not None and floor > tol, "judged": mode in judged,

@@ -162,7 +162,8 @@ METHOD = ("Every run (commit × reserve config, and a reference workload: the ha
           "two cells; its CI comes from a hierarchical bootstrap (resample processes, then samples within "
           "them), and it is called only when the whole CI lies beyond ± max(tolerance, noise floor). The noise "
           "floor per mode is the larger of the A/A twins' largest |delta| and what the reference workload's "
-          "between-process spread implies for two cells of identical code. 'No change' needs the whole CI "
+          "between-process spread, beyond what its own samples' scatter explains, implies for two cells of "
+          "identical code. 'No change' needs the whole CI "
           "inside the threshold; a CI reaching past it on the worse side is 'uncertain'. A floor above the "
           "tolerance, or an uncertain cell, makes the verdict INCONCLUSIVE, never PASS; only a change beyond even "
           "that noise makes it FAIL.")

@@ -81,11 +81,17 @@ def spread(groups) -> dict:
 
     within_pct: the median over processes of (IQR / median) of each process's samples;
     between_pct: the standard deviation (ddof 1) of the process medians over their mean
-    (None with fewer than two processes: not measured, never zero).
+    (None with fewer than two processes: not measured, never zero);
+    sampling_pct: how much of between_pct the processes' own samples explain: the root mean square
+    of each median's standard error (its exact bootstrap, ``median_sampling_var``);
+    process_pct: the rest, sqrt(between^2 - sampling^2) (0 when sampling explains it all): the
+    spread of the processes themselves (placement, host state), as a random-effects model's
+    variance components separate them.
     """
     gs = clean_groups(groups)
     meds = process_medians(gs)
-    out = {"processes": len(gs), "samples": int(sum(g.size for g in gs)), "within_pct": None, "between_pct": None}
+    out = {"processes": len(gs), "samples": int(sum(g.size for g in gs)), "within_pct": None, "between_pct": None,
+           "sampling_pct": None, "process_pct": None}
     if not gs:
         return out
     rel_iqr = []
@@ -95,8 +101,21 @@ def spread(groups) -> dict:
             rel_iqr.append((q3 - q1) / abs(m) * 100.0)
     out["within_pct"] = float(np.median(rel_iqr)) if rel_iqr else None
     if meds.size >= 2 and meds.mean():
-        out["between_pct"] = float(meds.std(ddof=1) / abs(meds.mean()) * 100.0)
+        scale = 100.0 / abs(meds.mean())
+        out["between_pct"] = float(meds.std(ddof=1) * scale)
+        out["sampling_pct"] = float(math.sqrt(np.mean([median_sampling_var(g) for g in gs])) * scale)
+        out["process_pct"] = math.sqrt(max(0.0, out["between_pct"] ** 2 - out["sampling_pct"] ** 2))
     return out
+
+
+def median_sampling_var(group) -> float:
+    """Variance of one process's median over resamples of its own samples (the exact bootstrap, from
+    ``_median_index_cdf``): what a process's median scatters by when nothing but its samples vary."""
+    x = np.sort(clean(group))
+    if x.size < 2:
+        return 0.0
+    p = np.diff(_median_index_cdf(x.size), prepend=0.0)
+    return float(p @ (x - p @ x) ** 2)
 
 
 def _median_index_cdf(n: int) -> np.ndarray:
