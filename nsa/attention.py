@@ -65,6 +65,8 @@ class NSAAttention(nn.Module):
             nn.Linear(cfg.dim, cfg.gate_hidden), nn.SiLU(), nn.Linear(cfg.gate_hidden, 3 * H))
         self.out = nn.Linear(H * dv, cfg.dim, bias=False)
         self._compiled_decode = None
+        # The route of each branch the last forward/prefill took, as backends() names them ({} before).
+        self.routes_taken: dict = {}
         # phi: intra-block position embedding plus a linear map of the flattened block.
         self.pos_k = nn.Parameter(torch.zeros(l, dk))
         self.pos_v = nn.Parameter(torch.zeros(l, dv))
@@ -129,7 +131,13 @@ class NSAAttention(nn.Module):
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)
         q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x, positions)
-        sequential = routes.route_prefill().name == "sequential"
+        # Routes follow the dtype the branches compute in, the projections': under autocast that is
+        # the autocast dtype while x (a float32 residual stream) is not, and routing by x's dtype ran
+        # the float32 reference ops on bf16 tensors.
+        dev, dtype = x.device, q.dtype
+        prefill = routes.route_prefill()
+        sequential = prefill.name == "sequential"
+        taken = {"prefill": prefill}
         k_cmp, v_cmp = self._compress(kc, vc, naive_ops=sequential)
         cmp = {"block_len": cfg.block_len, "block_stride": cfg.block_stride}
         slc = {"sel_block_len": cfg.sel_block_len}
@@ -143,8 +151,9 @@ class NSAAttention(nn.Module):
             o_win = naive.sliding_window_attention(q_rope, kw, vw, window=cfg.window)
         else:
             # The probabilities always come from the matmul route: they score the selection.
-            cmp_route = routes.route_cmp(x.device, x.dtype, cfg.d_k, cfg.d_v)
+            cmp_route = taken["cmp"] = routes.route_cmp(dev, dtype, cfg.d_k, cfg.d_v)
             if cmp_route.fn is None:
+                taken["select"] = routes.SELECT_FROM_CMP
                 o_cmp, p = compressed_attention(q, k_cmp, v_cmp, **cmp)
                 idx = select_blocks(selection_scores(p, **scoring), **slc, n_sel=cfg.n_sel)
             else:
@@ -155,15 +164,16 @@ class NSAAttention(nn.Module):
                     o_cmp, lse = cmp_route.fn(q, k_cmp, v_cmp, **cmp, return_lse=True)
                 else:
                     o_cmp = cmp_route.fn(q, k_cmp, v_cmp, **cmp)
-                select = routes.route_select(x.device, x.dtype, cfg.num_heads, cfg.groups, cfg.d_k, cfg.block_len,
-                                             cfg.block_stride, cfg.sel_block_len)
+                select = taken["select"] = routes.route_select(dev, dtype, cfg.num_heads, cfg.groups, cfg.d_k,
+                                                               cfg.block_len, cfg.block_stride, cfg.sel_block_len)
                 idx = select.fn(q, k_cmp, v_cmp, **scoring, n_sel=cfg.n_sel, lse=lse)
             needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
-            slc_route = routes.route_slc(x.device, x.dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
+            slc_route = taken["slc"] = routes.route_slc(dev, dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
             o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)
-            win_route = routes.route_win(x.device, x.dtype, cfg.d_k, cfg.d_v)
+            win_route = taken["win"] = routes.route_win(dev, dtype, cfg.d_k, cfg.d_v)
             o_win = win_route.fn(q_rope, kw, vw, window=cfg.window)
         y = self._combine(gates, o_cmp, o_slc, o_win)
+        self.routes_taken = {b: {"route": r.name, "reason": r.reason} for b, r in taken.items()}
         return y, (kc, vc, ks, vs, kw, vw, k_cmp, v_cmp)
 
     # --- decode -----------------------------------------------------------------------------------

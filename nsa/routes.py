@@ -30,6 +30,11 @@ class Route:
     lse: bool = False  # fn(..., return_lse=True) also gives the softmax's log-sum-exp (for route_select)
 
 
+# The selection where the compressed branch's route is the matmul one (Route.fn None): scored from
+# the probabilities that route returns.
+SELECT_FROM_CMP = Route("from-cmp-probabilities", "the compressed branch's matmul route gives the probabilities")
+
+
 def route_prefill() -> Route:
     """Batched (vectorised ops) or sequential (the per-token references in ``nsa.ops.naive``)."""
     if settings().prefill_batched:
@@ -307,7 +312,7 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
     prefill = route_prefill()
     cmp = route_cmp(device, dtype, d_k, d_v)
     if cmp.fn is None:
-        select = Route("from-cmp-probabilities", "the compressed branch's matmul route gives the probabilities")
+        select = SELECT_FROM_CMP
     else:
         select = route_select(device, dtype, groups * heads_per_group, groups, d_k, block_len, block_stride,
                               sel_block_len)

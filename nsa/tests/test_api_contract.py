@@ -145,6 +145,30 @@ def test_backends_reports_the_decode_selection_that_runs(make_cfg, gen, override
         assert nsa.workspace_stats()["sel_pack"]["requests"] == requests
 
 
+def test_routes_follow_the_dtype_the_branches_compute_in(make_cfg, gen, monkeypatch):
+    """Under autocast (float32 parameters, bf16 compute) a layer's input is float32 while its branches
+    get bf16 tensors: every route must be chosen for bf16, as the branch ops see it (routing by the
+    input ran the float32 reference routes on a GPU's bf16 training), and routes_taken says so."""
+    from nsa import routes
+
+    seen = []
+    for name in ("route_cmp", "route_select", "route_slc", "route_win"):
+        real = getattr(routes, name)
+        monkeypatch.setattr(routes, name, lambda dev, dtype, *a, _real=real, _n=name, **k:
+                            seen.append((_n, dtype)) or _real(dev, dtype, *a, **k))
+    attn = nsa.NSAAttention(make_cfg())
+    x = torch.randn(1, 40, attn.cfg.dim, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn(x)
+    assert y.dtype == torch.bfloat16 and seen and {d for _, d in seen} == {torch.bfloat16}, seen
+    expected = routes.route_win("cpu", torch.bfloat16, attn.cfg.d_k, attn.cfg.d_v)
+    assert attn.routes_taken["win"] == {"route": expected.name, "reason": expected.reason}
+    assert {"prefill", "cmp", "select", "slc", "win"} <= set(attn.routes_taken)
+    seen.clear()
+    attn(x)
+    assert {d for _, d in seen} == {torch.float32}
+
+
 # --- validation: ValueError naming argument, value and what is accepted ---------------------------------------
 
 def test_mixed_dtypes_raise(gen):

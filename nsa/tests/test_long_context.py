@@ -46,7 +46,8 @@ def test_training_memory_grows_linearly_in_T(cuda):
     peaks = {T: _train_step_peak(layer, T, cuda) for T in LENGTHS}
     gib = {T: round(p / 2**30, 2) for T, p in peaks.items()}
     routes = {k: v["route"] for k, v in backends(cuda, torch.bfloat16, cfg.d_k, cfg.d_v, cfg.sel_block_len,
-                                                     groups=cfg.groups, heads_per_group=cfg.heads_per_group).items()}
+                                                     groups=cfg.groups, heads_per_group=cfg.heads_per_group).items()
+              if "route" in v}  # (the "fa2" entry names a provider, not a route)
     for short, long in zip(LENGTHS, LENGTHS[1:]):
         assert peaks[long] <= GROWTH * peaks[short], (f"peak GiB by T {gib}: {long} is "
                                                       f"{peaks[long] / peaks[short]:.2f}x {short}", routes)

@@ -103,7 +103,11 @@ def routes(layer) -> dict:
         return backends(ref.device)
     shape = {"d_k": cfg.d_k, "d_v": cfg.d_v, "sel_block_len": cfg.sel_block_len, "groups": cfg.groups,
              "heads_per_group": cfg.heads_per_group, "block_len": cfg.block_len, "block_stride": cfg.block_stride}
-    return backends(ref.device, ref.dtype, **{k: v for k, v in shape.items() if k in params})
+    out = backends(ref.device, ref.dtype, **{k: v for k, v in shape.items() if k in params})
+    # The routes the layer's last forward took, where the commit records them: under autocast they
+    # follow the autocast dtype, not the float32 parameters (older commits routed by the input's
+    # dtype, the TinyLM's float32 residual stream: what backends() gives for the parameters).
+    return {**out, **(getattr(layer, "routes_taken", None) or {})}
 
 
 def workspace_stats() -> dict:
