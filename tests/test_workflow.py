@@ -316,7 +316,14 @@ def test_marker_suites_in_one_pytest_give_what_each_alone_gives(tmp_path, broken
     checkout = tmp_path / "checkout"
     (checkout / "t").mkdir(parents=True)
     (checkout / "t" / "test_m.py").write_text(SUITE_TESTS)
-    (checkout / "pytest.ini").write_text("[pytest]\nmarkers =\n  alpha\n  beta\n  gamma\n  delta\n")
+    (checkout / "pytest.ini").write_text("[pytest]\nmarkers =\n  alpha\n  beta\n  gamma\n  delta\n  epsilon\n")
+    # A conftest that marks a test while collecting (pytest's -m sees it; so must the split)
+    (checkout / "t" / "conftest.py").write_text(
+        "import pytest\n"
+        "def pytest_collection_modifyitems(items):\n"
+        "    for item in items:\n"
+        "        if item.name == 'test_unmarked':\n"
+        "            item.add_marker(pytest.mark.delta)\n")
     if broken:
         (checkout / "t" / "test_broken.py").write_text("import pytest\n@pytest.mark.alpha\ndef test_x(:\n")
     env_dir = tmp_path / "env"
@@ -324,7 +331,7 @@ def test_marker_suites_in_one_pytest_give_what_each_alone_gives(tmp_path, broken
     (env_dir / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (env_dir / "bin" / "python").chmod(0o755)
     suites = config_check.normalized_suites({"alpha": "alpha", "beta": "beta", "alpha_only": "alpha and not beta",
-                                             "gamma": "gamma", "delta": "delta",
+                                             "gamma": "gamma", "delta": "delta", "epsilon": "epsilon",
                                              "keyword": {"args": ["t", "-k", "unmarked"]}}, "t")
 
     def run(names, out):
@@ -342,7 +349,7 @@ def test_marker_suites_in_one_pytest_give_what_each_alone_gives(tmp_path, broken
         assert all(s[0] == "failed" for n, s in got.items() if n != "keyword"), got
     else:
         assert got == {"alpha": ("ok", 2, 0, 0, 0), "beta": ("failed", 2, 1, 0, 0), "alpha_only": ("ok", 1, 0, 0, 0),
-                       "gamma": ("ok", 0, 0, 1, 0), "delta": ("not_run", 0, 0, 0, 0),
+                       "gamma": ("ok", 0, 0, 1, 0), "delta": ("ok", 1, 0, 0, 0), "epsilon": ("not_run", 0, 0, 0, 0),
                        "keyword": ("ok", 1, 0, 0, 0)}
         assert "beta fails at n=2" in together["log_tail"] and together["status"] == "failed"
         junit = tmp_path / together["suites"]["beta"]["junit"]

@@ -9,7 +9,10 @@ cannot shadow a module of the commit under test. Standard pytest hooks only.
 PROPERTY = "validation-markers"
 
 
-def pytest_itemcollected(item):
-    # user_properties go into the report and from there into junit's <properties> of the testcase
-    # (the record_property fixture would warn under junit_family=xunit2; the junit writer does not).
-    item.user_properties.append((PROPERTY, " ".join(sorted({m.name for m in item.iter_markers()}))))
+def pytest_collection_finish(session):
+    # After every pytest_collection_modifyitems hook: a conftest may add markers there, and pytest's
+    # -m selects by the markers as they are then. user_properties go into each report and from there
+    # into junit's <properties> of the testcase (the record_property fixture would warn under
+    # junit_family=xunit2; the junit writer does not).
+    for item in session.items:
+        item.user_properties.append((PROPERTY, " ".join(sorted({m.name for m in item.iter_markers()}))))
