@@ -538,3 +538,32 @@ def test_a_timed_out_build_step_leaves_no_process(tmp_path, monkeypatch):
     time.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
     assert list((tmp_path / harness.GROUPS_DIR).glob("*.json")) == []  # listed while it ran, not after
+
+
+def test_job_times_pairs_each_jobs_start_and_finish_stamps(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import job_times
+
+    log = """[Sat Dec  5 05:11:40 2026]
+localrule equivalence:
+    input: x
+    jobid: 14
+    wildcards: sha=a
+[Sat Dec  5 05:11:47 2026]
+Finished jobid: 14 (Rule: equivalence)
+[Sat Dec  5 05:11:47 2026]
+localrule train:
+    jobid: 13
+[Sat Dec  5 05:15:38 2026]
+Finished jobid: 13 (Rule: train)
+[Sat Dec  5 05:15:38 2026]
+localrule equivalence:
+    jobid: 15
+[Sat Dec  5 05:15:42 2026]
+Error in rule equivalence:
+"""
+    assert job_times.job_times(log.splitlines()) == [("equivalence", "14", 7.0), ("train", "13", 231.0)]
+    (tmp_path / "log").write_text(log)
+    assert job_times.main([str(tmp_path / "log")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["train", "1", "231", "231"] and out[-1].split() == ["all", "jobs", "2", "238"]

@@ -84,7 +84,8 @@ case "${1:-tests}" in
     start=$(date +%s)
     timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 ${GPU_SESSION_TARGET:-all} "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
     echo "snakemake rc=$? after $(( $(date +%s) - start )) s"
-    grep -E "Finished jobid|Error|error" "$OUT/snakemake-$1.log" | tail -n 20
+    grep -E "Error|error" "$OUT/snakemake-$1.log" | tail -n 10
+    python3 /tmp/repo/tools/job_times.py "$OUT/snakemake-$1.log"   # seconds per rule: where the time went
     for f in report.html report.md summary.json; do cp "results/$f" "$OUT/$1-$f" 2>/dev/null; done
     # Everything but environments and checkouts (junit files carry per-test times), and the log.
     tar czf "$OUT/$1-results.tgz" --exclude=results/env --exclude=results/checkouts --exclude=results/repos results
