@@ -290,6 +290,9 @@ def test_a_ci_wide_only_on_the_faster_side_passes_and_says_not_slower(tmp_path):
     assert "uncertain" in {r["call"] for r in s["decode"]["rows"] if r["variant"] == "feature"}
     assert s["verdict"] == "PASS", s["reasons"]
     assert s["overview"][2]["decode"].startswith("not slower beyond ±10% (may be faster; largest -"), s["overview"][2]
+    # ... and is not coloured as a problem beside PASS, where a real slowdown is
+    assert report.cell_class(s["overview"][2]["decode"]) == ""
+    assert "bad" in report.cell_class("3.4× slower at ctx 2048, eager mode")
 
 
 def test_a_reference_scattering_within_its_processes_does_not_make_the_run_too_noisy(tmp_path):
