@@ -9,6 +9,7 @@ decode cache is a running sum, so decode == forward holds to rounding unless a t
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 import types
@@ -193,6 +194,12 @@ def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypa
                                         threads=None, setup_parallel=parallel)
         assert state["most"] == most and state["started"] == 6
         assert all(r["status"] == "ok" and [len(p["samples"]) for p in r["processes"]] == [3, 3] for r in results)
+
+
+def test_setup_parallel_cores_is_the_jobs_cores():
+    assert interleave.setup_parallel("cores", 2) == 2 and interleave.setup_parallel("cores", 64) == 64
+    assert interleave.setup_parallel("cores", None) == len(os.sched_getaffinity(0))
+    assert interleave.setup_parallel(0, 2) == 0 and interleave.setup_parallel(3, 16) == 3
 
 
 def test_cpu_workers_keep_freed_memory_unless_told_not_to(tmp_path, monkeypatch):

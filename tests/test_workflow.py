@@ -248,6 +248,10 @@ def test_config_defaults_and_messages():
         config_check.checked_config({"train": {"cpu": {"steps": 5, "warmup": 9}}})
     with pytest.raises(config_check.ConfigError, match="accepted: one of auto, cpu, cuda"):
         config_check.checked_config({"device": "tpu"})
+    with pytest.raises(config_check.ConfigError, match=r"decode\.cpu\.setup_parallel = 'all' is invalid; "
+                       r"accepted: an integer >= 1, 0 \(all at once\) or cores"):
+        config_check.checked_config({"decode": {"cpu": {"setup_parallel": "all"}}})
+    assert full["train"]["cpu"]["setup_parallel"] == "cores" and full["train"]["cuda"]["setup_parallel"] == 4
 
 
 def test_default_config_file_is_valid():

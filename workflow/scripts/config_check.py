@@ -114,6 +114,8 @@ def describe_error(err: jsonschema.ValidationError, schema: dict | None = None) 
         accepted = "one of " + ", ".join(map(str, err.validator_value))
     value = err.instance
     shown = repr(value) if len(repr(value)) < 80 else type(value).__name__
+    if err.validator in ("oneOf", "anyOf") and accepted:  # jsonschema's own words name no alternative
+        return f"config key {_key(path)} = {shown} is invalid; accepted: {accepted}"
     return f"config key {_key(path)} = {shown} is invalid: {err.message}" + (f"; accepted: {accepted}" if accepted else "")
 
 
