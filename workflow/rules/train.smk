@@ -29,5 +29,5 @@ rule train:
     shell:
         "{params.python:q} {input.script:q} --runs {params.runs:q} --sizes {params.sizes:q}"
         " --model {params.model:q} --adapter {input.adapter:q} --device {params.device} --seed {params.seed}"
-        " --threads {params.threads} --cores {threads} {params.denormal} {params.malloc} --timeout {params.timeout} --out {output:q}"
+        " --threads {params.threads} {params.denormal} {params.malloc} --timeout {params.timeout} --out {output:q}"
         " --log-dir {params.log_dir:q} > {log:q} 2>&1"

@@ -408,8 +408,6 @@ def bench_parser(description: str, sizes_help: str, timeout: int) -> argparse.Ar
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of each worker")
-    ap.add_argument("--cores", type=int, default=None,
-                    help="the job's cores: setup_parallel 'cores' sets up this many workers at once (default: all usable)")
     ap.add_argument("--no-flush-denormal", action="store_true")
     ap.add_argument("--no-malloc-reuse", action="store_true", help="CPU workers without harness.CPU_MALLOC_ENV")
     ap.add_argument("--timeout", type=float, default=timeout, help="seconds one worker may take to answer")
@@ -418,14 +416,15 @@ def bench_parser(description: str, sizes_help: str, timeout: int) -> argparse.Ar
     return ap
 
 
-def setup_parallel(value, cores: int | None) -> int:
-    """Workers setting up at once for the config value: an integer (0: all), or ``"cores"``: the job's
-    cores (its usable CPUs when not given). Set-up is mostly CPU work (importing torch, building the
-    layer, a prefill), and more workers at once than cores only contend: 35 at once on 2 cores were
-    ready after 62 s, two at a time after 54 s."""
+def setup_parallel(value) -> int:
+    """Workers setting up at once for the config value: an integer (0: all), or ``"cores"``: the CPUs
+    this job may use (its affinity mask: a SLURM allocation's cores; not Snakemake's ``--cores``,
+    which is 1 in the default command, while nothing else runs beside a timing job anyway). Set-up
+    is mostly CPU work (importing torch, building the layer, a prefill), and more workers at once
+    than cores only contend: 35 at once on 2 cores were ready after 62 s, two at a time after 54 s."""
     if value == "cores":
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, cores or usable or 1)
+        return max(1, usable or 1)
     return int(value)
 
 
@@ -437,7 +436,7 @@ def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: 
     runs = runs_from_args(args.runs)
     for run in runs:
         run["spec"] = {**spec, "layer": "dense" if run["kind"] == "reference" else "impl"}
-    parallel = setup_parallel(sizes.get("setup_parallel", 0), args.cores)
+    parallel = setup_parallel(sizes.get("setup_parallel", 0))
     results, conditions = measure_conditions(args.threads, args.device, lambda: coordinate(
         runs, script=script, request=request, merge=merge, processes=sizes["processes"], rounds=sizes["rounds"],
         device=args.device, log_dir=args.log_dir, timeout=args.timeout, seed=args.seed, threads=args.threads,
