@@ -10,6 +10,8 @@
 #                                        nsa.bench_kernels
 #   bash tools/gpu_session.sh decode     fused-decode GPU tests, then nsa.bench_smoke decode at 2K and 64K
 #                                        context, B=1 and 8, eager / graph / compiled+graph, NSA vs dense
+#   bash tools/gpu_session.sh sweep      tools/tile_sweep.py: the Triton kernels' launch options timed
+#                                        against the library's choice at 64K (GPU_SESSION_SWEEP_ONLY: families)
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
 # (the device's copy of the tree has no git history, and the workflow checks out commits); for
 # vibe also the wheels of nsa-vibe's dependencies (hydra-core, omegaconf, antlr4-python3-runtime)
@@ -50,6 +52,11 @@ case "${1:-tests}" in
       --reps 3 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; cat "$OUT/prefill.log"
     timeout "${GPU_SESSION_KERNELS_S:-200}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-200} - 20 ))" \
       --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
+    ;;
+  sweep)
+    timeout "${GPU_SESSION_SWEEP_S:-540}" python3 tools/tile_sweep.py --budget-s "$(( ${GPU_SESSION_SWEEP_S:-540} - 120 ))" \
+      --only ${GPU_SESSION_SWEEP_ONLY:-compressed scoring selection window} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+    cat "$OUT/sweep.log"
     ;;
   decode)
     timeout 150 python3 -m pytest nsa/tests/test_triton_decode.py -q -rfs -p no:cacheprovider > "$OUT/decode-pytest.log" 2>&1
