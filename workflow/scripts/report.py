@@ -129,7 +129,7 @@ def run_facts(s: dict) -> list[str]:
     impl = s.get("implementation") or {}
     dec = s["decode"]
     facts = [f"Warning: {w}" for w in s.get("warnings") or []]
-    facts += [f"Baseline {base['variant']} ({short(base['sha'])}); reference reserve config {base['reserve']} "
+    facts += [f"Baseline: variant {base['variant']} ({short(base['sha'])}); reference reserve config: {base['reserve']} "
              f"(the first declared). Device {s.get('device')}"
              + (f", implementation {impl.get('adapter')}" if impl.get("adapter") else "")
              + (f", {dec.get('processes')} worker processes per run" if dec.get("processes") else "")
