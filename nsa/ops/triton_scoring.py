@@ -81,8 +81,9 @@ if triton is not None:
                            BLOCK_N: tl.constexpr, PREC: tl.constexpr):
         """``_scores`` with the loops swapped: each head chunk's queries and lse are loaded once and
         the chunk walks every key tile, adding its head sums into the scores the earlier chunks
-        wrote (read back by the threads that wrote them: ``OUT`` starts at zero). The keys are read
-        once per chunk instead of the queries once per key tile."""
+        wrote (``OUT`` starts at zero; load and store share one pointer tile, so a thread reads back
+        what it stored, and programs own disjoint rows). The keys are read once per chunk instead of
+        the queries once per key tile. Checked under the interpreter; on a GPU by the bf16 test."""
         for hc in range(0, HPG, HB):
             head = g * HPG + hc + rows % HB
             q = _tile(Q, b * sqb, r_t64, sqt, head[:, None] * sqh, DK, DKP, r_mask)
