@@ -16,7 +16,7 @@ chunk and hundreds of chunks at 64K. Here two kernels per chunk do the same:
   reach memory; the scores ``[B, T_chunk, G, nb]`` do (float32). The heads go in chunks of ``HB``
   inside the key loop, so each chunk's queries are loaded again for every key tile; the other
   order (``SCORE_Q_RESIDENT``: chunks outside, each chunk adding to the scores the earlier ones
-  wrote) loads them once and the keys once per chunk. Which is faster is for the GPU to say.
+  wrote) loads them once and the keys once per chunk; on the H100 it was 5% slower (off).
 - ``_topn``: one row per ``(b, t, g)``: the forced blocks (0, the current and the previous one),
   then the highest-scoring candidates, ties to the lower block, NaN lowest, exactly as
   :func:`nsa.ops.select_blocks`; the chosen blocks are written in ascending order, ``-1`` after.
@@ -210,8 +210,9 @@ LSE_TILES = (64, 64)  # (rows, compressed tokens) of the _lse kernel on a GPU
 
 
 # The head-chunk-outer loop order of ``_scores`` (each chunk's queries loaded once, the keys once per
-# chunk): correct and spill-free at its tiles, but not yet timed against the key-outer order on a GPU
-# (``tools/tile_sweep.py`` compares them): off until it is.
+# chunk): correct and spill-free at its tiles. On the lent H100 at 64K (16 heads per group, d=128) it
+# took 19.7-19.9 ms against 18.7-19.0 for the key-outer order at the same 16 x 8 tiles, so the
+# queries' reloads were not what cost: off (kept for tools/tile_sweep.py to compare on other GPUs).
 SCORE_Q_RESIDENT = False
 
 
@@ -221,8 +222,14 @@ def score_tiles(h: int, dkp: int, q_resident: bool | None = None) -> dict:
     GPU's) and 3.9, these keep every kernel at d <= 192 and every head count up to 16 free of register
     spills. At d=128, 128 rows spill when they hold all of a group's 8 heads (224 bytes with Triton
     3.6, none with 16 heads in two chunks): 64 rows there."""
-    rows = 128 if dkp < 128 or (dkp == 128 and h > 8) else 64
     q_resident = SCORE_Q_RESIDENT if q_resident is None else q_resident
+    if dkp == 128 and h > 8 and not q_resident:
+        # Timed on the lent H100 at the issue-8 layer (16 heads per group, d=128, l=32, d=16, l'=64;
+        # all queries' scores, bf16; tools/tile_sweep.py's scoring job, same process): 32 queries x 2
+        # heads, 4 warps took 11.3-12.6 ms at 64K and 0.95 ms at 16K, against 18.6-18.9 and 1.49 ms
+        # for 16 x 8 at 8 warps (16 x 4 at 4 warps: 13.2-13.5 and 1.08). No spill (Triton 3.6, 3.9).
+        return {"queries": 32, "heads": 2, "warps": 4, "q_resident": False}
+    rows = 128 if dkp < 128 or (dkp == 128 and h > 8) else 64
     # Queries held across the key loop: at d=128 (8 and 16 heads per group) 8 warps spill 40-64 bytes
     # under Triton 3.6, and at d=192 16 bytes under 3.9; 4 warps none under either (215-239 registers).
     warps = 4 if q_resident and dkp >= 128 else 8

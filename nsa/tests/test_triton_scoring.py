@@ -39,6 +39,8 @@ SCORE_CASES = {
     "B1-T200-G2-h2-dk32-l24-d8-sel32-n5-chunk48": (1, 200, 2, 2, 32, 24, 8, 32, 5, 48),  # l not a power of 2
     "B1-T40-G2-h1-dk16-l32-d16-sel64-n16": (1, 40, 2, 1, 16, 32, 16, 64, 16, None),  # one block, 16 slots
     "B2-T6-G1-h2-dk16-l8-d4-sel16-n3-no-cmp-token": (2, 6, 1, 2, 16, 8, 4, 16, 3, None),
+    # the GPU layer's tiles (16 heads per group at d=128: 32 queries x 2 heads, eight head chunks)
+    "B1-T120-G1-h16-dk128-l16-d16-sel16-n3": (1, 120, 1, 16, 128, 16, 16, 16, 3, None),
 }
 
 # The head-chunk-outer order: two head chunks (the read-back of earlier chunks' scores), a length
