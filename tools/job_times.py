@@ -4,7 +4,7 @@
 
 Snakemake prints a timestamp before it starts a job and before it reports one finished; this pairs
 them by job id (``--cores 1``: one job at a time, so the gap is the job's). Per rule: jobs, total and
-largest seconds, then the run's span. Snakemake's ``benchmark:`` directive would record the same per
+largest seconds, then all jobs' sum. Snakemake's ``benchmark:`` directive would record the same per
 job, but as an output of every rule, so adding it reruns every result a user already has.
 """
 

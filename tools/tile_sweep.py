@@ -68,12 +68,10 @@ def attention_candidates() -> list[tuple[str, dict]]:
 def scoring_candidates() -> list[tuple[str, dict]]:
     base = ts.score_tiles(H // G, D)
     out = [("library", base)]
-    if not base["q_resident"]:
-        out.append(("resident (its own tiles)", ts.score_tiles(H // G, D, True)))
-    for resident, queries, heads, warps in itertools.product([True, False], [16, 32], [2, 4, 8, 16], [4, 8]):
-        opts = {"queries": queries, "heads": heads, "warps": warps, "q_resident": resident}
+    for queries, heads, warps in itertools.product([16, 32], [2, 4, 8, 16], [4, 8]):
+        opts = {"queries": queries, "heads": heads, "warps": warps}
         if queries * heads <= 256 and opts != base:
-            out.append((f"q{queries} h{heads} w{warps}" + (" resident" if resident else ""), opts))
+            out.append((f"q{queries} h{heads} w{warps}", opts))
     return out
 
 

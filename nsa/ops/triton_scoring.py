@@ -14,9 +14,8 @@ chunk and hundreds of chunks at 64K. Here two kernels per chunk do the same:
   adds to its own ``NBT`` blocks and, through a token's tail, to the next ``NBT``; that part is
   carried to the next tile in registers, and every score is written once. Probabilities never
   reach memory; the scores ``[B, T_chunk, G, nb]`` do (float32). The heads go in chunks of ``HB``
-  inside the key loop, so each chunk's queries are loaded again for every key tile; the other
-  order (``SCORE_Q_RESIDENT``: chunks outside, each chunk adding to the scores the earlier ones
-  wrote) loads them once and the keys once per chunk; on the H100 it was 5% slower (off).
+  inside the key loop (the other order, chunks outside and each chunk's queries loaded once, was
+  5% slower on the H100 at 64K and is not kept).
 - ``_topn``: one row per ``(b, t, g)``: the forced blocks (0, the current and the previous one),
   then the highest-scoring candidates, ties to the lower block, NaN lowest, exactly as
   :func:`nsa.ops.select_blocks`; the chosen blocks are written in ascending order, ``-1`` after.
@@ -74,44 +73,10 @@ if triton is not None:
         return tl.maximum(hi - lo, 0).to(tl.float32) / L
 
     @triton.jit
-    def _scores_q_resident(Q, K, LSE, OUT, sqb, sqt, sqh, skb, sks, skg, slb, slt, sob, sot, sog, NB, qk_scale,
-                           b, g, offs_t, tmask, rows, r_mask, r_t, r_t64, offs_b, offset, j_hi,
-                           HPG: tl.constexpr, HB: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr, L: tl.constexpr,
-                           D: tl.constexpr, SEL: tl.constexpr, NBT: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-        """``_scores`` with the loops swapped: each head chunk's queries and lse are loaded once and
-        the chunk walks every key tile, adding its head sums into the scores the earlier chunks
-        wrote (``OUT`` starts at zero; load and store share one pointer tile, so a thread reads back
-        what it stored, and programs own disjoint rows). The keys are read once per chunk instead of
-        the queries once per key tile. Checked under the interpreter; on a GPU by the bf16 test."""
-        for hc in range(0, HPG, HB):
-            head = g * HPG + hc + rows % HB
-            q = _tile(Q, b * sqb, r_t64, sqt, head[:, None] * sqh, DK, DKP, r_mask)
-            lse = tl.load(LSE + b * slb + r_t64 * slt + head, mask=r_mask, other=0.0) * 1.4426950408889634
-            carry = tl.zeros([BLOCK_T, NBT], tl.float32)
-            for j0 in range(0, j_hi, BLOCK_N):
-                offs_n = j0 + tl.arange(0, BLOCK_N)
-                k = _tile(K, b * skb, offs_n.to(tl.int64), sks, g * skg, DK, DKP, offs_n < j_hi)
-                vis = r_mask[:, None] & _visible(r_t, offs_n, j_hi, D, offset, 0, False)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                p = tl.where(vis, tl.exp2(s - tl.where(vis, lse[:, None], s)), 0.0)
-                summed = tl.sum(tl.reshape(p, [BLOCK_T, HB, BLOCK_N]), 1)
-                blk = (j0 // BLOCK_N) * NBT + offs_b
-                ptrs = OUT + b * sob + offs_t.to(tl.int64)[:, None] * sot + g * sog + blk[None, :]
-                m = tmask[:, None] & (blk < NB)[None, :]
-                own = tl.dot(summed, _overlap(offs_n, blk, L, D, SEL), input_precision="ieee") + carry
-                tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + own, mask=m)
-                carry = tl.dot(summed, _overlap(offs_n, blk + NBT, L, D, SEL), input_precision="ieee")
-            blk = tl.cdiv(j_hi, BLOCK_N) * NBT + offs_b
-            ptrs = OUT + b * sob + offs_t.to(tl.int64)[:, None] * sot + g * sog + blk[None, :]
-            m = tmask[:, None] & (blk < NB)[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + carry, mask=m)
-
-    @triton.jit
     def _scores(Q, K, LSE, OUT, sqb, sqt, sqh, skb, sks, skg, slb, slt, sob, sot, sog, Tc, T0, N, NB, qk_scale,
                 G: tl.constexpr, HPG: tl.constexpr, HB: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                 L: tl.constexpr, D: tl.constexpr, SEL: tl.constexpr, NBT: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_N: tl.constexpr, PREC: tl.constexpr, Q_RESIDENT: tl.constexpr):
+                BLOCK_N: tl.constexpr, PREC: tl.constexpr):
         t0 = tl.program_id(0) * BLOCK_T
         b = (tl.program_id(1) // G).to(tl.int64)
         g = tl.program_id(1) % G
@@ -125,32 +90,27 @@ if triton is not None:
         offs_b = tl.arange(0, NBT)
         offset = L - 1 - T0  # positions are T0 + local row, as in _lse
         _, j_hi = _key_range(t0, Tc, N, D, offset, 0, 1, BLOCK_T, False)
-        if Q_RESIDENT:  # head chunks outside the key loop: one load of each chunk's queries
-            _scores_q_resident(Q, K, LSE, OUT, sqb, sqt, sqh, skb, sks, skg, slb, slt, sob, sot, sog, NB, qk_scale,
-                               b, g, offs_t, tmask, rows, r_mask, r_t, r_t64, offs_b, offset, j_hi,
-                               HPG, HB, DK, DKP, L, D, SEL, NBT, BLOCK_T, BLOCK_N, PREC)
-        else:
-            carry = tl.zeros([BLOCK_T, NBT], tl.float32)
-            for j0 in range(0, j_hi, BLOCK_N):
-                offs_n = j0 + tl.arange(0, BLOCK_N)
-                k = _tile(K, b * skb, offs_n.to(tl.int64), sks, g * skg, DK, DKP, offs_n < j_hi)
-                vis = r_mask[:, None] & _visible(r_t, offs_n, j_hi, D, offset, 0, False)
-                summed = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-                for hc in range(0, HPG, HB):
-                    head = g * HPG + hc + rows % HB
-                    q = _tile(Q, b * sqb, r_t64, sqt, head[:, None] * sqh, DK, DKP, r_mask)
-                    lse = tl.load(LSE + b * slb + r_t64 * slt + head, mask=r_mask, other=0.0) * 1.4426950408889634
-                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                    p = tl.where(vis, tl.exp2(s - tl.where(vis, lse[:, None], s)), 0.0)
-                    summed += tl.sum(tl.reshape(p, [BLOCK_T, HB, BLOCK_N]), 1)
-                blk = (j0 // BLOCK_N) * NBT + offs_b  # this tile's own blocks
-                own = tl.dot(summed, _overlap(offs_n, blk, L, D, SEL), input_precision="ieee") + carry
-                tl.store(OUT + b * sob + offs_t.to(tl.int64)[:, None] * sot + g * sog + blk[None, :], own,
-                         mask=tmask[:, None] & (blk < NB)[None, :])
-                carry = tl.dot(summed, _overlap(offs_n, blk + NBT, L, D, SEL), input_precision="ieee")
-            blk = tl.cdiv(j_hi, BLOCK_N) * NBT + offs_b  # the last tile's tails (zeros when nothing was seen)
-            tl.store(OUT + b * sob + offs_t.to(tl.int64)[:, None] * sot + g * sog + blk[None, :], carry,
+        carry = tl.zeros([BLOCK_T, NBT], tl.float32)
+        for j0 in range(0, j_hi, BLOCK_N):
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            k = _tile(K, b * skb, offs_n.to(tl.int64), sks, g * skg, DK, DKP, offs_n < j_hi)
+            vis = r_mask[:, None] & _visible(r_t, offs_n, j_hi, D, offset, 0, False)
+            summed = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+            for hc in range(0, HPG, HB):
+                head = g * HPG + hc + rows % HB
+                q = _tile(Q, b * sqb, r_t64, sqt, head[:, None] * sqh, DK, DKP, r_mask)
+                lse = tl.load(LSE + b * slb + r_t64 * slt + head, mask=r_mask, other=0.0) * 1.4426950408889634
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                p = tl.where(vis, tl.exp2(s - tl.where(vis, lse[:, None], s)), 0.0)
+                summed += tl.sum(tl.reshape(p, [BLOCK_T, HB, BLOCK_N]), 1)
+            blk = (j0 // BLOCK_N) * NBT + offs_b  # this tile's own blocks
+            own = tl.dot(summed, _overlap(offs_n, blk, L, D, SEL), input_precision="ieee") + carry
+            tl.store(OUT + b * sob + offs_t.to(tl.int64)[:, None] * sot + g * sog + blk[None, :], own,
                      mask=tmask[:, None] & (blk < NB)[None, :])
+            carry = tl.dot(summed, _overlap(offs_n, blk + NBT, L, D, SEL), input_precision="ieee")
+        blk = tl.cdiv(j_hi, BLOCK_N) * NBT + offs_b  # the last tile's tails (zeros when nothing was seen)
+        tl.store(OUT + b * sob + offs_t.to(tl.int64)[:, None] * sot + g * sog + blk[None, :], carry,
+                 mask=tmask[:, None] & (blk < NB)[None, :])
 
     @triton.jit
     def _topn(SC, OUT, POS, ssb, sst, ssg, sob, sot, sog, R, Tc, T0, NB,
@@ -209,31 +169,20 @@ def supported(H: int, groups: int, d_k: int, block_len: int, block_stride: int, 
 LSE_TILES = (64, 64)  # (rows, compressed tokens) of the _lse kernel on a GPU
 
 
-# The head-chunk-outer loop order of ``_scores`` (each chunk's queries loaded once, the keys once per
-# chunk): correct and spill-free at its tiles. On the lent H100 at 64K (16 heads per group, d=128) it
-# took 19.7-19.9 ms against 18.7-19.0 for the key-outer order at the same 16 x 8 tiles, so the
-# queries' reloads were not what cost: off (kept for tools/tile_sweep.py to compare on other GPUs).
-SCORE_Q_RESIDENT = False
-
-
-def score_tiles(h: int, dkp: int, q_resident: bool | None = None) -> dict:
+def score_tiles(h: int, dkp: int) -> dict:
     """``_scores`` tiles: 16 queries (the smallest ``tl.dot`` side: the head sum leaves one row per
     query; 32 where timed faster, below) and a chunk of their heads at a time. Built for sm_90, 8 warps, by Triton 3.6 (the lent
     GPU's) and 3.9, these keep every kernel at d <= 192 and every head count up to 16 free of register
     spills. At d=128, 128 rows spill when they hold all of a group's 8 heads (224 bytes with Triton
     3.6, none with 16 heads in two chunks): 64 rows there."""
-    q_resident = SCORE_Q_RESIDENT if q_resident is None else q_resident
-    if dkp == 128 and h > 8 and not q_resident:
+    if dkp == 128 and h > 8:
         # Timed on the lent H100 at the issue-8 layer (16 heads per group, d=128, l=32, d=16, l'=64;
         # all queries' scores, bf16; tools/tile_sweep.py's scoring job, same process): 32 queries x 2
         # heads, 4 warps took 11.3-12.6 ms at 64K and 0.95 ms at 16K, against 18.6-18.9 and 1.49 ms
         # for 16 x 8 at 8 warps (16 x 4 at 4 warps: 13.2-13.5 and 1.08). No spill (Triton 3.6, 3.9).
-        return {"queries": 32, "heads": 2, "warps": 4, "q_resident": False}
+        return {"queries": 32, "heads": 2, "warps": 4}
     rows = 128 if dkp < 128 or (dkp == 128 and h > 8) else 64
-    # Queries held across the key loop: at d=128 (8 and 16 heads per group) 8 warps spill 40-64 bytes
-    # under Triton 3.6, and at d=192 16 bytes under 3.9; 4 warps none under either (215-239 registers).
-    warps = 4 if q_resident and dkp >= 128 else 8
-    return {"queries": 16, "heads": min(h, max(1, rows // 16)), "warps": warps, "q_resident": q_resident}
+    return {"queries": 16, "heads": min(h, max(1, rows // 16)), "warps": 8}
 
 
 def top_tiles(nb: int) -> tuple[int, int]:
@@ -305,7 +254,7 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, gro
         T, positions_start, N, num_blocks, scale * 1.4426950408889634,
         G=G, HPG=h, HB=tile["heads"], DK=Dk, DKP=_pad(Dk), L=block_len, D=block_stride, SEL=sel_block_len, NBT=nbt,
         BLOCK_T=tile["queries"], BLOCK_N=nbt * sel_block_len // block_stride, PREC=_prec(q.dtype),
-        Q_RESIDENT=tile.get("q_resident", False), num_warps=tile["warps"])
+        num_warps=tile["warps"])
     return out
 
 

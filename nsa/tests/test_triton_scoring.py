@@ -43,12 +43,6 @@ SCORE_CASES = {
     "B1-T120-G1-h16-dk128-l16-d16-sel16-n3": (1, 120, 1, 16, 128, 16, 16, 16, 3, None),
 }
 
-# The head-chunk-outer order: two head chunks (the read-back of earlier chunks' scores), a length
-# that is no power of two, chunked queries, no compressed token at all.
-Q_RESIDENT_CASES = ["B1-T290-G1-h16-dk16-l16-d16-sel16-n3", "B1-T200-G2-h2-dk32-l24-d8-sel32-n5-chunk48",
-                    "B2-T6-G1-h2-dk16-l8-d4-sel16-n3-no-cmp-token"]
-
-
 def _rel(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return 0.0 if b.numel() == 0 else float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
@@ -61,19 +55,7 @@ def _inputs(name, B, T, G, h, dk, l, d):
     return q, torch.randn(B, N, G, dk, generator=gen), torch.randn(B, N, G, dk, generator=gen)
 
 
-def _q_resident(tiles):
-    """``score_tiles`` with the head-chunk-outer loop order (the kernel's other path)."""
-    return lambda h, dkp, q_resident=None: tiles(h, dkp, True)
-
-
-def _score_case(name: str, q_resident: bool = False) -> dict:
-    if q_resident:
-        real = ts.score_tiles
-        ts.score_tiles = _q_resident(real)
-        try:
-            return _score_case(name)
-        finally:
-            ts.score_tiles = real
+def _score_case(name: str) -> dict:
     B, T, G, h, dk, l, d, sel, n, chunk = SCORE_CASES[name]
     q, k, v = _inputs(name, B, T, G, h, dk, l, d)
     nb = -(-T // sel)
@@ -154,7 +136,6 @@ def _module_case() -> dict:
 
 def compute_all() -> dict:
     return run_cases({**{f"scores-{n}": (lambda n=n: _score_case(n)) for n in SCORE_CASES},
-                      **{f"scores-q-resident-{n}": (lambda n=n: _score_case(n, True)) for n in Q_RESIDENT_CASES},
                       **{f"top-{n}": (lambda c=c: _top_case(*c)) for n, c in TOP_CASES.items()},
                       "module": _module_case})
 
@@ -168,14 +149,6 @@ def test_block_scores_match_the_reference_in_interpreter(name, interpreter_resul
     r = triton_build.case(interpreter_results, f"scores-{name}")
     assert r["lse"] <= TOL and r["scores"] <= TOL, r
     assert r["lse_unseen_-inf"] == 1.0, r
-    assert r["blocks_equal"] == 1.0, f"selected blocks differ from the reference's ({r})"
-
-
-@pytest.mark.ops
-@pytest.mark.parametrize("name", Q_RESIDENT_CASES)
-def test_block_scores_with_resident_queries_match_the_reference_in_interpreter(name, interpreter_results):
-    r = triton_build.case(interpreter_results, f"scores-q-resident-{name}")
-    assert r["lse"] <= TOL and r["scores"] <= TOL, r
     assert r["blocks_equal"] == 1.0, f"selected blocks differ from the reference's ({r})"
 
 
@@ -219,9 +192,8 @@ def test_top_blocks_rejects_too_few_blocks():
 
 
 @pytest.mark.ops
-@pytest.mark.parametrize("q_resident", [False, True])
 @pytest.mark.parametrize("d_k,h", [(128, 16), (128, 8), (192, 16), (64, 4)])
-def test_triton_scoring_builds_for_sm90_without_spilling(d_k, h, q_resident):
+def test_triton_scoring_builds_for_sm90_without_spilling(d_k, h):
     """At the GPU tiles ``block_scores`` and ``compressed_lse`` launch with (paper layer: 64 heads in 4
     groups, l=32, d=16, l'=64), the kernels compile for sm_90, fit its shared memory and spill no
     register (a loop over head chunks that the compiler unrolled kept every chunk's queries live:
@@ -229,10 +201,10 @@ def test_triton_scoring_builds_for_sm90_without_spilling(d_k, h, q_resident):
     if ts._interpreting():
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions in this process")
     dkp = ts._pad(d_k)
-    tile = ts.score_tiles(h, dkp, q_resident)
+    tile = ts.score_tiles(h, dkp)
     types = {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "OUT": "*fp32", "qk_scale": "fp32"}
     built = build_sm90(ts._scores, dict(G=4, HPG=h, HB=tile["heads"], DK=d_k, DKP=dkp, L=32, D=16, SEL=64, NBT=16,
-                                        BLOCK_T=tile["queries"], BLOCK_N=64, PREC="tf32", Q_RESIDENT=q_resident),
+                                        BLOCK_T=tile["queries"], BLOCK_N=64, PREC="tf32"),
                        types, warps=tile["warps"], stages=2)
     used = usage(built)
     assert used["shared_bytes"] <= H100_SHARED_BYTES and used["spill_bytes"] == 0, used
@@ -275,10 +247,6 @@ def test_triton_scoring_bf16_matches_the_reference(B, T, G, h, dk, cuda, gen):
     lse = ts.compressed_lse(q, k, **cmp)
     scores = ts.block_scores(q, k, lse, groups=G, **cmp, sel_block_len=sel, num_blocks=nb)
     assert _rel(scores, ref) <= 1e-4
-    with pytest.MonkeyPatch.context() as mp:  # the other loop order (tools/tile_sweep.py times both)
-        mp.setattr(ts, "score_tiles", _q_resident(ts.score_tiles))
-        resident = ts.block_scores(q, k, lse, groups=G, **cmp, sel_block_len=sel, num_blocks=nb)
-    assert _rel(resident, ref) <= 1e-4
     idx = ts.select_from_compressed(q, k, v, groups=G, **cmp, sel_block_len=sel, n_sel=n)
     ref_idx = select_blocks(ref, sel_block_len=sel, n_sel=n)
     # Equal blocks, except where float32 rounding reorders near ties: the chosen blocks' reference
