@@ -196,6 +196,48 @@ def test_setup_parallel_bounds_the_workers_setting_up_at_once(tmp_path, monkeypa
         assert all(r["status"] == "ok" and [len(p["samples"]) for p in r["processes"]] == [3, 3] for r in results)
 
 
+def test_alive_bounds_the_workers_alive_at_once_and_a_failed_run_starts_no_more(tmp_path, monkeypatch):
+    state = {"alive": 0, "most": 0, "started": []}
+
+    class Remote:
+        def __init__(self, cmd, env, log_path):
+            self.run = json.loads(cmd[-1])["run"]
+            state["started"].append(self.run)
+            state["alive"] += 1
+            state["most"] = max(state["most"], state["alive"])
+            self.log_path, self.proc, self.open = log_path, types.SimpleNamespace(pid=len(state["started"])), True
+
+        def receive(self, timeout):
+            return {"info": {}}
+
+        def ask(self, obj, timeout):
+            if self.run == "bad" and obj["cmd"] == "sample":
+                raise RuntimeError("CUDA out of memory")  # as a worker dying mid-round reads
+            return {} if obj["cmd"] == "finish" else {"sample": 1.0}
+
+        def close(self):
+            state["alive"] -= self.open
+            self.open = False
+
+    monkeypatch.setattr(interleave, "Remote", Remote)
+    monkeypatch.setattr(interleave.harness, "file_tail", lambda path: "")
+    runs = [{"variant": v, "sha": "0" * 40, "reserve": "none", "kind": "impl", "env_dir": sys.prefix, "vars": {},
+             "spec": {"run": v}} for v in ("a", "b", "bad")]
+    for alive, most, gens in ((None, 15, 1), (1, 3, 5), (2, 6, 3)):
+        state.update(alive=0, most=0, started=[])
+        results = interleave.coordinate(runs, script="worker.py", request={"cmd": "sample"},
+                                        merge=lambda p, a: p.setdefault("samples", []).append(a["sample"]),
+                                        processes=5, rounds=3, device="cpu", log_dir=tmp_path, timeout=1, seed=0,
+                                        threads=None, alive=alive)
+        assert state["most"] == most and state["alive"] == 0, alive
+        assert [r["status"] for r in results] == ["ok", "ok", "failed"]
+        assert all([len(p["samples"]) for p in r["processes"]] == [3] * 5 for r in results[:2])
+        # the failed run's later generations never start: one generation's worth of its workers
+        assert state["started"].count("bad") == (alive or 5)
+        assert len(interleave.generations([(0, {"index": j}) for j in range(5)], alive)) == gens
+    assert interleave.alive_per_run("all") is None and interleave.alive_per_run(2) == 2
+
+
 def test_setup_parallel_cores_is_the_cpus_the_job_may_use(monkeypatch):
     assert interleave.setup_parallel("cores") == len(os.sched_getaffinity(0))
     monkeypatch.setattr(interleave.os, "sched_getaffinity", lambda pid: {0, 1, 2})

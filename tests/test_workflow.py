@@ -252,6 +252,11 @@ def test_config_defaults_and_messages():
                        r"accepted: an integer >= 1, 0 \(all at once\) or cores"):
         config_check.checked_config({"decode": {"cpu": {"setup_parallel": "all"}}})
     assert full["train"]["cpu"]["setup_parallel"] == "cores" and full["train"]["cuda"]["setup_parallel"] == 4
+    with pytest.raises(config_check.ConfigError, match=r"train\.cuda\.alive = 0 is invalid; accepted: an integer >= 1 "
+                                                        r"or all"):
+        config_check.checked_config({"train": {"cuda": {"alive": 0}}})
+    assert full["decode"]["cuda"]["alive"] == 1 and config_check.checked_config(
+        {"decode": {"cuda": {"alive": "all"}}})["decode"]["cuda"]["alive"] == "all"
 
 
 def test_default_config_file_is_valid():

@@ -3,9 +3,11 @@ process as the unit of replication).
 
 Every run (a commit x reserve configuration, plus the reference workload: the harness's dense
 layer, identical code everywhere) is measured by ``processes`` independent worker processes, each
-in its commit's environment with its configuration's variables. All workers set up first; then,
-round after round, every worker is asked in turn (shuffled per round, seeded) for one block of
-measurements, so machine drift hits every run alike and only one worker measures at a time.
+in its commit's environment with its configuration's variables. The processes go in generations
+of ``alive`` per run (one generation with ``alive: all``): a generation's workers set up first;
+then, round after round, each is asked in turn (shuffled per round, seeded) for one block of
+measurements, so machine drift hits every run alike and only one worker measures at a time; then
+they end and the next generation starts.
 Between-process differences (placement, allocator state, host dispatch speed) are thereby
 sampled ``processes`` times per run, which per-sample statistics of one process cannot see.
 
@@ -106,19 +108,36 @@ def setup_waves(specs: list, runs: list[dict], setup_parallel: int, warm_first: 
     return waves
 
 
+def generations(specs: list, alive: int | None) -> list[list]:
+    """``specs`` (each holding its process record second) in generations: process indices ``0..alive-1``
+    of every run first, then the next ``alive``, and so on (``None`` or 0: one generation of all)."""
+    if not alive:
+        return [specs] if specs else []
+    by_gen: dict[int, list] = {}
+    for spec in specs:
+        by_gen.setdefault(spec[1]["index"] // alive, []).append(spec)
+    return [by_gen[g] for g in sorted(by_gen)]
+
+
 def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes: int, rounds: int, device: str,
                log_dir: Path, timeout: float, seed: int, threads: int | None, setup_parallel: int = 0,
-               malloc_reuse: bool = True) -> list[dict]:
+               alive: int | None = None, malloc_reuse: bool = True) -> list[dict]:
     """Measure every run with ``processes`` workers of ``script`` over ``rounds`` interleaved rounds.
 
     ``runs``: dicts with variant, sha, reserve, kind, spec, vars, and env_dir or env_error.
     ``merge(process_record, answer)`` folds one answer to ``request`` into the process's record.
-    ``setup_parallel``: workers setting up at once (0: all). Set-up is when a worker peaks in memory
-    (a training worker's warm-up steps); measuring is one worker at a time anyway. On CUDA one
-    worker per distinct code sets up first (:func:`setup_waves`). ``malloc_reuse``: CPU workers run
-    with :data:`harness.CPU_MALLOC_ENV`.
+    ``alive``: worker processes of each run alive at once (None: all). The processes then go in
+    generations (:func:`generations`): each generation sets up, is measured through every round, and
+    ends before the next starts, so at most ``alive`` x runs workers hold memory at any time (35
+    decode workers of the default config did not fit an 80 GB GPU together). Every generation holds
+    one process of each run, so every run is still measured in every stretch of the job. A run that
+    failed or was found unsupported starts no more workers.
+    ``setup_parallel``: workers of a generation setting up at once (0: all). Set-up is when a worker
+    peaks in memory (a training worker's warm-up steps); measuring is one worker at a time anyway.
+    On CUDA one worker per distinct code sets up first (:func:`setup_waves`), in the first
+    generation. ``malloc_reuse``: CPU workers run with :data:`harness.CPU_MALLOC_ENV`.
     """
-    results, specs, workers = [], [], []  # specs: (run index, process record, command, env, log); workers: started
+    results, specs = [], []  # specs: (run index, process record, command, env, log)
     for i, run in enumerate(runs):
         res = {k: run.get(k) for k in ("variant", "sha", "reserve", "kind")}
         res.update(status="ok", routes=None, processes=[])
@@ -138,6 +157,28 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
             res["processes"].append(proc)
             specs.append((i, proc, cmd, env, log_dir / f"{name[:100]}.log"))
 
+    gens = generations(specs, alive)
+    t0 = time.monotonic()  # elapsed times in the progress lines: where a long job spends its time
+    for g, gen in enumerate(gens):
+        gen = [spec for spec in gen if results[spec[0]]["status"] == "ok"]
+        label = f"{script}: " + (f"generation {g + 1}/{len(gens)}: " if len(gens) > 1 else "")
+        waves = setup_waves(gen, runs, setup_parallel, warm_first=device == "cuda" and g == 0)
+        _measure_generation(waves, len(gen), results, request=request, merge=merge, rounds=rounds,
+                            timeout=timeout, seed=seed + 104729 * g, script=script, label=label, t0=t0)
+    for res in results:
+        if res["status"] == "failed":  # samples of a failed process are never read as measurements
+            for proc in res["processes"]:
+                if proc["status"] != "ok":
+                    proc.pop("contexts", None)
+        elif res["status"] == "unsupported":
+            res["processes"] = []
+    return results
+
+
+def _measure_generation(waves: list[list], n: int, results: list[dict], *, request: dict, merge, rounds: int,
+                        timeout: float, seed: int, script: str, label: str, t0: float) -> None:
+    """Set up one generation's workers wave by wave, ask them round after round, finish and end them."""
+    workers: list = []  # (run index, process record, Remote), in start order
     alive: list[int] = []
 
     def drop(w, err, unsupported=False):
@@ -146,7 +187,6 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
         alive.remove(w)
         if unsupported:
             results[i].update(status="unsupported", reason=str(err))
-            results[i]["processes"] = []
             for other in [v for v in alive if workers[v][0] == i]:
                 drop(other, err, unsupported=True)
             return
@@ -156,8 +196,6 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
         print(f"{script} {results[i]['variant']}/{results[i]['reserve']} process {proc['index']} FAILED: {err}",
               flush=True)
 
-    waves = setup_waves(specs, runs, setup_parallel, warm_first=device == "cuda")
-    t0 = time.monotonic()  # elapsed times in the progress lines: where a long job spends its time
     try:  # workers start inside: a Ctrl-C while they start still stops those already started
         for wave in waves:  # a wave of workers sets up at once; each says ready
             started = len(workers)
@@ -183,7 +221,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
                 if results[i]["routes"] is None and info.get("routes") is not None:
                     results[i]["routes"] = info["routes"]
                 proc["info"] = {k: v for k, v in info.items() if k != "routes"}
-        print(f"{script}: {len(alive)}/{len(specs)} workers ready after {time.monotonic() - t0:.0f} s", flush=True)
+        print(f"{label}{len(alive)}/{n} workers ready after {time.monotonic() - t0:.0f} s", flush=True)
         for r in range(rounds):
             for w in round_order(len(workers), r, seed):
                 if w not in alive:
@@ -197,7 +235,7 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
                     drop(w, answer["unsupported"], unsupported=True)
                     continue
                 merge(workers[w][1], answer)
-            print(f"{script}: round {r + 1}/{rounds} done after {time.monotonic() - t0:.0f} s", flush=True)
+            print(f"{label}round {r + 1}/{rounds} done after {time.monotonic() - t0:.0f} s", flush=True)
         for w in list(alive):
             try:
                 end = workers[w][2].ask({"cmd": "finish"}, timeout)
@@ -209,12 +247,6 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
     finally:
         for _, _, remote in workers:
             remote.close()
-    for res in results:
-        if res["status"] == "failed":  # samples of a failed process are never read as measurements
-            for proc in res["processes"]:
-                if proc["status"] != "ok":
-                    proc.pop("contexts", None)
-    return results
 
 
 # ----------------------------------------------------------------------------- conditions
@@ -428,6 +460,12 @@ def setup_parallel(value) -> int:
     return int(value)
 
 
+def alive_per_run(value) -> int | None:
+    """Worker processes of each run alive at once for the config value: an integer, or ``"all"``
+    (None: every process of every run alive through all rounds)."""
+    return None if value == "all" else int(value)
+
+
 def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: str) -> list[dict]:
     """Measure every run of ``args.runs`` (and the reference) with ``script`` workers, and write
     ``args.out`` with the results and the machine's conditions. Returns the runs' results."""
@@ -437,10 +475,11 @@ def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: 
     for run in runs:
         run["spec"] = {**spec, "layer": "dense" if run["kind"] == "reference" else "impl"}
     parallel = setup_parallel(sizes.get("setup_parallel", 0))
+    alive = alive_per_run(sizes.get("alive", "all"))
     results, conditions = measure_conditions(args.threads, args.device, lambda: coordinate(
         runs, script=script, request=request, merge=merge, processes=sizes["processes"], rounds=sizes["rounds"],
         device=args.device, log_dir=args.log_dir, timeout=args.timeout, seed=args.seed, threads=args.threads,
-        setup_parallel=parallel, malloc_reuse=not args.no_malloc_reuse))
+        setup_parallel=parallel, alive=alive, malloc_reuse=not args.no_malloc_reuse))
     conditions["host"]["malloc_reuse"] = args.device == "cpu" and not args.no_malloc_reuse
     conditions["host"]["setup_parallel"] = parallel
     record = {"schema_version": SCHEMA_VERSION, "device": args.device, "timer": harness.Timer(args.device).name,
