@@ -170,7 +170,7 @@ class NSAAttention(nn.Module):
             needs_grad = torch.is_grad_enabled() and q_rope.requires_grad
             slc_route = taken["slc"] = routes.route_slc(dev, dtype, cfg.sel_block_len, cfg.d_k, cfg.d_v, needs_grad)
             o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)
-            win_route = taken["win"] = routes.route_win(dev, dtype, cfg.d_k, cfg.d_v)
+            win_route = taken["win"] = routes.route_win(dev, dtype, cfg.d_k, cfg.d_v, needs_grad)
             o_win = win_route.fn(q_rope, kw, vw, window=cfg.window)
         y = self._combine(gates, o_cmp, o_slc, o_win)
         self.routes_taken = {b: {"route": r.name, "reason": r.reason} for b, r in taken.items()}

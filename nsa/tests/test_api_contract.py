@@ -322,7 +322,7 @@ def test_backends_reports_sequential_prefill(override):
     """With NSA_PREFILL_BATCHED=0 the per-token references run, not the branch routes."""
     with override(prefill_batched=False):
         b = nsa.backends("cpu", torch.float32)
-    assert all(b[branch]["route"] == "sequential-reference" for branch in ("cmp", "slc", "slc_inference", "win"))
+    assert all(b[branch]["route"] == "sequential-reference" for branch in ("cmp", "slc", "slc_inference", "win", "win_inference"))
 
 
 # --- forced blocks whatever the scores ---------------------------------------------------------------------------

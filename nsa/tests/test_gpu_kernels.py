@@ -64,14 +64,16 @@ def test_flex_selection_values_and_grads_equal_reference(case, cuda, gen):
 
 
 def test_module_inference_routes_agree(cuda, gen, override):
-    """The module's no-grad prefill (Triton) equals its packed route and its flex route."""
+    """The module's no-grad prefill (Triton selection and window) equals its packed route and its flex route."""
     cfg = nsa.NSAConfig(dim=128, groups=2, heads_per_group=4, d_k=32, d_v=32, block_len=32, block_stride=16,
                         sel_block_len=64, n_sel=8, window=128)
     attn = nsa.NSAAttention(cfg).to(cuda, torch.bfloat16)
     x = torch.randn(2, 700, 128, generator=gen).to(cuda, torch.bfloat16)
     with torch.no_grad():
-        assert nsa.backends(cuda, torch.bfloat16, 32, 32)["slc_inference"]["route"] == "triton-sparse"
+        b = nsa.backends(cuda, torch.bfloat16, 32, 32)
+        assert b["slc_inference"]["route"] == "triton-sparse" and b["win_inference"]["route"] == "triton-window"
         y_triton = attn(x)
+        assert attn.routes_taken["win"]["route"] == "triton-window"
         with override(use_triton=False):
             y_flex = attn(x)
         with override(use_triton=False, use_flex=False):

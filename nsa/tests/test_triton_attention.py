@@ -221,6 +221,11 @@ def test_routes_take_the_triton_compressed_kernel_on_a_gpu_for_half_dtypes(monke
     with override_settings(use_flex=False):
         assert routes.route_win("cuda", torch.bfloat16, 128, 128).fn is ta.triton_window_attention
         assert routes.route_win("cuda", torch.float32, 128, 128).name == "reference"
+    # Without autograd the Triton forward goes before flex (faster, and nothing to compile).
+    assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=False).fn is ta.triton_window_attention
+    with override_settings(use_triton=False):
+        assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=False).name == "flex-sliding-window"
+    assert routes.route_win("cuda", torch.float32, 128, 128, needs_grad=False).name == "reference"
 
 
 @pytest.mark.ops
