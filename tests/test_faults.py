@@ -198,3 +198,17 @@ def test_a_rerun_reports_process_groups_it_did_not_start(disturbed):
     finally:
         harness.end_group(stray)
     assert "still running" not in (snakemake(work, "-n", "all").stderr)
+
+
+def test_a_cuda_oom_message_names_the_other_processes_once():
+    others = " ".join(f"Process {100 + n} has {size} memory in use." for n, size in
+                      enumerate(["1.01 GiB", "4.72 GiB", "736.00 MiB"]))
+    error = (f"setup failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 MiB. GPU 0 has a total "
+             f"capacity of 79.18 GiB of which 5.44 MiB is free. {others} Including non-PyTorch memory, this process "
+             f"has 736.00 MiB memory in use. Of the allocated memory 38.07 MiB is allocated by PyTorch.")
+    short = harness.failed(error)["error"]
+    assert "Process 10" not in short and "3 other processes hold 6.45 GiB." in short  # 1.01 + 4.72 + 0.72
+    assert short.startswith("setup failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 MiB.")
+    assert short.endswith("this process has 736.00 MiB memory in use. Of the allocated memory 38.07 MiB is "
+                          "allocated by PyTorch.")
+    assert harness.failed("worker ended (exit 1)")["error"] == "worker ended (exit 1)"

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -82,7 +83,23 @@ def file_tail(path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def failed(error: str, tail: str = "", **extra) -> dict:
-    return {"status": "failed", "error": error, "log_tail": tail, **extra}
+    return {"status": "failed", "error": condense_oom(error), "log_tail": tail, **extra}
+
+
+_OTHER_PROCESS = re.compile(r"Process \d+ has ([\d.]+) ([KMG]iB) memory in use\. ?")
+_UNITS = {"KiB": 1 / 2**20, "MiB": 1 / 2**10, "GiB": 1.0}
+
+
+def condense_oom(error: str) -> str:
+    """PyTorch's CUDA out-of-memory message names every process on the GPU with its memory (35
+    sentences when a benchmark's workers fill the card): those sentences become one count and sum."""
+    others = _OTHER_PROCESS.findall(error)
+    if len(others) < 2:
+        return error
+    total = sum(float(n) * _UNITS[unit] for n, unit in others)
+    first = _OTHER_PROCESS.search(error).start()
+    rest = _OTHER_PROCESS.sub("", error[first:])
+    return f"{error[:first]}{len(others)} other processes hold {total:.2f} GiB. {rest}"
 
 
 # ----------------------------------------------------------------------------- environments

@@ -180,6 +180,7 @@ def _measure_generation(waves: list[list], n: int, results: list[dict], *, reque
     """Set up one generation's workers wave by wave, ask them round after round, finish and end them."""
     workers: list = []  # (run index, process record, Remote), in start order
     alive: list[int] = []
+    started_at: dict[int, float] = {}
 
     def drop(w, err, unsupported=False):
         i, proc, remote = workers[w]
@@ -192,8 +193,8 @@ def _measure_generation(waves: list[list], n: int, results: list[dict], *, reque
             return
         proc.update(harness.failed(str(err), harness.file_tail(remote.log_path)))
         if results[i]["status"] == "ok":
-            results[i].update(status="failed", error=f"process {proc['index']}: {err}", log_tail=proc["log_tail"])
-        print(f"{script} {results[i]['variant']}/{results[i]['reserve']} process {proc['index']} FAILED: {err}",
+            results[i].update(status="failed", error=f"process {proc['index']}: {proc['error']}", log_tail=proc["log_tail"])
+        print(f"{script} {results[i]['variant']}/{results[i]['reserve']} process {proc['index']} FAILED: {proc['error']}",
               flush=True)
 
     try:  # workers start inside: a Ctrl-C while they start still stops those already started
@@ -202,6 +203,7 @@ def _measure_generation(waves: list[list], n: int, results: list[dict], *, reque
             for i, proc, cmd, env, log in wave:
                 if results[i]["status"] == "unsupported":  # an earlier wave's answer covers the run
                     continue
+                started_at[len(workers)] = time.monotonic()
                 workers.append((i, proc, Remote(cmd, env, log)))
                 alive.append(len(workers) - 1)
             for w in range(started, len(workers)):
@@ -216,6 +218,8 @@ def _measure_generation(waves: list[list], n: int, results: list[dict], *, reque
                     drop(w, msg["unsupported"], unsupported=True)
                     continue
                 i, proc, remote = workers[w]
+                # seconds from start to ready (read in start order, so at most the wave's slowest)
+                proc["setup_s"] = round(time.monotonic() - started_at[w], 1)
                 proc["pid"] = remote.proc.pid
                 info = msg.get("info") or {}
                 if results[i]["routes"] is None and info.get("routes") is not None:
