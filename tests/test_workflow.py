@@ -251,7 +251,7 @@ def test_config_defaults_and_messages():
     with pytest.raises(config_check.ConfigError, match=r"decode\.cpu\.setup_parallel = 'all' is invalid; "
                        r"accepted: an integer >= 1, 0 \(all at once\) or cores"):
         config_check.checked_config({"decode": {"cpu": {"setup_parallel": "all"}}})
-    assert full["train"]["cpu"]["setup_parallel"] == "cores" and full["train"]["cuda"]["setup_parallel"] == 4
+    assert full["train"]["cpu"]["setup_parallel"] == "cores" and full["train"]["cuda"]["setup_parallel"] == 0
     with pytest.raises(config_check.ConfigError, match=r"train\.cuda\.alive = 0 is invalid; accepted: an integer >= 1 "
                                                         r"or all"):
         config_check.checked_config({"train": {"cuda": {"alive": 0}}})
