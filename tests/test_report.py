@@ -50,12 +50,16 @@ def _ws(presized: bool):
 def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"), evil=False, twin=True,
           factor=None, between_sd=0.005, within_sd=0.01, twin_eager=1.0, ref_between_sd=None, ref_within=None,
           run_status=None, tests_status=None, consistency=None, flip_blocks=False, equiv_status=None,
-          acceptance_given=None, warnings=(), modes=None, spread_of=None, seed=0) -> Path:
+          acceptance_given=None, warnings=(), modes=None, spread_of=None, generation_sd=0.0, alive=None,
+          seed=0) -> Path:
     """A raw results tree of schema 2. ``ref_within``: (samples, relative sd) of the reference workload's
     processes. ``factor``: {(variant, reserve, mode): slowdown}; ``run_status``:
     {(variant, reserve): (status, reason)}; ``tests_status``: {suite: entry overrides};
-    ``consistency``: {(sha_key, reserve): record overrides}."""
+    ``consistency``: {(sha_key, reserve): record overrides}. ``generation_sd``: process j of every run,
+    the reference's too, shares one shift (relative sd), as processes measured in one generation do;
+    ``alive``: the sizes' value (None: not written, as before generations)."""
     rng = np.random.default_rng(seed)
+    generation = np.exp(rng.normal(0, generation_sd, k)) if generation_sd else np.ones(k)
     res = root / "results"
     variants = {"base": {"ref": "main~1", "sha": SHA["base"], "subject": "the baseline commit"}}
     if twin:
@@ -87,7 +91,7 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
             p = {"index": j, "pid": 1000 + j, "status": "ok", "workspace_stats": None, "memory": {"peak_bytes": 3 << 20}}
             n_, within_ = ref_within if (ref_within and level_of is ref_level) else (n, within_sd)
             if train:
-                level = level_of(None) * math.exp(rng.normal(0, between_sd))
+                level = level_of(None) * math.exp(rng.normal(0, between_sd)) * generation[j]
                 p["tokens_per_s"] = (level * np.exp(rng.normal(0, within_, n_))).tolist()
                 p["loss"] = (3.0 + 2.5 * np.exp(-np.arange(20) / 5.0)).tolist()
                 p["peak_mem_bytes"] = 50 << 20
@@ -98,7 +102,7 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                     for m in mode_list:
                         sd = ref_between_sd if (ref_between_sd is not None and level_of is ref_level) else between_sd
                         sd = sd_override if sd_override is not None else sd
-                        level = level_of((c, m)) * math.exp(rng.normal(0, sd))
+                        level = level_of((c, m)) * math.exp(rng.normal(0, sd)) * generation[j]
                         p["contexts"][str(c)][f"{m}_ms"] = (level * np.exp(rng.normal(0, within_, n_))).tolist()
             out.append(p)
         return out
@@ -140,8 +144,10 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                        "processes": procs(ref_level, modes, train=True)})
     head = {"schema_version": 2, "device": device, "timer": "perf_counter" if device == "cpu" else "cuda_events",
             "rounds": 5, "processes": k, "conditions": conditions}
-    _dump(res / "decode" / "decode.json", {**head, "sizes": {"contexts": list(CONTEXTS)}, "modes": modes, "runs": runs})
-    _dump(res / "train" / "train.json", {**head, "sizes": {"batch": 2, "seq_len": 64}, "runs": train_runs})
+    gen = {} if alive is None else {"alive": alive}
+    _dump(res / "decode" / "decode.json", {**head, "sizes": {"contexts": list(CONTEXTS), **gen}, "modes": modes,
+                                           "runs": runs})
+    _dump(res / "train" / "train.json", {**head, "sizes": {"batch": 2, "seq_len": 64, **gen}, "runs": train_runs})
     # Per commit: env, tests, consistency, equivalence.
     g = torch.Generator().manual_seed(0)
     ref_out = {"out": torch.randn(2, 16, 32, generator=g), "blocks": torch.randint(0, 40, (2, 16, 4), generator=g)}
@@ -307,6 +313,21 @@ def test_a_reference_scattering_within_its_processes_does_not_make_the_run_too_n
     for n in (s["decode"]["noise"]["eager"], train):
         assert n["reference_process_pct"] <= n["reference_between_pct"] and not n["too_noisy"], n
     assert s["verdict"] == "PASS", s["reasons"]
+
+
+def test_processes_in_generations_are_compared_in_pairs(tmp_path):
+    # As the H200's GPU training in generations did: every run's first process ~10% slower than its
+    # later ones (shifts common to all runs, 12% sd here). Unpaired, that shift is noise: the
+    # reference's spread makes the run too noisy. Paired by generation (alive: 1) it cancels, and
+    # unchanged code passes; a real 3x slowdown still fails.
+    for alive, verdict in (("all", "INCONCLUSIVE"), (1, "PASS")):
+        s = aggregate.build_summary(build(tmp_path / str(alive), generation_sd=0.12, alive=alive, seed=2))
+        assert s["verdict"] == verdict, (alive, s["reasons"])
+        assert s["decode"]["paired"] == (alive == 1) and all(r["paired"] == (alive == 1) for r in s["decode"]["rows"])
+        assert s["training"]["noise"]["train"]["too_noisy"] == (alive == "all")
+    slow = {("feature", r, "eager"): 3.0 for r in ("none", "presized")}
+    s = aggregate.build_summary(build(tmp_path / "slow", factor=slow, generation_sd=0.12, alive=1, seed=2))
+    assert s["verdict"] == "FAIL" and any("3.0× slower" in r for r in s["reasons"]), s["reasons"]
 
 
 def test_noise_from_the_reference_alone_without_a_twin(tmp_path):

@@ -186,3 +186,34 @@ def test_window_means():
     assert stats.window_means([], 3) == (None, None, 0)
     first, last, _ = stats.window_means([1.0, float("nan"), 0.5], 1)
     assert first == 1.0 and last == 0.5
+
+
+def test_pairing_by_generation_cancels_what_every_run_shares():
+    # Processes measured in generations: generation g shifts every run's process g alike (GPU clocks,
+    # the host's state at the time), by up to +-15% here; processes differ by 1% beyond that.
+    rng = np.random.default_rng(11)
+    shifts = np.array([0.85, 1.0, 1.1, 0.95, 1.15])
+
+    def cell(mean):
+        return [rng.normal(mean * s * rng.normal(1, 0.01), mean * 0.01, 200) for s in shifts]
+
+    a, same, slower = cell(10.0), cell(10.0), cell(13.0)
+    unpaired = stats.compare(a, same, threshold_pct=5.0)
+    paired = stats.compare(a, same, threshold_pct=5.0, paired=True)
+    assert paired["paired"] and not unpaired["paired"]
+    assert unpaired["call"] == stats.UNCERTAIN and unpaired["ci_high_pct"] - unpaired["ci_low_pct"] > 15
+    assert paired["call"] == stats.NO_CHANGE and paired["ci_high_pct"] - paired["ci_low_pct"] < 5
+    # The paired t-test is scipy's on the log process medians.
+    la, lb = np.log(stats.process_medians(a)), np.log(stats.process_medians(same))
+    assert paired["p_value"] == pytest.approx(sps.ttest_rel(lb, la).pvalue)
+    # A real 30% slowdown is called, with its size, paired or not.
+    out = stats.compare(a, slower, threshold_pct=5.0, paired=True)
+    assert out["call"] == stats.SLOWER and 25 < out["ci_low_pct"] < 30 < out["ci_high_pct"] < 35
+    # Different process counts cannot be paired: the comparison falls back to independent draws.
+    assert not stats.compare(a, same[:4], threshold_pct=5.0, paired=True)["paired"]
+    # The generation factors recover the shifts (relative to their mean), and removing them leaves
+    # the 1% process spread.
+    f = stats.generation_factors([a, same, slower])
+    assert np.allclose(f, shifts / np.exp(np.log(shifts).mean()), rtol=0.02)
+    assert stats.spread(a)["between_pct"] > 10 and stats.spread(stats.without_generation_effect(a, f))["between_pct"] < 3
+    assert stats.generation_factors([a]) is None and stats.without_generation_effect(a, None)[0].size == 200

@@ -227,9 +227,10 @@ def noise_words(n, what) -> str:
     if n["aa_pct"] is not None:
         parts.append(f"A/A twins differed by up to {n['aa_pct']:.1f}%")
     if n["reference_pct"] is not None:
+        shift = " beside each generation's common shift" if n.get("paired") else ""
         parts.append(f"the reference workload's {n['reference_processes']} processes spread "
-                     f"{n['reference_between_pct']:.1f}%, {n['reference_process_pct']:.1f}% beyond what their own "
-                     f"samples' scatter explains (±{n['reference_pct']:.1f}% between two cells)")
+                     f"{n['reference_between_pct']:.1f}%{shift}, {n['reference_process_pct']:.1f}% beyond what their "
+                     f"own samples' scatter explains (±{n['reference_pct']:.1f}% between two cells)")
     mode = f" in {n['mode']} mode" if n["mode"] != "train" else ""
     return (f"{what} too noisy to judge{mode}: noise floor {n['floor_pct']:.1f}% exceeds the "
             f"{n['tolerance_pct']:g}% tolerance by {n['floor_pct'] - n['tolerance_pct']:.1f} points "

@@ -14,7 +14,9 @@ the reference workload's between-process spread implies for two cells of identic
 do not explain (``stats.spread``'s process_pct): the sampling noise of a median depends on the
 workload's own step-to-step scatter and sample count, and the cells compared carry theirs in
 their CIs already. A change is called only when its CI lies beyond
-max(tolerance, noise floor) (see ``stats.compare``).
+max(tolerance, noise floor) (see ``stats.compare``). Where the workers ran in generations (``alive``
+per run), process j of every run shares its stretch of the job: comparisons pair them, and the
+reference's spread counts only what lies beyond each generation's shift common to all runs.
 """
 
 from __future__ import annotations
@@ -98,21 +100,29 @@ def _cell_row(run, cell, metric) -> dict:
             "between_pct": sp["between_pct"], "process_pct": sp["process_pct"]}
 
 
-def _compare(a_run, b_run, cell, metric, acc, threshold) -> dict:
+def paired_by_generation(bench: dict) -> bool:
+    """Whether process j of every run was measured in the same generation as process j of the others
+    (``alive`` per run below all: interleave.generations), so comparisons pair them."""
+    alive = (bench.get("sizes") or {}).get("alive", "all")
+    return alive not in (None, "all", 0)
+
+
+def _compare(a_run, b_run, cell, metric, acc, threshold, paired=False) -> dict:
     c = stats.compare(metric.groups(a_run, cell), metric.groups(b_run, cell), threshold_pct=threshold,
                       lower_is_better=metric.lower_is_better, level=acc["ci_level"],
-                      n_boot=int(acc["bootstrap_resamples"]))
+                      n_boot=int(acc["bootstrap_resamples"]), paired=paired)
     sp = stats.spread(metric.groups(b_run, cell))
     if c["call"] == stats.NO_CHANGE and threshold > float(acc[metric.tolerance_key]):
         c["call"] = WITHIN_NOISE  # not "no change": a change up to the noise floor would look the same
     return {"context": ctx_value(cell[0]), "mode": cell[1], "status": OK, "value": c["value"],
             "baseline_value": c["baseline_value"], "delta_pct": c["delta_pct"], "ci_low_pct": c["ci_low_pct"],
-            "ci_high_pct": c["ci_high_pct"], "p_value": c["p_value"], "threshold_pct": threshold, "call": c["call"],
+            "ci_high_pct": c["ci_high_pct"], "p_value": c["p_value"], "paired": c["paired"], "threshold_pct": threshold,
+            "call": c["call"],
             "processes": c["processes"], "baseline_processes": c["baseline_processes"],
             "within_pct": sp["within_pct"], "between_pct": sp["between_pct"]}
 
 
-def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys) -> list[dict]:
+def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys, paired=False) -> list[dict]:
     """Every cell both runs measured, compared; or one row saying why there is no comparison."""
     if not a_run or not b_run or a_run["status"] != OK or b_run["status"] != OK:
         bad = next((r for r in (b_run, a_run) if not r or r["status"] != OK), None)
@@ -120,20 +130,31 @@ def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys) -> list[dict]:
                  "reason": bad.get("reason") if bad else None, "error": bad.get("error") if bad else None,
                  "call": None, "judged": False}]
     cells = [c for c in metric.cells(b_run) if c in set(metric.cells(a_run))]
-    return [{**keys, **_compare(a_run, b_run, c, metric, acc, thresholds.get(c[1], acc[metric.tolerance_key])),
+    return [{**keys, **_compare(a_run, b_run, c, metric, acc, thresholds.get(c[1], acc[metric.tolerance_key]), paired),
              "judged": c[1] in judged} for c in cells]
 
 
-def noise_floors(aa: list[dict], reference, metric, acc, modes, judged) -> dict:
+def _reference_spread(reference, cell, metric, runs, paired) -> dict:
+    """The reference's spread in one cell; when comparisons pair processes by generation, after
+    removing each generation's shift common to the implementation's runs (it cancels in a paired
+    comparison, so it is no noise there)."""
+    groups = metric.groups(reference, cell)
+    if paired:
+        others = [metric.groups(r, cell) for r in runs if r["status"] == OK and cell in metric.cells(r)]
+        groups = stats.without_generation_effect(groups, stats.generation_factors(others))
+    return stats.spread(groups)
+
+
+def noise_floors(aa: list[dict], reference, metric, acc, modes, judged, runs=(), paired=False) -> dict:
     """Per timing mode: the A/A twins' largest |delta|, and the reference workload's between-process
-    spread beyond its samples' scatter, pooled over contexts (root mean square: one context's
-    estimate from k processes is itself noisy) and turned into how far two cells of identical code
-    land apart."""
+    spread beyond its samples' scatter (with ``paired``, beyond each generation's common shift too:
+    ``_reference_spread``), pooled over contexts (root mean square: one context's estimate from k
+    processes is itself noisy) and turned into how far two cells of identical code land apart."""
     tol = float(acc[metric.tolerance_key])
     out = {}
     for mode in modes:
         aa_d = [abs(r["delta_pct"]) for r in aa if r.get("mode") == mode and r.get("delta_pct") is not None]
-        ref = [_cell_row(reference, c, metric) for c in metric.cells(reference) if c[1] == mode] \
+        ref = [_reference_spread(reference, c, metric, runs, paired) for c in metric.cells(reference) if c[1] == mode] \
             if reference and reference["status"] == OK else []
         ref = [r for r in ref if r["process_pct"] is not None]
         between, process = (math.sqrt(sum(r[key] ** 2 for r in ref) / len(ref)) if ref else None
@@ -145,7 +166,7 @@ def noise_floors(aa: list[dict], reference, metric, acc, modes, judged) -> dict:
         out[mode] = {"mode": mode, "aa_pct": max(aa_d, default=None), "aa_cells": len(aa_d),
                      "reference_pct": ref_pct, "reference_between_pct": between,
                      "reference_process_pct": process,
-                     "reference_processes": k or None, "reference_contexts": len(ref),
+                     "reference_processes": k or None, "reference_contexts": len(ref), "paired": paired,
                      "floor_pct": floor, "tolerance_pct": tol, "threshold_pct": max(tol, floor or 0.0),
                      "too_noisy": floor is not None and floor > tol, "judged": mode in judged,
                      "measured": floor is not None}
@@ -181,6 +202,7 @@ def analyse(bench: dict, meta: dict, acc: dict, metric: Metric) -> dict:
                    if m in ("eager", "graph", "compiled_graph") else 9)
     judged, note = judged_modes(modes, acc, metric.stage)
     out["modes"], out["judged_modes"], out["judged_note"] = modes, judged, note
+    out["paired"] = paired = paired_by_generation(bench)
     # A/A first (at the tolerance): its deltas are part of the noise floor used everywhere else.
     out["aa"] = []
     for sha, name in first.items():
@@ -189,8 +211,8 @@ def analyse(bench: dict, meta: dict, acc: dict, metric: Metric) -> dict:
                 if (twin, reserve) not in runs:
                     continue
                 out["aa"] += _pairs(runs.get((name, reserve)), runs[(twin, reserve)], metric, acc, {}, judged,
-                                    {"variant_a": name, "variant_b": twin, "sha": sha, "reserve": reserve})
-    out["noise"] = noise_floors(out["aa"], reference, metric, acc, modes, judged)
+                                    {"variant_a": name, "variant_b": twin, "sha": sha, "reserve": reserve}, paired)
+    out["noise"] = noise_floors(out["aa"], reference, metric, acc, modes, judged, list(runs.values()), paired)
     thresholds = {m: n["threshold_pct"] for m, n in out["noise"].items()}
     base = meta["baseline"]
     base_sha = variants.get(base, {}).get("sha")
@@ -200,11 +222,11 @@ def analyse(bench: dict, meta: dict, acc: dict, metric: Metric) -> dict:
             if sha != base_sha:
                 out["rows"] += _pairs(runs.get((base, reserve)), runs.get((name, reserve)), metric, acc, thresholds,
                                       judged, {"variant": name, "sha": sha, "reserve": reserve,
-                                               "baseline_variant": base})
+                                               "baseline_variant": base}, paired)
             if reserve != reserves[0]:
                 out["reserve_rows"] += _pairs(runs.get((name, reserves[0])), runs.get((name, reserve)), metric, acc,
                                               thresholds, judged, {"variant": name, "sha": sha, "reserve": reserve,
-                                                                   "reference_reserve": reserves[0]})
+                                                                   "reference_reserve": reserves[0]}, paired)
     out["_runs"], out["_reference"] = runs, reference
     return out
 

@@ -132,14 +132,18 @@ def _median_index_cdf(n: int) -> np.ndarray:
     return np.maximum.accumulate(cdf)
 
 
-def hierarchical_bootstrap_centres(groups, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def hierarchical_bootstrap_centres(groups, n_boot: int, rng: np.random.Generator,
+                                   which: np.ndarray | None = None) -> np.ndarray:
     """n_boot bootstrap replicates of ``centre``: draw k processes with replacement, then, for each
-    drawn process independently, a resample of its own samples (through its median's CDF)."""
+    drawn process independently, a resample of its own samples (through its median's CDF).
+    ``which`` (n_boot x k process indices): the draws to use, shared by two cells in a paired
+    comparison."""
     gs = clean_groups(groups)
     k = len(gs)
     sorted_groups = [np.sort(g) for g in gs]
     cdfs = [_median_index_cdf(g.size) for g in gs]
-    which = rng.integers(0, k, size=(n_boot, k))
+    if which is None:
+        which = rng.integers(0, k, size=(n_boot, k))
     u = rng.random((n_boot, k))
     values = np.empty((n_boot, k))
     for j in range(k):
@@ -156,6 +160,41 @@ def bootstrap_centre_ci(groups, level: float = 0.99, n_boot: int = 4000, seed: i
     reps = hierarchical_bootstrap_centres(gs, n_boot, np.random.default_rng(seed))
     lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def paired_p_log(base_groups, cand_groups) -> float | None:
+    """Two-sided paired t-test on the log process medians, process j of one cell against process j
+    of the other (measured in the same generation)."""
+    a, b = process_medians(base_groups), process_medians(cand_groups)
+    if a.size < 2 or a.size != b.size or (a <= 0).any() or (b <= 0).any():
+        return None
+    d = np.log(b) - np.log(a)
+    if d.std() == 0:
+        return 1.0 if d[0] == 0 else 0.0
+    with np.errstate(all="ignore"):
+        p = sps.ttest_rel(np.log(b), np.log(a)).pvalue
+    return None if not np.isfinite(p) else float(p)
+
+
+def generation_factors(runs_groups: list) -> np.ndarray | None:
+    """Per process index, the shift every run's process of that index shares: the geometric mean
+    over runs of (process median / the run's centre). Processes with one index are measured in one
+    generation (one stretch of the job), so this is the generation's effect (GPU clocks, the host's
+    state at the time). None unless at least two runs with the same number (>= 2) of processes."""
+    meds = [process_medians(g) for g in runs_groups]
+    meds = [m for m in meds if m.size >= 2 and (m > 0).all()]
+    if len(meds) < 2 or len({m.size for m in meds}) != 1:
+        return None
+    return np.exp(np.mean([np.log(m / m.mean()) for m in meds], axis=0))
+
+
+def without_generation_effect(groups, factors: np.ndarray | None) -> list[np.ndarray]:
+    """Each process's samples divided by its generation's factor (``generation_factors``); the
+    groups unchanged where there are no factors or the counts differ."""
+    gs = clean_groups(groups)
+    if factors is None or len(gs) != factors.size:
+        return gs
+    return [g / f for g, f in zip(gs, factors)]
 
 
 def welch_p_log(base_groups, cand_groups) -> float | None:
@@ -190,25 +229,32 @@ def z_for(level: float) -> float:
 
 
 def compare(base_groups, cand_groups, *, threshold_pct: float, lower_is_better: bool = True,
-            level: float = 0.99, n_boot: int = 4000, seed: int = 0) -> dict:
+            level: float = 0.99, n_boot: int = 4000, seed: int = 0, paired: bool = False) -> dict:
     """Compare two cells measured by several processes each.
 
-    delta = centre(candidate) / centre(baseline) - 1; its CI from independent hierarchical
-    bootstraps of both cells. A change is called only when the whole CI lies beyond
+    delta = centre(candidate) / centre(baseline) - 1; its CI from hierarchical bootstraps of both
+    cells: independent, or with ``paired`` (process j of both cells measured in the same
+    generation) drawing the same process indices in both, so what a generation shifts for every run
+    cancels in the ratio (and the p-value is a paired t-test). With different process counts the
+    comparison is unpaired. A change is called only when the whole CI lies beyond
     +-``threshold_pct`` (the caller passes max(tolerance, noise floor)); "faster"/"slower" follows
     ``lower_is_better`` (latency: lower; throughput: higher). "no change" needs the whole CI inside
     +-``threshold_pct``; a CI reaching across it is "uncertain" (too few processes to say).
     """
     a, b = clean_groups(base_groups), clean_groups(cand_groups)
     base_c, cand_c = centre(a), centre(b)
+    paired = paired and len(a) == len(b) >= 2
     out = {"processes": len(b), "baseline_processes": len(a), "value": cand_c, "baseline_value": base_c,
            "delta_pct": delta_pct(base_c, cand_c), "ci_low_pct": None, "ci_high_pct": None, "ci_level": level,
-           "p_value": welch_p_log(a, b), "threshold_pct": threshold_pct, "call": NO_DATA}
+           "p_value": paired_p_log(a, b) if paired else welch_p_log(a, b), "paired": paired,
+           "threshold_pct": threshold_pct, "call": NO_DATA}
     if not a or not b or out["delta_pct"] is None:
         return out
     rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(a), size=(n_boot, len(a))) if paired else None
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = hierarchical_bootstrap_centres(b, n_boot, rng) / hierarchical_bootstrap_centres(a, n_boot, rng)
+        ratios = (hierarchical_bootstrap_centres(b, n_boot, rng, which)
+                  / hierarchical_bootstrap_centres(a, n_boot, rng, which))
     ratios = ratios[np.isfinite(ratios)]
     if not ratios.size:
         return out

@@ -106,7 +106,8 @@ def noise_table(noise: dict):
     for n in noise.values():
         ref = "" if n["reference_between_pct"] is None else \
             (f"{n['reference_between_pct']:.2f}% over {n['reference_processes']}, "
-             f"{n['reference_process_pct']:.2f}% beyond its samples' scatter → ±{n['reference_pct']:.2f}%")
+             f"{n['reference_process_pct']:.2f}% beyond its samples' scatter"
+             + (" and each generation's common shift" if n.get("paired") else "") + f" → ±{n['reference_pct']:.2f}%")
         rows.append([n["mode"], fmt_num(n["judged"]), fmt_spread(n["aa_pct"]), ref,
                      fmt_spread(n["floor_pct"]) or "not measured",
                      f"{n['tolerance_pct']:g}%", f"±{n['threshold_pct']:.2f}%"
