@@ -234,6 +234,7 @@ def test_alive_bounds_the_workers_alive_at_once_and_a_failed_run_starts_no_more(
         assert all([len(p["samples"]) for p in r["processes"]] == [3] * 5 for r in results[:2])
         # the failed run's later generations never start: one generation's worth of its workers
         assert state["started"].count("bad") == (alive or 5)
+        assert sum(p["status"] == "not started" for p in results[2]["processes"]) == 5 - (alive or 5)
         assert len(interleave.generations([(0, {"index": j}) for j in range(5)], alive)) == gens
     assert interleave.alive_per_run("all") is None and interleave.alive_per_run(2) == 2
 

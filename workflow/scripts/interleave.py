@@ -160,6 +160,9 @@ def coordinate(runs: list[dict], *, script: str, request: dict, merge, processes
     gens = generations(specs, alive)
     t0 = time.monotonic()  # elapsed times in the progress lines: where a long job spends its time
     for g, gen in enumerate(gens):
+        for spec in gen:
+            if results[spec[0]]["status"] == "failed":
+                spec[1].update(status="not started", error="its run failed in an earlier generation")
         gen = [spec for spec in gen if results[spec[0]]["status"] == "ok"]
         label = f"{script}: " + (f"generation {g + 1}/{len(gens)}: " if len(gens) > 1 else "")
         waves = setup_waves(gen, runs, setup_parallel, warm_first=device == "cuda" and g == 0)
