@@ -325,6 +325,9 @@ def test_processes_in_generations_are_compared_in_pairs(tmp_path):
         assert s["verdict"] == verdict, (alive, s["reasons"])
         assert s["decode"]["paired"] == (alive == 1) and all(r["paired"] == (alive == 1) for r in s["decode"]["rows"])
         assert s["training"]["noise"]["train"]["too_noisy"] == (alive == "all")
+        facts = " ".join(report.run_facts(s))
+        assert ("5 worker processes per run (1 of each run alive at a time: 5 generations, compared in pairs)"
+                in facts) == (alive == 1), facts
     slow = {("feature", r, "eager"): 3.0 for r in ("none", "presized")}
     s = aggregate.build_summary(build(tmp_path / "slow", factor=slow, generation_sd=0.12, alive=1, seed=2))
     assert s["verdict"] == "FAIL" and any("3.0× slower" in r for r in s["reasons"]), s["reasons"]

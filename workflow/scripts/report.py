@@ -123,6 +123,14 @@ def plot_html(plots_dir: Path | None, name: str, caption: str, skipped: dict) ->
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
+def _generations_words(dec: dict) -> str:
+    """How the decode workers lived: in generations of ``alive`` per run, compared in pairs."""
+    alive, k = (dec.get("sizes") or {}).get("alive"), dec.get("processes")
+    if not dec.get("paired") or not isinstance(alive, int) or not k:
+        return ""
+    return f" ({alive} of each run alive at a time: {-(-k // alive)} generations, compared in pairs)"
+
+
 def run_facts(s: dict) -> list[str]:
     """One line each: what was compared, on what, under which conditions."""
     base = s["baseline"]
@@ -133,6 +141,7 @@ def run_facts(s: dict) -> list[str]:
              f"(the first declared). Device {s.get('device')}"
              + (f", implementation {impl.get('adapter')}" if impl.get("adapter") else "")
              + (f", {dec.get('processes')} worker processes per run" if dec.get("processes") else "")
+             + _generations_words(dec)
              + (f", {dec.get('rounds')} rounds" if dec.get("rounds") else "") + f". Repository: {s.get('repo')}."]
     host = (s.get("conditions", {}).get("decode") or {}).get("host") or {}
     if host:
