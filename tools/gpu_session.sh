@@ -3,7 +3,7 @@
 #   bash tools/gpu_session.sh tests      nsa suites (junit), GPU checks, bench_smoke --compile
 #   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
 #   bash tools/gpu_session.sh kernels    Triton kernels (window, compressed, scoring, selection): tests, bench_kernels
-#   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report into $OUT
+#   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report and GPU memory per second into $OUT
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 #   bash tools/gpu_session.sh gputests   every gpu- or ops-marked test, failures named, junit
 #   bash tools/gpu_session.sh long       nsa.bench_prefill (8K-64K; fla-core from .whl/fla when there),
@@ -89,8 +89,13 @@ case "${1:-tests}" in
     [ ${#files[@]} -gt 0 ] && extra+=(--configfile "${files[@]}")
     # Stop short of the 10-minute call limit; a second call resumes (--rerun-incomplete via profile).
     start=$(date +%s)
+    # GPU memory every second while it runs: the benchmark generations' footprint (issue 7's OOM).
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -l 1 > "$OUT/gpumem-$1.log" 2>&1 &
+    smi=$!
     timeout "${GPU_SESSION_LIMIT:-560}" snakemake --cores 1 ${GPU_SESSION_TARGET:-all} "${extra[@]}" > "$OUT/snakemake-$1.log" 2>&1
     echo "snakemake rc=$? after $(( $(date +%s) - start )) s"
+    kill "$smi" 2>/dev/null
+    sort -t, -k2 -n "$OUT/gpumem-$1.log" | tail -n 1 | sed 's/^/largest GPU memory reading (MiB): /'
     grep -E "Error|error" "$OUT/snakemake-$1.log" | tail -n 10
     python3 /tmp/repo/tools/job_times.py "$OUT/snakemake-$1.log"   # seconds per rule: where the time went
     for f in report.html report.md summary.json; do cp "results/$f" "$OUT/$1-$f" 2>/dev/null; done
