@@ -211,6 +211,11 @@ def test_pairing_by_generation_cancels_what_every_run_shares():
     assert out["call"] == stats.SLOWER and 25 < out["ci_low_pct"] < 30 < out["ci_high_pct"] < 35
     # Different process counts cannot be paired: the comparison falls back to independent draws.
     assert not stats.compare(a, same[:4], threshold_pct=5.0, paired=True)["paired"]
+    # Nor can cells where a process has no finite sample: dropping it would shift the indices after it.
+    holed = [same[0], [float("nan")], *same[2:]]  # 5 processes, 4 with samples
+    assert not stats.compare(a[:4], holed, threshold_pct=5.0, paired=True)["paired"]
+    assert stats.generation_factors([a, holed]) is None  # the holed run does not count: one run left
+    assert len(stats.without_generation_effect(holed, stats.generation_factors([a, same]))) == 4  # indices not j
     # The generation factors recover the shifts (relative to their mean), and removing them leaves
     # the 1% process spread.
     f = stats.generation_factors([a, same, slower])

@@ -181,7 +181,8 @@ def generation_factors(runs_groups: list) -> np.ndarray | None:
     over runs of (process median / the run's centre). Processes with one index are measured in one
     generation (one stretch of the job), so this is the generation's effect (GPU clocks, the host's
     state at the time). None unless at least two runs with the same number (>= 2) of processes."""
-    meds = [process_medians(g) for g in runs_groups]
+    # A run with a process lacking samples would shift the indices after it: such runs do not count.
+    meds = [process_medians(g) for g in runs_groups if len(clean_groups(g)) == len(g)]
     meds = [m for m in meds if m.size >= 2 and (m > 0).all()]
     if len(meds) < 2 or len({m.size for m in meds}) != 1:
         return None
@@ -192,7 +193,7 @@ def without_generation_effect(groups, factors: np.ndarray | None) -> list[np.nda
     """Each process's samples divided by its generation's factor (``generation_factors``); the
     groups unchanged where there are no factors or the counts differ."""
     gs = clean_groups(groups)
-    if factors is None or len(gs) != factors.size:
+    if factors is None or len(gs) != factors.size or len(gs) != len(groups):
         return gs
     return [g / f for g, f in zip(gs, factors)]
 
@@ -243,7 +244,8 @@ def compare(base_groups, cand_groups, *, threshold_pct: float, lower_is_better: 
     """
     a, b = clean_groups(base_groups), clean_groups(cand_groups)
     base_c, cand_c = centre(a), centre(b)
-    paired = paired and len(a) == len(b) >= 2
+    # Process j pairs with process j only while no process lost all its samples (clean_groups drops it).
+    paired = paired and len(a) == len(b) == len(base_groups or []) == len(cand_groups or []) >= 2
     out = {"processes": len(b), "baseline_processes": len(a), "value": cand_c, "baseline_value": base_c,
            "delta_pct": delta_pct(base_c, cand_c), "ci_low_pct": None, "ci_high_pct": None, "ci_level": level,
            "p_value": paired_p_log(a, b) if paired else welch_p_log(a, b), "paired": paired,
