@@ -194,7 +194,8 @@ def _win_torch_varlen(q, k, v, cu, max_len, window_len, reserve):
 
 
 def route_win(device, dtype, d_k, d_v, needs_grad: bool = True) -> Route:
-    """Window branch for prefill/training: ``fn(q, k, v, *, window)`` with positions ``0..T-1``."""
+    """Window branch for prefill/training: ``fn(q, k, v, *, window)`` with positions ``0..T-1``;
+    ``needs_grad=False``: a forward without autograd (inference prefill)."""
     blocker = _fa2_blocker(settings().use_fa2_win, "NSA_USE_FA2_WIN", torch.device(device), dtype, d_k, d_v)
     if blocker is None:
         provider, _ = fa2_provider()

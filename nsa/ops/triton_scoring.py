@@ -171,10 +171,10 @@ LSE_TILES = (64, 64)  # (rows, compressed tokens) of the _lse kernel on a GPU
 
 def score_tiles(h: int, dkp: int) -> dict:
     """``_scores`` tiles: 16 queries (the smallest ``tl.dot`` side: the head sum leaves one row per
-    query; 32 where timed faster, below) and a chunk of their heads at a time. Built for sm_90, 8 warps, by Triton 3.6 (the lent
-    GPU's) and 3.9, these keep every kernel at d <= 192 and every head count up to 16 free of register
-    spills. At d=128, 128 rows spill when they hold all of a group's 8 heads (224 bytes with Triton
-    3.6, none with 16 heads in two chunks): 64 rows there."""
+    query; 32 where timed faster, below) and a chunk of their heads at a time. Built for sm_90, 8
+    warps, by Triton 3.6 (the lent GPU's) and 3.9, these keep every kernel at d <= 192 and every
+    head count up to 16 free of register spills. At d=128, 128 rows spill when they hold all of a
+    group's 8 heads (224 bytes with Triton 3.6, none with 16 heads in two chunks): 64 rows there."""
     if dkp == 128 and h > 8:
         # Timed on the lent H100 at the issue-8 layer (16 heads per group, d=128, l=32, d=16, l'=64;
         # all queries' scores, bf16; tools/tile_sweep.py's scoring job, same process): 32 queries x 2

@@ -469,8 +469,8 @@ def setup_parallel(value) -> int:
 
 def alive_per_run(value) -> int | None:
     """Worker processes of each run alive at once for the config value: an integer, or ``"all"``
-    (None: every process of every run alive through all rounds)."""
-    return None if value == "all" else int(value)
+    (None: every process of every run alive through all rounds; so is 0, as in :func:`generations`)."""
+    return None if value in ("all", None) or int(value) == 0 else int(value)
 
 
 def run_benchmark(args, spec: dict, *, script: str, request: dict, merge, what: str) -> list[dict]:

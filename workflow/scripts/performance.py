@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import interleave
 import results_io as io
 import stats
 from results_io import FAILED, MISSING, OK
@@ -103,8 +104,7 @@ def _cell_row(run, cell, metric) -> dict:
 def paired_by_generation(bench: dict) -> bool:
     """Whether process j of every run was measured in the same generation as process j of the others
     (``alive`` per run below all: interleave.generations), so comparisons pair them."""
-    alive = (bench.get("sizes") or {}).get("alive", "all")
-    return alive not in (None, "all", 0)
+    return interleave.alive_per_run((bench.get("sizes") or {}).get("alive", "all")) is not None
 
 
 def _compare(a_run, b_run, cell, metric, acc, threshold, paired=False) -> dict:
