@@ -255,7 +255,7 @@ def test_config_defaults_and_messages():
     with pytest.raises(config_check.ConfigError, match=r"train\.cuda\.alive = 0 is invalid; accepted: an integer >= 1 "
                                                         r"or all"):
         config_check.checked_config({"train": {"cuda": {"alive": 0}}})
-    assert full["decode"]["cuda"]["alive"] == 1 and config_check.checked_config(
+    assert full["decode"]["cuda"]["alive"] == 2 and full["decode"]["cpu"]["alive"] == 1 and config_check.checked_config(
         {"decode": {"cuda": {"alive": "all"}}})["decode"]["cuda"]["alive"] == "all"
 
 

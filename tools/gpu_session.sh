@@ -100,6 +100,6 @@ case "${1:-tests}" in
     python3 /tmp/repo/tools/job_times.py "$OUT/snakemake-$1.log"   # seconds per rule: where the time went
     for f in report.html report.md summary.json; do cp "results/$f" "$OUT/$1-$f" 2>/dev/null; done
     # Everything but environments and checkouts (junit files carry per-test times), and the log.
-    tar czf "$OUT/$1-results.tgz" --exclude=results/env --exclude=results/checkouts --exclude=results/repos results
+    tar czf "$OUT/$1-results.tgz" --exclude=results/env --exclude=results/envs --exclude=results/checkouts --exclude=results/repos results
     ;;
 esac
