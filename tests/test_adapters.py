@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -274,8 +276,6 @@ def test_on_cuda_one_worker_per_distinct_code_sets_up_first():
 
 
 def _stage(tmp_path, script: str, adapter: Path, sizes: dict, **extra) -> dict:
-    import subprocess
-
     out = tmp_path / f"{adapter.stem}-{script}.json"
     env_json = tmp_path / "env.json"
     env_json.write_text(json.dumps({"status": "ok", "env_dir": sys.prefix}))
@@ -315,10 +315,7 @@ def test_a_refused_model_field_is_not_supported_never_failed(tmp_path):
 @pytest.mark.workflow
 def test_no_worker_outlives_a_killed_parent(tmp_path):
     """kill -9 of the process that started a benchmark job (Snakemake) leaves no coordinator or worker."""
-    import os
     import signal
-    import subprocess
-    import time
 
     adapter = write_adapter(tmp_path, "toy_long")
     env_json = tmp_path / "env.json"
@@ -348,6 +345,26 @@ def test_no_worker_outlives_a_killed_parent(tmp_path):
     assert ours() == [], "processes outlived the killed parent"
 
 
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+
+
+def test_other_work_during_a_measurement_counts_what_is_not_ours():
+    """A worker's CPU time is ours; a process that is not our child (it outlives its parent, as a
+    test suite started beside the run would) is other work, although busy before and after was 0."""
+    def ours():
+        subprocess.run([sys.executable, "-c", BURN], check=True)
+
+    def someone_elses():
+        subprocess.run(["sh", "-c", f"{sys.executable} -c '{BURN}' >/dev/null 2>&1 &"], check=True)
+        time.sleep(2.5)  # the orphan burns 1.5 s of CPU meanwhile and is never reaped by us
+
+    _, quiet = interleave.measure_conditions(1, "cpu", ours)
+    _, busy = interleave.measure_conditions(1, "cpu", someone_elses)
+    assert quiet["host"]["other_cores_during"] < 0.25, quiet["host"]
+    assert 0.4 <= busy["host"]["other_cores_during"] <= 1.5, busy["host"]
+    assert any("on average during the measurement" in w for w in busy["warnings"]), busy["warnings"]
+
+
 def test_condition_warnings_name_other_work_and_gpu_changes():
     quiet, busy = {"cores": 2, "busy_cores": 0.1}, {"cores": 2, "busy_cores": 1.6}
     assert interleave.condition_warnings(quiet, quiet, None, None) == []
@@ -362,12 +379,21 @@ def test_condition_warnings_name_other_work_and_gpu_changes():
     assert "maximum SM clock changed from 1980 to 1500 MHz" in text and "rose from 34 to 55 C" in text
     assert "held back (software power cap, software thermal slowdown) after" in text
     assert "other processes were on the GPU" in text
-    assert 0 <= interleave.busy_cores(0.05) <= 2 * (__import__("os").cpu_count() or 1)
+    assert 0 <= interleave.busy_cores(0.05) <= 2 * (os.cpu_count() or 1)
     # Time the hypervisor gave to other guests during the measurement
     assert interleave.steal_pct((1000, 10), (2000, 40)) == 3.0
     assert interleave.steal_pct((1000, 10), (1000, 10)) is None and interleave.steal_pct(None, (1, 0)) is None
     stolen = interleave.condition_warnings(quiet, quiet, None, None, steal=3.0)
     assert stolen and "hypervisor took 3.0% of the CPU time" in stolen[0]
     assert interleave.condition_warnings(quiet, quiet, None, None, steal=0.5) == []
+    # Other work during the measurement: all CPU time minus this process tree's, per wall second.
+    assert interleave.other_cores((0.0, 100.0, 10.0), (10.0, 125.0, 30.0)) == 0.5
+    assert interleave.other_cores((0.0, 100.0, 10.0), (10.0, 118.0, 30.0)) == 0.0  # never negative
+    assert interleave.other_cores((0.0, 1.0, 1.0), (0.5, 2.0, 1.0)) is None and interleave.other_cores(None, None) is None
+    during = interleave.condition_warnings(quiet, quiet, None, None, other=0.5)
+    assert during == ["other work kept 0.50 of 2 cores busy on average during the measurement, so some workers' "
+                      "timings ran beside it"]
+    assert interleave.condition_warnings(quiet, quiet, None, None, other=0.2) == []
+    assert interleave.condition_warnings({"cores": 16}, {"cores": 16}, None, None, other=1.0) == []  # < 1.6
     ticks = interleave.cpu_ticks()
     assert ticks is None or (ticks[0] >= ticks[1] >= 0)

@@ -79,7 +79,8 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                          "workspaces": True, "block_indices": True},
         "acceptance": acceptance_given if acceptance_given is not None else {"bootstrap_resamples": 400}})
     conditions = {"host": {"cpu_model": "Fake CPU", "cores": 2, "threads": 1, "loadavg_before": [0.1, 0.1, 0.1],
-                           "loadavg_after": [0.2, 0.1, 0.1], "busy_cores_before": 0.1, "busy_cores_after": 0.2},
+                           "loadavg_after": [0.2, 0.1, 0.1], "busy_cores_before": 0.1, "busy_cores_after": 0.2,
+                           "other_cores_during": 0.04},
                   "gpu_before": None, "gpu_after": None,
                   "warnings": list(warnings)}
     factor = factor or {}
@@ -223,6 +224,9 @@ def test_unchanged_code_with_a_twin_passes_and_the_first_screen_says_it_once(tmp
     # The pip freeze is shown once per commit, not once per variant.
     assert html.count("pip freeze of") == 2
     assert "## Method" in md
+    # Other work on the machine: before, after and on average during each benchmark job.
+    assert ("cores busy with other work 0.1 before, 0.2 after decode, on average 0.04 during decode and 0.04 "
+            "during training") in md
 
 
 def test_reference_reserve_config_is_the_first_declared_not_the_first_alphabetically(tmp_path):

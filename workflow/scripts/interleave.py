@@ -319,6 +319,34 @@ def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> 
 STEAL_WARN_PCT = 2.0  # above this, a warning: per-step timings then scatter visibly on a VM
 
 
+def cpu_usage() -> tuple[float, float, float] | None:
+    """``(wall, busy, own)`` seconds now: the monotonic clock, the CPU time every CPU spent on any
+    work (/proc/stat: user, nice, system, irq, softirq; steal and idle excluded), and the CPU time of
+    this process and its waited-for children (every benchmark worker, once it has ended)."""
+    values = _cpu_line()
+    if not values or len(values) < 7:
+        return None
+    t = os.times()
+    busy = (values[0] + values[1] + values[2] + values[5] + values[6]) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def other_cores(before, after) -> float | None:
+    """Cores that work other than this job kept busy, on average, between two :func:`cpu_usage`
+    readings. The before/after readings (:func:`busy_cores`) miss what comes and goes during the
+    job, such as a test suite run beside it; this counts all of it."""
+    if not before or not after or after[0] - before[0] < 1.0:
+        return None
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return round(max(0.0, other) / (after[0] - before[0]), 2)
+
+
+def other_cores_warn(cores: int | None) -> float:
+    """Other work, in cores on average, above which the report warns: a quarter of a core (on a
+    2-core machine the measured worker and set-ups use the rest), or a tenth of a bigger machine."""
+    return max(0.25, 0.1 * (cores or 1))
+
+
 def host_conditions(threads: int | None) -> dict:
     try:
         load = list(os.getloadavg())
@@ -372,13 +400,16 @@ def slowdowns(reasons: str | None) -> list[str]:
 
 
 def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | None, gpu_after: dict | None,
-                       steal: float | None = None) -> list[str]:
+                       steal: float | None = None, other: float | None = None) -> list[str]:
     """Plain-words warnings where the machine was busy or changed during the measurement."""
     out = []
     if steal is not None and steal >= STEAL_WARN_PCT:
         out.append(f"the hypervisor took {steal:.1f}% of the CPU time during the measurement (steal: other guests "
                    "on the physical host), so timings scatter more than on a dedicated machine")
     cores = host_before.get("cores") or 1
+    if other is not None and other >= other_cores_warn(cores):
+        out.append(f"other work kept {other:.2f} of {cores} cores busy on average during the measurement, "
+                   "so some workers' timings ran beside it")
     for when, host in (("before", host_before), ("after", host_after)):
         busy = host.get("busy_cores")
         if busy is not None and busy > 0.5 * cores:
@@ -406,15 +437,15 @@ def condition_warnings(host_before: dict, host_after: dict, gpu_before: dict | N
 def measure_conditions(threads: int | None, device: str, body):
     """Run ``body()`` and return (its result, the conditions before/after with warnings)."""
     host_before, gpu_before = host_conditions(threads), gpu_conditions() if device == "cuda" else None
-    ticks = cpu_ticks()
+    ticks, usage = cpu_ticks(), cpu_usage()
     result = body()
-    steal = steal_pct(ticks, cpu_ticks())
+    steal, other = steal_pct(ticks, cpu_ticks()), other_cores(usage, cpu_usage())
     host_after, gpu_after = host_conditions(threads), gpu_conditions() if device == "cuda" else None
-    warnings = condition_warnings(host_before, host_after, gpu_before, gpu_after, steal)
+    warnings = condition_warnings(host_before, host_after, gpu_before, gpu_after, steal, other)
     host = {k: v for k, v in host_before.items() if k not in ("loadavg", "busy_cores")}
     host.update(loadavg_before=host_before["loadavg"], loadavg_after=host_after["loadavg"],
                 busy_cores_before=host_before["busy_cores"], busy_cores_after=host_after["busy_cores"],
-                steal_pct=steal)
+                steal_pct=steal, other_cores_during=other)
     return result, {"host": host, "gpu_before": gpu_before, "gpu_after": gpu_after, "warnings": warnings}
 
 
