@@ -348,7 +348,7 @@ def test_no_worker_outlives_a_killed_parent(tmp_path):
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
 
 
-def test_other_work_during_a_measurement_counts_what_is_not_ours():
+def test_other_work_during_a_measurement_counts_what_is_not_ours(tmp_path):
     """A worker's CPU time is ours; a process that is not our child (it outlives its parent, as a
     test suite started beside the run would) is other work, although busy before and after was 0."""
     def ours():
@@ -358,11 +358,51 @@ def test_other_work_during_a_measurement_counts_what_is_not_ours():
         subprocess.run(["sh", "-c", f"{sys.executable} -c '{BURN}' >/dev/null 2>&1 &"], check=True)
         time.sleep(2.5)  # the orphan burns 1.5 s of CPU meanwhile and is never reaped by us
 
+    def a_workers_subprocess():  # still running when the worker's group is killed, as compile pools are
+        burn_then_wait = f"{BURN}\ntime.sleep(60)"
+        proc = interleave.harness.start_group(["sh", "-c", f"{sys.executable} -c '{burn_then_wait}' & sleep 60"],
+                                   groups_dir=tmp_path)
+        time.sleep(2.5)
+        interleave.harness.end_group(proc)
+
     _, quiet = interleave.measure_conditions(1, "cpu", ours)
+    _, killed = interleave.measure_conditions(1, "cpu", a_workers_subprocess)
     _, busy = interleave.measure_conditions(1, "cpu", someone_elses)
     assert quiet["host"]["other_cores_during"] < 0.25, quiet["host"]
+    assert killed["host"]["other_cores_during"] < 0.25, killed["host"]
     assert 0.4 <= busy["host"]["other_cores_during"] <= 1.5, busy["host"]
     assert any("on average during the measurement" in w for w in busy["warnings"]), busy["warnings"]
+
+
+def test_a_worker_ends_torch_compiles_subprocess_pool_once_set_up(tmp_path):
+    """Inductor's compile pool (started here as torch.compile starts it) is gone when set-up ends."""
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(ROOT / "workflow" / "scripts")!r})
+        import harness
+        import torch._inductor.async_compile as ac
+
+        def children():
+            me = str(os.getpid())
+            return [d for d in os.listdir("/proc") if d.isdigit() and harness._stat(int(d), 4) == me]
+
+        ac.AsyncCompile.warm_pool()
+        deadline = time.monotonic() + 30
+        while not children() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        before = len(children())
+        harness.end_compile_workers()
+        deadline = time.monotonic() + 30
+        while children() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print(before, len(children()))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split())
+    assert before >= 1 and after == 0, out.stdout
 
 
 def test_condition_warnings_name_other_work_and_gpu_changes():

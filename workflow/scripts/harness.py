@@ -356,8 +356,36 @@ def start_group(cmd: list[str], groups_dir=GROUPS_DIR, **popen) -> subprocess.Po
     return proc
 
 
+# CPU seconds of the group members end_group killed besides each leader (a worker's compile
+# subprocesses): init reaps them, so they are missing from os.times()' children and would otherwise
+# count as other work on the machine (interleave.cpu_usage).
+_killed_cpu_s = 0.0
+
+
+def killed_members_cpu_s() -> float:
+    return _killed_cpu_s
+
+
+def _group_members_cpu_s(pgid: int) -> float:
+    """CPU seconds (their own and their reaped children's) of the processes in group ``pgid`` other
+    than its leader, from /proc."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pgid:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5: the process group
+                total += sum(int(v) for v in fields[11:15])  # fields 14-17: utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def end_group(proc: subprocess.Popen) -> None:
     """Kill what is left of the group (a worker's own children too), reap the leader, unlist it."""
+    global _killed_cpu_s
+    _killed_cpu_s += _group_members_cpu_s(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -442,6 +470,18 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
+def end_compile_workers() -> None:
+    """End torch.compile's pool of compile subprocesses once a worker has set up. Inductor starts up
+    to one per core (each importing torch) in every process that compiles; left alive they compete
+    with the timed steps of host-bound modes, and, killed with the worker's group, their CPU time
+    showed as "other work" (on the H100: 2 of 16 cores on average during decode and training). A
+    compile after this starts a new pool; a worker that never compiled has none."""
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    shutdown = getattr(async_compile, "shutdown_compile_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def serve(make_worker, handlers: dict) -> int:
     """Worker side of the coordinator's line protocol (JSON lines on a private copy of stdout).
 
@@ -462,6 +502,7 @@ def serve(make_worker, handlers: dict) -> int:
 
     try:
         worker = make_worker()
+        end_compile_workers()
     except adapter_api.Unsupported as e:
         send({"unsupported": str(e)})
         return 0

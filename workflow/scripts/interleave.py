@@ -322,13 +322,15 @@ STEAL_WARN_PCT = 2.0  # above this, a warning: per-step timings then scatter vis
 def cpu_usage() -> tuple[float, float, float] | None:
     """``(wall, busy, own)`` seconds now: the monotonic clock, the CPU time every CPU spent on any
     work (/proc/stat: user, nice, system, irq, softirq; steal and idle excluded), and the CPU time of
-    this process and its waited-for children (every benchmark worker, once it has ended)."""
+    this process, its waited-for children (every benchmark worker, once it has ended) and the
+    workers' own subprocesses ended with them (harness.end_group)."""
     values = _cpu_line()
     if not values or len(values) < 7:
         return None
     t = os.times()
     busy = (values[0] + values[1] + values[2] + values[5] + values[6]) / os.sysconf("SC_CLK_TCK")
-    return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+    own = t.user + t.system + t.children_user + t.children_system + harness.killed_members_cpu_s()
+    return time.monotonic(), busy, own
 
 
 def other_cores(before, after) -> float | None:
