@@ -126,11 +126,21 @@ def _error(e: BaseException) -> str:
     return "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set) -> list[dict]:
-    """Rows for one length: each (variant, pass) warmed up, then timed in interleaved rounds."""
+VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_projections", "dense_sdpa", "fla_parallel_nsa")
+
+
+def _peak(peak_bytes) -> str:
+    return f"peak {peak_bytes / 2**30:6.2f} GiB" if peak_bytes else ""
+
+
+def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) -> list[dict]:
+    """Rows for one length: each (variant, pass) warmed up, then timed in interleaved rounds.
+    ``only``: the variant names to measure (None: all there are)."""
     timer = _Timer(device)
     cases = {}
     for name, (fwd, fwd_bwd) in variants(cfg, T, device, dtype).items():
+        if only and name not in only:
+            continue
         for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             cases[(name, what)] = fn
     rows = {key: {"variant": key[0], "pass": key[1], "T": T, "samples": [], "peak_bytes": None} for key in cases}
@@ -146,9 +156,12 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set) -> list[dic
             rows[key]["peak_bytes"] = peak
             if ms > max_call_s * 1e3:
                 slow.add(key)
+            # Progress: a long length's warm-ups (compiles, autotuning) take minutes on their own.
+            print(f"T={T:6d} {key[0]:17s} {key[1]:8s} first timed call {ms:9.2f} ms {_peak(peak)}", flush=True)
         except Exception as e:  # noqa: BLE001 -- every failure is a row, the others go on
             rows[key]["error"] = _error(e)
             dead.add(key)
+            print(f"T={T:6d} {key[0]:17s} {key[1]:8s} {rows[key]['error']}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for _ in range(reps - 1):
@@ -163,9 +176,8 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set) -> list[dic
         if row["samples"]:
             row.update(summarise(row["samples"]))
         out.append(row)
-        ms = f"{row['median_ms']:9.2f} ms" if row["samples"] else f"{row.get('error', 'no samples')}"
-        peak = f"peak {row['peak_bytes'] / 2**30:6.2f} GiB" if row["peak_bytes"] else ""
-        print(f"T={T:6d} {row['variant']:17s} {row['pass']:8s} {ms} {peak}", flush=True)
+        ms = f"median {row['median_ms']:9.2f} ms" if row["samples"] else f"{row.get('error', 'no samples')}"
+        print(f"T={T:6d} {row['variant']:17s} {row['pass']:8s} {ms} {_peak(row['peak_bytes'])}", flush=True)
     return out
 
 
@@ -177,8 +189,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per length (default 5 GPU, 2 CPU)")
     ap.add_argument("--max-call-s", type=float, default=5.0, help="a call slower than this is timed once")
     ap.add_argument("--tiny", action="store_true", help="a small layer (smoke test) instead of issue 8's shape")
-    ap.add_argument("--json", default=None, help="write every row here")
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                    help=f"measure only these variants (of {', '.join(VARIANTS)}; default: all available)")
+    ap.add_argument("--json", default=None, help="write every row here (rewritten after each length)")
     args = ap.parse_args(argv)
+    bad = sorted(set(args.only or ()) - set(VARIANTS))
+    if bad:
+        ap.error(f"--only {' '.join(bad)}: no such variant; accepted: {', '.join(VARIANTS)}")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -199,12 +216,14 @@ def main(argv=None):
         print("routes of nsa_layer_no_flex:", json.dumps(no_flex), flush=True)
         routes = {"nsa_layer": routes, "nsa_layer_no_flex": no_flex}
     dead: set = set()
-    rows = []
-    for T in lengths:
-        rows += bench_length(cfg, T, device, dtype, args.reps or (5 if gpu else 2), args.max_call_s, dead)
     result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
-              "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes, "rows": rows}
-    write_json(args.json, result)
+              "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes,
+              "lengths": lengths, "complete": False, "rows": []}
+    for T in lengths:
+        result["rows"] += bench_length(cfg, T, device, dtype, args.reps or (5 if gpu else 2), args.max_call_s, dead,
+                                       args.only)
+        result["complete"] = T == lengths[-1]
+        write_json(args.json, result)  # after each length: a run stopped at a longer one keeps these
     return result
 
 

@@ -48,8 +48,10 @@ case "${1:-tests}" in
     ;;
   long)
     [ -d "$OLDPWD/.whl/fla" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$OLDPWD"/.whl/fla/*.whl
+    # GPU_SESSION_PREFILL_ONLY: variants to time (nsa.bench_prefill --only), e.g. "nsa_layer dense_sdpa" at 128K.
     timeout "${GPU_SESSION_PREFILL_S:-330}" python3 -m nsa.bench_prefill --lengths ${GPU_SESSION_LENGTHS:-8192 16384 32768 65536} \
-      --reps 3 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1; cat "$OUT/prefill.log"
+      --reps 3 ${GPU_SESSION_PREFILL_ONLY:+--only $GPU_SESSION_PREFILL_ONLY} --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
+    cat "$OUT/prefill.log"
     timeout "${GPU_SESSION_KERNELS_S:-200}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-200} - 20 ))" \
       --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
     ;;

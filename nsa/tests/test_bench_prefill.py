@@ -36,3 +36,29 @@ def test_bench_prefill_records_a_failing_variant_and_skips_it_later(monkeypatch)
     bad = [r for r in rows if (r["variant"], r["pass"]) == ("nsa_layer", "fwd+bwd")]
     assert [r["error"] for r in bad] == ["out of memory", "skipped: failed at a shorter length"]
     assert all("error" not in r and r["n"] == 1 for r in rows if r not in bad)
+
+
+def test_bench_prefill_only_some_variants_with_progress_and_a_json_per_length(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "prefill.json"
+    seen = []
+    real_write = bench_prefill.write_json
+
+    def write(path, result):  # what a run stopped after the first length would have left
+        real_write(path, result)
+        seen.append(json.loads(out.read_text()))
+
+    monkeypatch.setattr(bench_prefill, "write_json", write)
+    result = bench_prefill.main(["--tiny", "--device", "cpu", "--lengths", "40", "64", "--reps", "1",
+                                 "--only", "dense_sdpa", "--json", str(out)])
+    assert {r["variant"] for r in result["rows"]} == {"dense_sdpa"} and len(result["rows"]) == 4
+    assert [(len(s["rows"]), s["complete"]) for s in seen] == [(2, False), (4, True)]
+    printed = capsys.readouterr().out
+    assert printed.count("first timed call") == 4 and printed.count("median") == 4
+
+
+def test_bench_prefill_refuses_an_unknown_variant(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench_prefill.main(["--tiny", "--device", "cpu", "--only", "dense", "nsa_layer"])
+    assert "--only dense: no such variant; accepted: nsa_layer, nsa_layer_no_flex" in capsys.readouterr().err
