@@ -30,7 +30,8 @@ except ValueError as e:
 
 onstart:
     try:
-        if workflow.local_exec and DEVICE == "cuda":
+        # `auto` found the GPU above already (importing torch takes seconds on a GPU host).
+        if workflow.local_exec and config["device"] == "cuda":
             harness.check_gpu_here(HOST_PYTHON)
         if workflow.non_local_exec and config["device"] == "auto":
             raise ValueError("config key device = 'auto' with jobs on a cluster: this host cannot tell what the "
