@@ -127,6 +127,17 @@ def test_rerun_with_nothing_changed_does_nothing(e2e):
 
 
 @pytest.mark.workflow
+def test_a_changed_judge_module_redoes_the_verdict(e2e):
+    """The judging rules take every module their script imports as input, not the script alone."""
+    proc = snakemake(e2e["work"], "--cores", "1", "--detailed-summary")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    inputs = {line.split("\t")[0]: line for line in proc.stdout.splitlines()}
+    for output, modules in (("results/summary.json", ("stats.py", "acceptance.py", "performance.py", "tables.py")),
+                            ("results/report.html", ("report.py", "tables.py"))):
+        assert all(f"workflow/scripts/{m}" in inputs[output] for m in modules), (output, inputs[output][:2000])
+
+
+@pytest.mark.workflow
 def test_gate_fails_on_a_fail_verdict(e2e):
     proc = snakemake(e2e["work"], "--cores", "1", "gate")
     assert proc.returncode != 0

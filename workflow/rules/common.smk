@@ -1,4 +1,5 @@
 # Start-up: which commits, which configurations, which device; and the helpers the rules share.
+import ast
 import json
 import os
 import re
@@ -129,6 +130,25 @@ def bench_runs():
     """Every (variant, reserve) run of the interleaved benchmarks; A/A twins run separately."""
     return [{"variant": name, "sha": v["sha"], "reserve": r, "env_json": env_json(v["sha"]),
              "vars": job_vars(r)} for name, v in VARIANTS.items() for r in RESERVES]
+
+
+def with_modules(script):
+    """``script`` of workflow/scripts and every module there it imports, transitively: inputs of the
+    local rules that judge and report, so a workflow upgrade that changes the judge redoes the verdict
+    (only the script itself would leave a report made by the old judge)."""
+    out, todo = [], [script]
+    while todo:
+        name = todo.pop()
+        path = Path(SCRIPTS) / f"{name}.py"
+        if str(path) in out or not path.exists():
+            continue
+        out.append(str(path))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module)
+    return out
 
 
 def per_sha_reserve(pattern):

@@ -18,6 +18,7 @@ rule aggregate:
         equiv=per_sha_reserve(f"{RESULTS}/equiv/{{sha}}/{{reserve}}.json"),
         consistency=per_sha_reserve(f"{RESULTS}/consistency/{{sha}}/{{reserve}}.json"),
         script=f"{SCRIPTS}/aggregate.py",
+        modules=with_modules("aggregate"),
     output:
         f"{RESULTS}/summary.json",
     params:
@@ -33,6 +34,7 @@ rule plots:
     input:
         summary=f"{RESULTS}/summary.json",
         script=f"{SCRIPTS}/plots.py",
+        modules=with_modules("plots"),
     output:
         directory(f"{RESULTS}/plots"),
     params:
@@ -48,6 +50,7 @@ rule report:
         summary=f"{RESULTS}/summary.json",
         plots=f"{RESULTS}/plots",
         script=f"{SCRIPTS}/report.py",
+        modules=with_modules("report"),
     output:
         # update(): Snakemake keeps a copy and restores it when the job fails (a full disk, a bug), so a
         # failed rerun never deletes the report that was there.
