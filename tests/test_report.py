@@ -51,13 +51,14 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
           factor=None, between_sd=0.005, within_sd=0.01, twin_eager=1.0, ref_between_sd=None, ref_within=None,
           run_status=None, tests_status=None, consistency=None, flip_blocks=False, equiv_status=None,
           acceptance_given=None, warnings=(), modes=None, spread_of=None, generation_sd=0.0, alive=None,
-          seed=0) -> Path:
+          outlier=None, seed=0) -> Path:
     """A raw results tree of schema 2. ``ref_within``: (samples, relative sd) of the reference workload's
     processes. ``factor``: {(variant, reserve, mode): slowdown}; ``run_status``:
     {(variant, reserve): (status, reason)}; ``tests_status``: {suite: entry overrides};
     ``consistency``: {(sha_key, reserve): record overrides}. ``generation_sd``: process j of every run,
     the reference's too, shares one shift (relative sd), as processes measured in one generation do;
-    ``alive``: the sizes' value (None: not written, as before generations)."""
+    ``alive``: the sizes' value (None: not written, as before generations); ``outlier``:
+    {(variant, reserve): (process index, factor)}: that decode process's samples all times factor."""
     rng = np.random.default_rng(seed)
     generation = np.exp(rng.normal(0, generation_sd, k)) if generation_sd else np.ones(k)
     res = root / "results"
@@ -131,6 +132,10 @@ def build(root: Path, *, device="cpu", k=5, n=30, reserves=("none", "presized"),
                 return (1.0 + c / 1024) * (0.5 if m != "eager" else 1.0) * f
 
             ps = procs(level, modes, sd_override=(spread_of or {}).get(name))
+            if (name, r) in (outlier or {}):
+                j, f = outlier[(name, r)]
+                ps[j]["contexts"] = {c: {m: [x * f for x in xs] for m, xs in cell.items()}
+                                     for c, cell in ps[j]["contexts"].items()}
             for p in ps:
                 p["workspace_stats"] = _ws(r != reserves[0])
             runs.append({**base, "status": "ok", "routes": {"slc": {"route": "packed", "reason": "cpu"}},
@@ -290,6 +295,19 @@ def test_a_ci_too_wide_to_rule_out_a_regression_is_inconclusive_not_no_change(tm
                         r"[+-]\d+\.\d+%, 99% CI .* reaches beyond ±10\.0% \(5 processes per run: more processes would narrow the CI\)",
                         r) for r in s["reasons"]), s["reasons"]
     assert s["overview"][2]["decode"].startswith("uncertain: the CI reaches beyond ±10%")
+
+
+def test_one_slow_process_is_named_where_a_comparison_cannot_be_judged(tmp_path):
+    # Process 3 of feature x presized runs 1.4x slow throughout (as a process can on a VM): not a
+    # regression of the code, and the reason says which process it was.
+    s = aggregate.build_summary(build(tmp_path, outlier={("feature", "presized"): (2, 1.4)}, seed=1))
+    assert s["verdict"] == "INCONCLUSIVE", s["reasons"]
+    assert any("feature vs base (reserve presized) cannot be judged" in r and
+               "±10.0%: process 3 of feature × presized ran 1.4" in r and "the median of its others" in r
+               for r in s["reasons"]), s["reasons"]
+    row = next(r for r in s["decode"]["rows"] if r["reserve"] == "presized")
+    assert row["outlier"]["side"] == "candidate" and row["outlier"]["process"] == 2
+    assert all(r["outlier"] is None for r in s["decode"]["rows"] if r["reserve"] == "none")
 
 
 def test_a_ci_wide_only_on_the_faster_side_passes_and_says_not_slower(tmp_path):

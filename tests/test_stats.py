@@ -222,3 +222,13 @@ def test_pairing_by_generation_cancels_what_every_run_shares():
     assert np.allclose(f, shifts / np.exp(np.log(shifts).mean()), rtol=0.02)
     assert stats.spread(a)["between_pct"] > 10 and stats.spread(stats.without_generation_effect(a, f))["between_pct"] < 3
     assert stats.generation_factors([a]) is None and stats.without_generation_effect(a, None)[0].size == 200
+
+
+def test_the_process_far_from_its_cells_others_is_named():
+    base = [np.full(20, v) for v in (1.0, 1.02, 0.98, 1.01)]
+    assert stats.process_outlier(base + [np.full(20, 1.4)]) == (4, pytest.approx(1.4 / 1.005, rel=1e-3))
+    assert stats.process_outlier([np.full(20, 0.7)] + base) == (0, pytest.approx(0.7 / 1.005, rel=1e-3))  # fast counts too
+    assert stats.process_outlier(base + [np.full(20, 1.2)]) is None  # within OUTLIER_RATIO
+    assert stats.process_outlier([np.full(5, 1.0), np.full(5, 2.0)]) is None  # two processes: no "others"
+    # Indices are those of the groups given, a process without samples included.
+    assert stats.process_outlier([[], *base, np.full(20, 1.5)])[0] == 5

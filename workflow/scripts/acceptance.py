@@ -104,13 +104,26 @@ def _perf_reasons(rows, stage, what, lower_is_better, level, against) -> list[st
             f"{ci_words(w, level)}{more}" for w, more in _worst_per_pair(rows, lambda r: abs(r["delta_pct"]))]
 
 
+def outlier_words(r) -> str:
+    """': process 2 of head × presized ran 1.38× the median of its others, …' for a row with an outlier."""
+    o = r.get("outlier")
+    if not o:
+        return ""
+    if o["side"] == "candidate":
+        run = f"{r['variant']} × {r['reserve']}"
+    else:
+        run = f"{r.get('baseline_variant', r['variant'])} × {r.get('reference_reserve', r['reserve'])}"
+    return f": process {o['process'] + 1} of {run} ran {o['ratio']:.2f}× the median of its others, which a rerun may not repeat"
+
+
 def _uncertain_reasons(rows, stage, what, lower_is_better, level, against) -> list[str]:
     """'decode at ctx 32, eager mode: slow vs base (reserve none) cannot be judged: ...', naming the
-    cell whose CI reaches furthest to the worse side."""
+    cell whose CI reaches furthest to the worse side, and a process far from its cell's others."""
     procs = min(min(r["processes"], r["baseline_processes"]) for r in rows)
     worse = (lambda r: r["ci_high_pct"]) if lower_is_better else (lambda r: -r["ci_low_pct"])
     return [f"{what}{where(w, stage)}: {against(w)} cannot be judged: {pct(w['delta_pct'])}, {ci_words(w, level)} "
-            f"reaches beyond ±{w['threshold_pct']:.1f}% ({procs} processes per run: more processes would narrow the CI){more}"
+            f"reaches beyond ±{w['threshold_pct']:.1f}%{outlier_words(w)} ({procs} processes per run: more processes "
+            f"would narrow the CI){more}"
             for w, more in _worst_per_pair(rows, worse)]
 
 

@@ -112,6 +112,9 @@ def _compare(a_run, b_run, cell, metric, acc, threshold, paired=False) -> dict:
                       lower_is_better=metric.lower_is_better, level=acc["ci_level"],
                       n_boot=int(acc["bootstrap_resamples"]), paired=paired)
     sp = stats.spread(metric.groups(b_run, cell))
+    outliers = [(side, stats.process_outlier(metric.groups(run, cell))) for side, run in
+                (("candidate", b_run), ("baseline", a_run))]
+    outlier = max(((side, o) for side, o in outliers if o), key=lambda x: abs(math.log(x[1][1])), default=None)
     if c["call"] == stats.NO_CHANGE and threshold > float(acc[metric.tolerance_key]):
         c["call"] = WITHIN_NOISE  # not "no change": a change up to the noise floor would look the same
     return {"context": ctx_value(cell[0]), "mode": cell[1], "status": OK, "value": c["value"],
@@ -119,7 +122,8 @@ def _compare(a_run, b_run, cell, metric, acc, threshold, paired=False) -> dict:
             "ci_high_pct": c["ci_high_pct"], "p_value": c["p_value"], "paired": c["paired"], "threshold_pct": threshold,
             "call": c["call"],
             "processes": c["processes"], "baseline_processes": c["baseline_processes"],
-            "within_pct": sp["within_pct"], "between_pct": sp["between_pct"]}
+            "within_pct": sp["within_pct"], "between_pct": sp["between_pct"],
+            "outlier": {"side": outlier[0], "process": outlier[1][0], "ratio": outlier[1][1]} if outlier else None}
 
 
 def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys, paired=False) -> list[dict]:

@@ -273,6 +273,30 @@ def compare(base_groups, cand_groups, *, threshold_pct: float, lower_is_better: 
     return out
 
 
+# A process whose median is at least this many times the median of its cell's other processes (or
+# 1/this), and far beyond how those others scatter among themselves, is named where a verdict cannot
+# be judged: one slow process widens the CI as much as slow code would, and a rerun may not repeat it.
+OUTLIER_RATIO = 1.25
+OUTLIER_MADS = 4.0  # ... and this many robust standard deviations (1.4826 x MAD) of the others' logs
+
+
+def process_outlier(groups) -> tuple[int, float] | None:
+    """``(index, ratio)`` of the process furthest from the median of the others' medians (ratio =
+    its median / theirs; index into ``groups``), where that is beyond ``OUTLIER_RATIO`` either way
+    and beyond ``OUTLIER_MADS`` of the others' own scatter; None with fewer than three processes or
+    none that far (in a cell whose processes all scatter widely, none stands out)."""
+    idx = [i for i, g in enumerate(groups or []) if clean(g).size]
+    meds = process_medians(groups)
+    if meds.size < 3 or (meds <= 0).any():
+        return None
+    logs = np.log(meds)
+    dev = [logs[j] - np.median(np.delete(logs, j)) for j in range(logs.size)]
+    j = int(np.argmax(np.abs(dev)))
+    others = np.delete(logs, j)
+    scatter = OUTLIER_MADS * 1.4826 * float(np.median(np.abs(others - np.median(others))))
+    return (idx[j], math.exp(dev[j])) if abs(dev[j]) >= max(math.log(OUTLIER_RATIO), scatter) else None
+
+
 def reference_noise_pct(between_pct: float | None, processes: int, level: float = 0.99) -> float | None:
     """How far apart two cells of ``processes`` processes each of *identical* code land, at
     ``level``: z * between-process CV * sqrt(2 / k) (the difference of two means of k)."""
