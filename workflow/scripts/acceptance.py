@@ -113,7 +113,8 @@ def outlier_words(r) -> str:
         run = f"{r['variant']} × {r['reserve']}"
     else:
         run = f"{r.get('baseline_variant', r['variant'])} × {r.get('reference_reserve', r['reserve'])}"
-    return f": process {o['process'] + 1} of {run} ran {o['ratio']:.2f}× the median of its others, which a rerun may not repeat"
+    return (f": process {o['process'] + 1} of {run} ran {o['ratio']:.2f}× the median of its others, which a rerun "
+            f"may not repeat")
 
 
 def _uncertain_reasons(rows, stage, what, lower_is_better, level, against) -> list[str]:
