@@ -138,7 +138,11 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) 
     ``only``: the variant names to measure (None: all there are)."""
     timer = _Timer(device)
     cases = {}
-    for name, (fwd, fwd_bwd) in variants(cfg, T, device, dtype).items():
+    here = variants(cfg, T, device, dtype)
+    absent = sorted(set(only or ()) - set(here))
+    if absent:  # e.g. nsa_layer_no_flex on a CPU, fla_parallel_nsa without fla installed
+        print(f"T={T:6d} not available here: {', '.join(absent)}", flush=True)
+    for name, (fwd, fwd_bwd) in here.items():
         if only and name not in only:
             continue
         for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):

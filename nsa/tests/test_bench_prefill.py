@@ -49,11 +49,12 @@ def test_bench_prefill_only_some_variants_with_progress_and_a_json_per_length(tm
 
     monkeypatch.setattr(bench_prefill, "write_json", write)
     result = bench_prefill.main(["--tiny", "--device", "cpu", "--lengths", "40", "64", "--reps", "1",
-                                 "--only", "dense_sdpa", "--json", str(out)])
+                                 "--only", "dense_sdpa", "nsa_layer_no_flex", "--json", str(out)])
     assert {r["variant"] for r in result["rows"]} == {"dense_sdpa"} and len(result["rows"]) == 4
     assert [(len(s["rows"]), s["complete"]) for s in seen] == [(2, False), (4, True)]
     printed = capsys.readouterr().out
     assert printed.count("first timed call") == 4 and printed.count("median") == 4
+    assert printed.count("not available here: nsa_layer_no_flex") == 2  # a GPU-only variant, said per length
 
 
 def test_bench_prefill_refuses_an_unknown_variant(capsys):
