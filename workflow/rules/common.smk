@@ -135,7 +135,8 @@ def bench_runs():
 def with_modules(script):
     """``script`` of workflow/scripts and every module there it imports, transitively: inputs of the
     local rules that judge and report, so a workflow upgrade that changes the judge redoes the verdict
-    (only the script itself would leave a report made by the old judge)."""
+    (only the script itself would leave a report made by the old judge). Hand-written: Snakemake's
+    code rerun trigger follows a rule's own code, not the modules a shell command's script imports."""
     out, todo = [], [script]
     while todo:
         name = todo.pop()

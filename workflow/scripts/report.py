@@ -146,14 +146,14 @@ def run_facts(s: dict) -> list[str]:
     host = (s.get("conditions", {}).get("decode") or {}).get("host") or {}
     if host:
         bb, ba = host.get("busy_cores_before"), host.get("busy_cores_after")
-        load = (f"; cores busy with other work {bb:.1f} before, {ba:.1f} after decode"
-                if isinstance(bb, (int, float)) and isinstance(ba, (int, float)) else "")
-        during = [(stage, ((s.get("conditions", {}).get(stage) or {}).get("host") or {}).get("other_cores_during"))
-                  for stage in ("decode", "train")]
-        during = [f"{v:.2f} during {'training' if stage == 'train' else stage}" for stage, v in during
-                  if isinstance(v, (int, float))]
-        load += f"{'; cores busy with other work' if not load else ','} on average {' and '.join(during)}" \
-            if during else ""
+        busy = [f"{bb:.1f} before, {ba:.1f} after decode"] \
+            if isinstance(bb, (int, float)) and isinstance(ba, (int, float)) else []
+        during = {name: ((s.get("conditions", {}).get(stage) or {}).get("host") or {}).get("other_cores_during")
+                  for stage, name in (("decode", "decode"), ("train", "training"))}
+        during = [f"{v:.2f} during {name}" for name, v in during.items() if isinstance(v, (int, float))]
+        if during:
+            busy.append("on average " + " and ".join(during))
+        load = f"; cores busy with other work {', '.join(busy)}" if busy else ""
         steal = host.get("steal_pct")
         steal = f"; hypervisor steal {steal:.1f}% of CPU time during decode" if isinstance(steal, (int, float)) else ""
         malloc = "; freed memory kept for reuse (glibc malloc thresholds)" if host.get("malloc_reuse") else ""
