@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,11 @@ def _call(fn, timer, device) -> tuple[float, int | None]:
 
 
 def _error(e: BaseException) -> str:
-    return "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:300]}"
+    if isinstance(e, torch.OutOfMemoryError):
+        # The request that failed says where to look (a 128 GiB one at 128K was a dense T x T mask).
+        asked = re.search(r"Tried to allocate [\d.]+ [KMGT]iB", str(e))
+        return "out of memory" + (f" ({asked.group(0)[0].lower()}{asked.group(0)[1:]})" if asked else "")
+    return f"{type(e).__name__}: {str(e)[:300]}"
 
 
 VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_projections", "dense_sdpa", "fla_parallel_nsa")

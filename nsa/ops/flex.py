@@ -73,22 +73,53 @@ def selection_attention_flex(q, k, v, block_idx, *, sel_block_len: int, scale=No
 
 
 @functools.lru_cache(maxsize=16)
-def _window_mask(length: int, window: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
+def _window_mask(length: int, window: int, device: torch.device, block: int = 128):
+    """The causal band ``t - window < s <= t`` over ``length`` queries and keys as a ``BlockMask``,
+    built from its tile lists. ``create_block_mask`` evaluates ``mask_mod`` on the dense
+    ``length x length`` grid first (int64: 72 GiB at T=96K, 128 GiB at 128K on the H100, an
+    out-of-memory that stopped 128K training); here memory is tiles, linear in T for a fixed window.
+
+    Query tile i meets key tile j = i - d for 0 <= d <= (window + block - 2) // block; the tiles with
+    1 <= d <= (window - block) // block lie wholly inside the band ("full": no mask evaluated), the
+    others (the diagonal, the band's far edge) keep ``mask_mod``. The tile grids are (T / block)^2
+    bytes: 1 MiB at 128K.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if length % block:
+        raise ValueError(f"length {length} is not a multiple of the tile {block}")
 
     def mask_mod(b, head, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return create_block_mask(mask_mod, None, None, length, length, device=device)
+    n = length // block
+    reach, full_reach = (window + block - 2) // block, max(0, (window - block) // block)
+    d = torch.arange(n, device=device)[:, None] - torch.arange(n, device=device)[None, :]  # i - j
+
+    def tiles(grid):
+        # Laid out as create_block_mask lays them (each row's tiles in ascending order, then the
+        # others): the same tensors, without the dense grid of positions.
+        num = grid.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(grid.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num[None, None], idx[None, None]
+
+    kv_num, kv_idx = tiles((d == 0) | ((d > full_reach) & (d <= reach)))
+    full_num, full_idx = tiles((d >= 1) & (d <= full_reach))
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(length, length))
 
 
-def sliding_window_attention_flex(q, k, v, *, window: int, scale=None):
+def sliding_window_attention_flex(q, k, v, *, window: int, scale=None, compiled=True):
     """As :func:`nsa.ops.sliding_window_attention` for prefill (positions ``0..T-1``, ``S == T``), no
-    checks; only tiles touching the band run. Internal: reached through :mod:`nsa.routes`."""
+    checks; only tiles touching the band run. Internal: reached through :mod:`nsa.routes`.
+    ``compiled=False`` runs flex eagerly (CPU tests at small T; it materialises the mask)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     T = q.shape[1]
     t_pad = -(-T // 128) * 128
     mask = _window_mask(t_pad, window, q.device)
     pad = (0, 0, 0, 0, 0, t_pad - T)
-    o = _flex()(F.pad(q, pad).transpose(1, 2), F.pad(k, pad).transpose(1, 2), F.pad(v, pad).transpose(1, 2),
-                block_mask=mask, scale=scale, enable_gqa=True)
+    fn = _flex() if compiled else flex_attention
+    o = fn(F.pad(q, pad).transpose(1, 2), F.pad(k, pad).transpose(1, 2), F.pad(v, pad).transpose(1, 2),
+           block_mask=mask, scale=scale, enable_gqa=True)
     return o.transpose(1, 2)[:, :T]

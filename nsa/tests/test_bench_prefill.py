@@ -24,7 +24,7 @@ def test_bench_prefill_records_a_failing_variant_and_skips_it_later(monkeypatch)
         out = real(*args, **kwargs)
 
         def fail():
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 GiB. GPU 0 has ... (simulated)")
 
         return {**out, "nsa_layer": (out["nsa_layer"][0], fail)}
 
@@ -34,7 +34,7 @@ def test_bench_prefill_records_a_failing_variant_and_skips_it_later(monkeypatch)
     monkeypatch.setattr(bench_prefill, "variants", broken)
     rows = bench_prefill.main(["--tiny", "--device", "cpu", "--lengths", "40", "64", "--reps", "1"])["rows"]
     bad = [r for r in rows if (r["variant"], r["pass"]) == ("nsa_layer", "fwd+bwd")]
-    assert [r["error"] for r in bad] == ["out of memory", "skipped: failed at a shorter length"]
+    assert [r["error"] for r in bad] == ["out of memory (tried to allocate 128.00 GiB)", "skipped: failed at a shorter length"]
     assert all("error" not in r and r["n"] == 1 for r in rows if r not in bad)
 
 
