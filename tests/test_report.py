@@ -277,8 +277,9 @@ def test_noisy_machine_is_inconclusive_with_the_numbers_and_unchanged_code_never
     assert not any(c["status"] == "fail" for c in s["acceptance"])
     reason = next(r for r in s["reasons"] if "too noisy" in r)
     assert re.search(r"decode too noisy to judge in eager mode: noise floor \d+\.\d% exceeds the 10% tolerance by "
-                     r"\d+\.\d points \(A/A twins differed by up to \d+\.\d%; the reference workload's 5 processes "
-                     r"spread", reason), reason
+                     r"\d+\.\d points \(A/A twins differed by up to \d+\.\d%; the processes of its 21 cells "
+                     r"spread \d+\.\d%, \d+\.\d% beyond .* between two cells; the reference workload's alone "
+                     r"\d+\.\d%\)", reason), reason
     # The first screen says "not called", never "no change", when the noise could hide a change.
     assert s["overview"][2]["decode"].startswith("not called: within the ±")
     assert {r["call"] for r in s["decode"]["rows"]} <= {"within noise", "uncertain"}
@@ -355,11 +356,20 @@ def test_processes_in_generations_are_compared_in_pairs(tmp_path):
     assert s["verdict"] == "FAIL" and any("3.0× slower" in r for r in s["reasons"]), s["reasons"]
 
 
-def test_noise_from_the_reference_alone_without_a_twin(tmp_path):
-    s = aggregate.build_summary(build(tmp_path, twin=False, ref_between_sd=0.3, seed=1))
+def test_noise_without_a_twin_and_a_noisy_reference_alone(tmp_path):
+    # No A/A twin: the spread between processes alone gives the floor, and a machine-wide one makes
+    # the run too noisy ...
+    s = aggregate.build_summary(build(tmp_path / "machine", twin=False, between_sd=0.3, seed=1))
     n = s["decode"]["noise"]["eager"]
-    assert n["aa_pct"] is None and n["reference_pct"] > 10
+    assert n["aa_pct"] is None and n["pooled_pct"] > 10 and n["too_noisy"]
     assert s["verdict"] == "INCONCLUSIVE"
+    # ... while a reference that alone scatters between its processes (as the H100's host-bound dense
+    # training step did: 11%, where the NSA runs' processes agreed within 1.3-6%) is one cell of
+    # many: reported, and unchanged code still passes.
+    s = aggregate.build_summary(build(tmp_path / "ref", twin=False, ref_between_sd=0.3, seed=1))
+    n = s["decode"]["noise"]["eager"]
+    assert n["reference_pct"] > 10 and n["pooled_pct"] < 5 and not n["too_noisy"], n
+    assert s["verdict"] == "PASS", s["reasons"]
 
 
 def test_a_real_slowdown_beyond_the_noise_still_fails_on_a_noisy_machine(tmp_path):

@@ -240,11 +240,13 @@ def noise_words(n, what) -> str:
     parts = []
     if n["aa_pct"] is not None:
         parts.append(f"A/A twins differed by up to {n['aa_pct']:.1f}%")
-    if n["reference_pct"] is not None:
+    if n.get("pooled_pct") is not None:
         shift = " beside each generation's common shift" if n.get("paired") else ""
-        parts.append(f"the reference workload's {n['reference_processes']} processes spread "
-                     f"{n['reference_between_pct']:.1f}%{shift}, {n['reference_process_pct']:.1f}% beyond what their "
-                     f"own samples' scatter explains (±{n['reference_pct']:.1f}% between two cells)")
+        ref = (f"; the reference workload's alone {n['reference_process_pct']:.1f}%"
+               if n.get("reference_process_pct") is not None else "")
+        parts.append(f"the processes of its {n['pooled_cells']} cells spread {n['pooled_between_pct']:.1f}%{shift}, "
+                     f"{n['pooled_process_pct']:.1f}% beyond what their own samples' scatter explains "
+                     f"(±{n['pooled_pct']:.1f}% between two cells{ref})")
     mode = f" in {n['mode']} mode" if n["mode"] != "train" else ""
     return (f"{what} too noisy to judge{mode}: noise floor {n['floor_pct']:.1f}% exceeds the "
             f"{n['tolerance_pct']:g}% tolerance by {n['floor_pct'] - n['tolerance_pct']:.1f} points "

@@ -9,19 +9,23 @@ timing mode (training: one cell per run, tokens/s). Comparisons, each its own ta
 - A/A: variants naming the same commit, against the first of them.
 
 The noise floor of a timing mode is the larger of what the A/A twins showed (max |delta|) and what
-the reference workload's between-process spread implies for two cells of identical code
-(``stats.reference_noise_pct``), counting only the part of that spread its processes' own samples
+the spread between processes implies for two cells of identical code
+(``stats.reference_noise_pct``), pooled over every cell of the mode (the implementation's runs and
+the reference workload's), counting only the part of that spread its processes' own samples
 do not explain (``stats.spread``'s process_pct): the sampling noise of a median depends on the
 workload's own step-to-step scatter and sample count, and the cells compared carry theirs in
 their CIs already. A change is called only when its CI lies beyond
 max(tolerance, noise floor) (see ``stats.compare``). Where the workers ran in generations (``alive``
 per run), process j of every run shares its stretch of the job: comparisons pair them, and the
-reference's spread counts only what lies beyond each generation's shift common to all runs.
+spread counts only what lies beyond each generation's shift common to all runs.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
+import scipy.stats as sps
 
 import interleave
 import results_io as io
@@ -138,39 +142,63 @@ def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys, paired=False) ->
              "judged": c[1] in judged} for c in cells]
 
 
-def _reference_spread(reference, cell, metric, runs, paired) -> dict:
-    """The reference's spread in one cell; when comparisons pair processes by generation, after
-    removing each generation's shift common to the implementation's runs (it cancels in a paired
-    comparison, so it is no noise there)."""
-    groups = metric.groups(reference, cell)
+def _spread_beyond_generations(run, cell, metric, runs, paired) -> dict:
+    """One run's spread in one cell; when comparisons pair processes by generation, after removing
+    each generation's shift common to the implementation's runs (it cancels in a paired comparison,
+    so it is no noise there)."""
+    groups = metric.groups(run, cell)
     if paired:
         others = [metric.groups(r, cell) for r in runs if r["status"] == OK and cell in metric.cells(r)]
         groups = stats.without_generation_effect(groups, stats.generation_factors(others))
     return stats.spread(groups)
 
 
+def _pooled(spreads: list[dict]) -> tuple[float | None, float | None, int]:
+    """The cells' between- and process-level spreads pooled: the median of their squares (one cell
+    with a process that stood apart must not speak for the whole run: that cell's own CI carries
+    it, and its reason names the process), scaled to estimate the variance rather than its median
+    (a variance from k processes scatters as chi-square with k - 1 degrees of freedom, whose median
+    lies below its mean); and the fewest processes of a cell."""
+    spreads = [sp for sp in spreads if sp["process_pct"] is not None]
+    if not spreads:
+        return None, None, 0
+    k = min(sp["processes"] for sp in spreads)
+    scale = (k - 1) / sps.chi2.ppf(0.5, k - 1)
+    between, process = (math.sqrt(float(np.median([sp[key] ** 2 for sp in spreads])) * scale)
+                        for key in ("between_pct", "process_pct"))
+    return between, process, k
+
+
 def noise_floors(aa: list[dict], reference, metric, acc, modes, judged, runs=(), paired=False) -> dict:
-    """Per timing mode: the A/A twins' largest |delta|, and the reference workload's between-process
-    spread beyond its samples' scatter (with ``paired``, beyond each generation's common shift too:
-    ``_reference_spread``), pooled over contexts (root mean square: one context's estimate from k
-    processes is itself noisy) and turned into how far two cells of identical code land apart."""
+    """Per timing mode: the A/A twins' largest |delta|, and the spread between processes beyond their
+    samples' scatter (with ``paired``, beyond each generation's common shift too), pooled over every
+    cell of the mode that the job measured, the implementation's runs and the reference's alike,
+    turned into how far two cells of identical code land apart. The reference's own figure is kept
+    beside it: on a GPU its dense step is shorter and more host-bound than the implementation's
+    (H100 training: 11% between its processes where the NSA runs' were 1.3-6%), so alone it spoke
+    for the machine's noise at another workload's scale."""
     tol = float(acc[metric.tolerance_key])
+    ok = [r for r in runs if r["status"] == OK]
     out = {}
     for mode in modes:
         aa_d = [abs(r["delta_pct"]) for r in aa if r.get("mode") == mode and r.get("delta_pct") is not None]
-        ref = [_reference_spread(reference, c, metric, runs, paired) for c in metric.cells(reference) if c[1] == mode] \
-            if reference and reference["status"] == OK else []
-        ref = [r for r in ref if r["process_pct"] is not None]
-        between, process = (math.sqrt(sum(r[key] ** 2 for r in ref) / len(ref)) if ref else None
-                            for key in ("between_pct", "process_pct"))
-        k = min((r["processes"] for r in ref), default=0)
+        ref = [_spread_beyond_generations(reference, c, metric, runs, paired) for c in metric.cells(reference)
+               if c[1] == mode] if reference and reference["status"] == OK else []
+        impl = [_spread_beyond_generations(r, c, metric, runs, paired) for r in ok for c in metric.cells(r)
+                if c[1] == mode]
+        between, process, k = _pooled(ref)
+        all_between, all_process, all_k = _pooled(ref + impl)
         ref_pct = stats.reference_noise_pct(process, k, acc["ci_level"])
-        parts = [x for x in (max(aa_d, default=None), ref_pct) if x is not None]
+        pooled_pct = stats.reference_noise_pct(all_process, all_k, acc["ci_level"])
+        parts = [x for x in (max(aa_d, default=None), pooled_pct) if x is not None]
         floor = max(parts) if parts else None
         out[mode] = {"mode": mode, "aa_pct": max(aa_d, default=None), "aa_cells": len(aa_d),
                      "reference_pct": ref_pct, "reference_between_pct": between,
-                     "reference_process_pct": process,
-                     "reference_processes": k or None, "reference_contexts": len(ref), "paired": paired,
+                     "reference_process_pct": process, "reference_processes": k or None,
+                     "reference_contexts": len([r for r in ref if r["process_pct"] is not None]),
+                     "pooled_pct": pooled_pct, "pooled_between_pct": all_between, "pooled_process_pct": all_process,
+                     "pooled_cells": len([r for r in ref + impl if r["process_pct"] is not None]),
+                     "pooled_processes": all_k or None, "paired": paired,
                      "floor_pct": floor, "tolerance_pct": tol, "threshold_pct": max(tol, floor or 0.0),
                      "too_noisy": floor is not None and floor > tol, "judged": mode in judged,
                      "measured": floor is not None}

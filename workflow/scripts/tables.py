@@ -100,16 +100,16 @@ def cells_table(cells: list[dict], unit: str):
 
 
 def noise_table(noise: dict):
-    header = ["mode", "judged", "A/A max |delta|", "reference spread between processes", "floor", "tolerance",
-              "a change needs its CI beyond"]
+    header = ["mode", "judged", "A/A max |delta|", "spread between processes (all cells)", "reference's alone", "floor",
+              "tolerance", "a change needs its CI beyond"]
     rows = []
     for n in noise.values():
-        ref = "" if n["reference_between_pct"] is None else \
-            (f"{n['reference_between_pct']:.2f}% over {n['reference_processes']}, "
-             f"{n['reference_process_pct']:.2f}% beyond its samples' scatter"
-             + (" and each generation's common shift" if n.get("paired") else "") + f" → ±{n['reference_pct']:.2f}%")
-        rows.append([n["mode"], fmt_num(n["judged"]), fmt_spread(n["aa_pct"]), ref,
-                     fmt_spread(n["floor_pct"]) or "not measured",
+        pooled = "" if n.get("pooled_between_pct") is None else \
+            (f"{n['pooled_between_pct']:.2f}% over {n['pooled_cells']} cells, "
+             f"{n['pooled_process_pct']:.2f}% beyond their samples' scatter"
+             + (" and each generation's common shift" if n.get("paired") else "") + f" → ±{n['pooled_pct']:.2f}%")
+        rows.append([n["mode"], fmt_num(n["judged"]), fmt_spread(n["aa_pct"]), pooled,
+                     fmt_spread(n["reference_process_pct"]), fmt_spread(n["floor_pct"]) or "not measured",
                      f"{n['tolerance_pct']:g}%", f"±{n['threshold_pct']:.2f}%"
                      + (" (TOO NOISY)" if n["too_noisy"] and n["judged"] else "")])
     return header, rows
