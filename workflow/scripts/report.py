@@ -178,9 +178,10 @@ METHOD = ("Every run (commit × reserve config, and a reference workload: the ha
           "two cells; its CI comes from a hierarchical bootstrap (resample processes, then samples within "
           "them; paired where the processes ran in generations, so what one generation shifts for every run "
           "cancels), and it is called only when the whole CI lies beyond ± max(tolerance, noise floor). The noise "
-          "floor per mode is the larger of the A/A twins' largest |delta| and what the reference workload's "
-          "between-process spread, beyond what its own samples' scatter explains, implies for two cells of "
-          "identical code. 'No change' needs the whole CI "
+          "floor per mode is the larger of the A/A twins' largest |delta| and what the spread between processes, "
+          "beyond what their own samples' scatter explains, implies for two cells of identical code; that "
+          "spread is pooled over every cell of the mode (the median cell's: one process standing apart does "
+          "not speak for the run), the reference workload's included. 'No change' needs the whole CI "
           "inside the threshold; a CI reaching past it on the worse side is 'uncertain'. A floor above the "
           "tolerance, or an uncertain cell, makes the verdict INCONCLUSIVE, never PASS; only a change beyond even "
           "that noise makes it FAIL.")

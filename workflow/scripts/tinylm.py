@@ -2,7 +2,7 @@
 implementation's layer, synthetic data, and weight initialisation by parameter name.
 
 The dense layer is the *reference workload*: identical code in every commit's environment, so its
-spread between worker processes is the run's noise floor, and its TinyLM is the dense twin that
+spread between worker processes is part of the run's noise floor, and its TinyLM is the dense twin that
 training throughput is compared with. It follows the adapter protocol itself (``DENSE`` below),
 so the harness times it exactly as it times an implementation.
 """
