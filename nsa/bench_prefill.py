@@ -6,7 +6,8 @@ causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core'
 (compressed + selected branches only) when the ``fla`` package is installed. Shape (issue 8): B=1,
 64 query heads in 4 groups, d_k = d_v = 128, l=32, d=16, l'=64, n=16, w=512, bf16 on a GPU.
 Every variant of one length is timed in the same rounds, interleaved, with CUDA events after a
-untimed warm-up call (compilation, autotuning); the peak memory of each call is recorded. A variant
+untimed warm-up call (compilation, autotuning); the peak memory of each call is recorded, and the
+variant's own (its inputs and parameters plus what the call allocated: what it alone needs). A variant
 that fails (out of memory included) is recorded with its error and skipped for longer lengths; one
 whose first timed call takes more than ``--max-call-s`` is timed once. The NSA layer includes its projections; dense SDPA and fla are the
 attention alone (their projections would add what the layer's do): ``nsa_projections`` times the layer's
@@ -40,7 +41,8 @@ def _fla_parallel_nsa():
 
 
 def variants(cfg: NSAConfig, T: int, device, dtype):
-    """name -> (forward callable, forward+backward callable) for one length, inputs built here."""
+    """name -> (forward callable, forward+backward callable, the tensors it owns: inputs and
+    parameters) for one length, inputs built here."""
     layer = NSAAttention(cfg).to(device=device, dtype=dtype)
     x = torch.randn(1, T, cfg.dim, device=device, dtype=dtype)
     x_grad = x.clone().requires_grad_(True)
@@ -88,10 +90,12 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
     def dense_fwd_bwd():
         dense().sum().backward()
 
-    out = {"nsa_layer": (nsa_fwd, nsa_fwd_bwd), "nsa_projections": (proj_fwd, proj_fwd_bwd),
-           "dense_sdpa": (dense_fwd, dense_fwd_bwd)}
+    params = tuple(layer.parameters())
+    out = {"nsa_layer": (nsa_fwd, nsa_fwd_bwd, (x_grad, *params)),
+           "nsa_projections": (proj_fwd, proj_fwd_bwd, (x_grad, o, *params)),
+           "dense_sdpa": (dense_fwd, dense_fwd_bwd, (q, k, v))}
     if device.type == "cuda":
-        out["nsa_layer_no_flex"] = (all_triton(nsa_fwd), all_triton(nsa_fwd_bwd))
+        out["nsa_layer_no_flex"] = (all_triton(nsa_fwd), all_triton(nsa_fwd_bwd), (x_grad, *params))
     parallel_nsa = _fla_parallel_nsa() if device.type == "cuda" else None
     if parallel_nsa is not None:
         # fla's layout: [B, T, heads, d]; block_indices [B, T, G, n] (selection from its own scores
@@ -111,16 +115,28 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
         def fla_fwd_bwd():
             fla().sum().backward()
 
-        out["fla_parallel_nsa"] = (fla_fwd, fla_fwd_bwd)
+        out["fla_parallel_nsa"] = (fla_fwd, fla_fwd_bwd, (qf, kf, vf, g_cmp, g_slc))
     return out
 
 
-def _call(fn, timer, device) -> tuple[float, int | None]:
+def _call(fn, timer, device, leaves=()) -> tuple[float, int | None, int | None]:
+    """(ms, peak bytes allocated, of which above what was allocated before the call). Every
+    variant's gradients are dropped first, as a training step's ``zero_grad(set_to_none=True)``
+    does: what the call allocates for them counts, no variant's leftovers do."""
+    for t in leaves:
+        t.grad = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     ms = timer(fn)
-    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-    return ms, peak
+    if device.type != "cuda":
+        return ms, None, None
+    peak = int(torch.cuda.max_memory_allocated(device))
+    return ms, peak, peak - before
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
 def _error(e: BaseException) -> str:
@@ -134,8 +150,11 @@ def _error(e: BaseException) -> str:
 VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_projections", "dense_sdpa", "fla_parallel_nsa")
 
 
-def _peak(peak_bytes) -> str:
-    return f"peak {peak_bytes / 2**30:6.2f} GiB" if peak_bytes else ""
+def _peak(row) -> str:
+    """The call's peak, and its own footprint: the tensors it owns plus what it allocated."""
+    if not row.get("peak_bytes"):
+        return ""
+    return f"peak {row['peak_bytes'] / 2**30:6.2f} GiB, own {row['own_peak_bytes'] / 2**30:6.2f} GiB"
 
 
 def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) -> list[dict]:
@@ -144,29 +163,40 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) 
     timer = _Timer(device)
     cases = {}
     here = variants(cfg, T, device, dtype)
+    leaves = [t for *_, own in here.values() for t in own if t.requires_grad]
     absent = sorted(set(only or ()) - set(here))
     if absent:  # e.g. nsa_layer_no_flex on a CPU, fla_parallel_nsa without fla installed
         print(f"T={T:6d} not available here: {', '.join(absent)}", flush=True)
-    for name, (fwd, fwd_bwd) in here.items():
+    for name, (fwd, fwd_bwd, own) in here.items():
         if only and name not in only:
             continue
         for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            cases[(name, what)] = fn
-    rows = {key: {"variant": key[0], "pass": key[1], "T": T, "samples": [], "peak_bytes": None} for key in cases}
+            cases[(name, what)] = (fn, _nbytes(own))
+    # peak_bytes: all that was allocated at the call's peak, every variant's inputs included;
+    # own_peak_bytes: the variant's own inputs and parameters plus what the call allocated above
+    # what was there before it: what it alone would need (issue 8's memory target compares these).
+    rows = {key: {"variant": key[0], "pass": key[1], "T": T, "samples": [], "peak_bytes": None,
+                  "input_bytes": own, "own_peak_bytes": None} for key, (_, own) in cases.items()}
+
+    def record(key, peak, extra):
+        if peak is not None:
+            rows[key]["peak_bytes"] = max(rows[key]["peak_bytes"] or 0, peak)
+            rows[key]["own_peak_bytes"] = max(rows[key]["own_peak_bytes"] or 0, rows[key]["input_bytes"] + extra)
+
     slow = set()
-    for key, fn in cases.items():  # warm-up (untimed: compiles, autotunes, fills caches)
+    for key, (fn, _) in cases.items():  # warm-up (untimed: compiles, autotunes, fills caches)
         if key in dead:
             rows[key]["error"] = "skipped: failed at a shorter length"
             continue
         try:
-            _call(fn, timer, device)
-            ms, peak = _call(fn, timer, device)  # the first timed call tells whether to repeat it
+            _call(fn, timer, device, leaves)
+            ms, peak, extra = _call(fn, timer, device, leaves)  # the first timed call tells whether to repeat it
             rows[key]["samples"].append(ms)
-            rows[key]["peak_bytes"] = peak
+            record(key, peak, extra)
             if ms > max_call_s * 1e3:
                 slow.add(key)
             # Progress: a long length's warm-ups (compiles, autotuning) take minutes on their own.
-            print(f"T={T:6d} {key[0]:17s} {key[1]:8s} first timed call {ms:9.2f} ms {_peak(peak)}", flush=True)
+            print(f"T={T:6d} {key[0]:17s} {key[1]:8s} first timed call {ms:9.2f} ms {_peak(rows[key])}", flush=True)
         except Exception as e:  # noqa: BLE001 -- every failure is a row, the others go on
             rows[key]["error"] = _error(e)
             dead.add(key)
@@ -174,19 +204,19 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for _ in range(reps - 1):
-        for key, fn in cases.items():
+        for key, (fn, _) in cases.items():
             if key in dead or key in slow or "error" in rows[key]:
                 continue
-            ms, peak = _call(fn, timer, device)
+            ms, peak, extra = _call(fn, timer, device, leaves)
             rows[key]["samples"].append(ms)
-            rows[key]["peak_bytes"] = max(rows[key]["peak_bytes"] or 0, peak or 0) or None
+            record(key, peak, extra)
     out = []
     for row in rows.values():
         if row["samples"]:
             row.update(summarise(row["samples"]))
         out.append(row)
         ms = f"median {row['median_ms']:9.2f} ms" if row["samples"] else f"{row.get('error', 'no samples')}"
-        print(f"T={T:6d} {row['variant']:17s} {row['pass']:8s} {ms} {_peak(row['peak_bytes'])}", flush=True)
+        print(f"T={T:6d} {row['variant']:17s} {row['pass']:8s} {ms} {_peak(row)}", flush=True)
     return out
 
 

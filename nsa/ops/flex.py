@@ -77,7 +77,7 @@ def _window_mask(length: int, window: int, device: torch.device, block: int = 12
     """The causal band ``t - window < s <= t`` over ``length`` queries and keys as a ``BlockMask``,
     built from its tile lists. ``create_block_mask`` evaluates ``mask_mod`` on the dense
     ``length x length`` grid first (int64: 72 GiB at T=96K, 128 GiB at 128K on the H100, an
-    out-of-memory that stopped 128K training); here memory is tiles, linear in T for a fixed window.
+    out-of-memory that stopped 128K training); here only the grid of tiles is built.
 
     Query tile i meets key tile j = i - d for 0 <= d <= (window + block - 2) // block; the tiles with
     1 <= d <= (window - block) // block lie wholly inside the band ("full": no mask evaluated), the

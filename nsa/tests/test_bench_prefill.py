@@ -17,6 +17,12 @@ def test_bench_prefill_times_every_variant_and_pass(tmp_path):
                          for T in (40, 96)}
     for row in rows.values():
         assert "error" not in row and row["n"] == 1 and row["median_ms"] > 0
+        assert row["peak_bytes"] is None and row["own_peak_bytes"] is None  # CUDA's allocator counts them
+    # What each variant owns, counted once: dense SDPA its q, k, v (4 heads, 2 groups, d 16, float32).
+    assert rows[("dense_sdpa", "fwd", 40)]["input_bytes"] == (4 + 2 + 2) * 40 * 16 * 4
+    layer_params = sum(p.numel() for p in bench_prefill.NSAAttention(bench_prefill.NSAConfig(**bench_prefill.TINY_CFG))
+                       .parameters()) * 4
+    assert rows[("nsa_layer", "fwd+bwd", 96)]["input_bytes"] == 96 * 64 * 4 + layer_params
 
 
 def test_bench_prefill_records_a_failing_variant_and_skips_it_later(monkeypatch):
@@ -26,7 +32,7 @@ def test_bench_prefill_records_a_failing_variant_and_skips_it_later(monkeypatch)
         def fail():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 GiB. GPU 0 has ... (simulated)")
 
-        return {**out, "nsa_layer": (out["nsa_layer"][0], fail)}
+        return {**out, "nsa_layer": (out["nsa_layer"][0], fail, out["nsa_layer"][2])}
 
     import torch
 
@@ -63,3 +69,22 @@ def test_bench_prefill_refuses_an_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         bench_prefill.main(["--tiny", "--device", "cpu", "--only", "dense", "nsa_layer"])
     assert "--only dense: no such variant; accepted: nsa_layer, nsa_layer_no_flex" in capsys.readouterr().err
+
+
+def test_a_call_counts_its_own_allocations_after_every_gradient_is_dropped(monkeypatch):
+    """On CUDA: the peak above what was allocated before the call, with leftover gradients dropped
+    first (the allocator's counters are stand-ins here)."""
+    import types
+
+    import torch
+
+    counters = {"allocated": 100, "peak": 350}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: counters["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: counters["peak"])
+    leaf = torch.zeros(3, requires_grad=True)
+    leaf.grad = torch.ones(3)
+    seen = []
+    ms, peak, extra = bench_prefill._call(lambda: seen.append(leaf.grad), lambda fn: fn() or 1.5,
+                                          types.SimpleNamespace(type="cuda"), [leaf])
+    assert (ms, peak, extra) == (1.5, 350, 250) and seen == [None]
