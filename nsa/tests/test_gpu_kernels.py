@@ -24,10 +24,14 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _qkv(B, T, G, h, dk, dv, device, gen):
+    return tuple(torch.randn(*shape, generator=gen).to(device, torch.bfloat16)
+                 for shape in ((B, T, G * h, dk), (B, T, G, dk), (B, T, G, dv)))
+
+
 def _inputs(case, device, gen):
     B, T, G, h, dk, dv, bs, n = case
-    q, k, v = (torch.randn(*shape, generator=gen).to(device, torch.bfloat16)
-               for shape in ((B, T, G * h, dk), (B, T, G, dk), (B, T, G, dv)))
+    q, k, v = _qkv(B, T, G, h, dk, dv, device, gen)
     idx = select_blocks(torch.rand(B, T, G, -(-T // bs), generator=gen).to(device), sel_block_len=bs, n_sel=n)
     return q, k, v, idx, bs
 
@@ -64,14 +68,13 @@ def test_flex_selection_values_and_grads_equal_reference(case, cuda, gen):
         assert _rel(g, r) <= 2e-2
 
 
-
 @pytest.mark.parametrize("T,window", [(1000, 512), (777, 200), (300, 64), (640, 1)])
 def test_flex_window_values_and_grads_equal_reference(T, window, cuda, gen):
     """The training window route (flex over the band's tile lists) against the float64 reference."""
     from nsa.ops import sliding_window_attention
     from nsa.ops.flex import sliding_window_attention_flex
 
-    q, k, v, _, _ = _inputs((1, T, 4, 16, 128, 128, 64, 1), cuda, gen)
+    q, k, v = _qkv(1, T, 4, 16, 128, 128, cuda, gen)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     ref = sliding_window_attention(q64, k64, v64, window=window)
     grad_out = torch.randn(ref.shape, generator=gen).to(cuda, torch.float64)
@@ -82,6 +85,7 @@ def test_flex_window_values_and_grads_equal_reference(T, window, cuda, gen):
     assert _rel(out, ref) <= 1e-2
     for g, r in zip(grads, ref_grads):
         assert _rel(g, r) <= 2e-2
+
 
 def test_module_inference_routes_agree(cuda, gen, override):
     """The module's no-grad prefill (Triton selection and window) equals its packed route and its flex route."""
