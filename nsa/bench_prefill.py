@@ -142,8 +142,8 @@ def _nbytes(tensors) -> int:
 def _error(e: BaseException) -> str:
     if isinstance(e, torch.OutOfMemoryError):
         # The request that failed says where to look (a 128 GiB one at 128K was a dense T x T mask).
-        asked = re.search(r"Tried to allocate [\d.]+ [KMGT]iB", str(e))
-        return "out of memory" + (f" ({asked.group(0)[0].lower()}{asked.group(0)[1:]})" if asked else "")
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
+        return "out of memory" + (f" (tried to allocate {asked.group(1)})" if asked else "")
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 

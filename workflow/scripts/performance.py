@@ -142,15 +142,13 @@ def _pairs(a_run, b_run, metric, acc, thresholds, judged, keys, paired=False) ->
              "judged": c[1] in judged} for c in cells]
 
 
-def _spread_beyond_generations(run, cell, metric, runs, paired) -> dict:
-    """One run's spread in one cell; when comparisons pair processes by generation, after removing
-    each generation's shift common to the implementation's runs (it cancels in a paired comparison,
-    so it is no noise there)."""
-    groups = metric.groups(run, cell)
-    if paired:
-        others = [metric.groups(r, cell) for r in runs if r["status"] == OK and cell in metric.cells(r)]
-        groups = stats.without_generation_effect(groups, stats.generation_factors(others))
-    return stats.spread(groups)
+def _cell_factors(runs, cell, metric, paired):
+    """Each generation's shift in one cell, common to the implementation's runs (None unpaired):
+    it cancels in a paired comparison, so it is no noise there."""
+    if not paired:
+        return None
+    return stats.generation_factors([metric.groups(r, cell) for r in runs
+                                     if r["status"] == OK and cell in metric.cells(r)])
 
 
 def _pooled(spreads: list[dict]) -> tuple[float | None, float | None, int]:
@@ -182,10 +180,16 @@ def noise_floors(aa: list[dict], reference, metric, acc, modes, judged, runs=(),
     out = {}
     for mode in modes:
         aa_d = [abs(r["delta_pct"]) for r in aa if r.get("mode") == mode and r.get("delta_pct") is not None]
-        ref = [_spread_beyond_generations(reference, c, metric, runs, paired) for c in metric.cells(reference)
+        cells = {c for r in ok + ([reference] if reference and reference["status"] == OK else [])
+                 for c in metric.cells(r) if c[1] == mode}
+        factors = {c: _cell_factors(runs, c, metric, paired) for c in cells}
+
+        def spread(run, cell):
+            return stats.spread(stats.without_generation_effect(metric.groups(run, cell), factors[cell]))
+
+        ref = [spread(reference, c) for c in metric.cells(reference)
                if c[1] == mode] if reference and reference["status"] == OK else []
-        impl = [_spread_beyond_generations(r, c, metric, runs, paired) for r in ok for c in metric.cells(r)
-                if c[1] == mode]
+        impl = [spread(r, c) for r in ok for c in metric.cells(r) if c[1] == mode]
         between, process, k = _pooled(ref)
         all_between, all_process, all_k = _pooled(ref + impl)
         ref_pct = stats.reference_noise_pct(process, k, acc["ci_level"])

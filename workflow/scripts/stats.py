@@ -277,7 +277,7 @@ def compare(base_groups, cand_groups, *, threshold_pct: float, lower_is_better: 
 # 1/this), and far beyond how those others scatter among themselves, is named where a verdict cannot
 # be judged: one slow process widens the CI as much as slow code would, and a rerun may not repeat it.
 OUTLIER_RATIO = 1.25
-OUTLIER_MADS = 4.0  # ... and this many robust standard deviations (1.4826 x MAD) of the others' logs
+OUTLIER_MADS = 4.0  # ... and this many robust standard deviations (normal-scaled MAD) of the others' logs
 
 
 def process_outlier(groups) -> tuple[int, float] | None:
@@ -293,7 +293,7 @@ def process_outlier(groups) -> tuple[int, float] | None:
     dev = [logs[j] - np.median(np.delete(logs, j)) for j in range(logs.size)]
     j = int(np.argmax(np.abs(dev)))
     others = np.delete(logs, j)
-    scatter = OUTLIER_MADS * 1.4826 * float(np.median(np.abs(others - np.median(others))))
+    scatter = OUTLIER_MADS * float(sps.median_abs_deviation(others, scale="normal"))
     return (idx[j], math.exp(dev[j])) if abs(dev[j]) >= max(math.log(OUTLIER_RATIO), scatter) else None
 
 
