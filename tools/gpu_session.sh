@@ -2,13 +2,12 @@
 # What we run on the lent GPU (the `device` tool: an H100 or an H200), from the repo root, with `.whl` carried:
 #   bash tools/gpu_session.sh tests      nsa suites (junit), GPU checks, bench_smoke --compile
 #   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
-#   bash tools/gpu_session.sh kernels    Triton kernels (window, compressed, scoring, selection): tests, bench_kernels
+#   bash tools/gpu_session.sh kernels    the Triton kernels' and the training window route's GPU tests (values and
+#                                        gradients, memory growth in T), then nsa.bench_prefill at 64K and 128K:
+#                                        NSA default and all-Triton routes, dense (own memory)
 #   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report and GPU memory per second into $OUT
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 #   bash tools/gpu_session.sh gputests   every gpu- or ops-marked test, failures named, junit
-#   bash tools/gpu_session.sh window     the training window route's GPU checks (flex values and gradients at
-#                                        d=128, memory growth with the mask built inside), then nsa.bench_prefill
-#                                        at 64K and 128K: NSA default and all-Triton routes, dense (own memory)
 #   bash tools/gpu_session.sh long       nsa.bench_prefill (8K-64K; fla-core from .whl/fla when there),
 #                                        nsa.bench_kernels
 #   bash tools/gpu_session.sh decode     fused-decode GPU tests, then nsa.bench_smoke decode at 2K and 64K
@@ -49,14 +48,6 @@ case "${1:-tests}" in
       --junitxml="$OUT/gpu-junit.xml" > "$OUT/gpu-pytest.log" 2>&1; grep -E "^(FAILED|ERROR)" "$OUT/gpu-pytest.log"
     tail -n 3 "$OUT/gpu-pytest.log"
     ;;
-  window)
-    timeout 200 python3 -m pytest nsa/tests/test_gpu_kernels.py nsa/tests/test_long_context.py -q -rfs -p no:cacheprovider \
-      -k "window or linear" > "$OUT/window-pytest.log" 2>&1
-    grep -E "^(FAILED|ERROR|E  )" "$OUT/window-pytest.log" | head -n 30; tail -n 2 "$OUT/window-pytest.log"
-    timeout "${GPU_SESSION_PREFILL_S:-300}" python3 -m nsa.bench_prefill --lengths 65536 131072 --reps 3 \
-      --only nsa_layer nsa_layer_no_flex dense_sdpa --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
-    grep -v "first timed call" "$OUT/prefill.log"
-    ;;
   long)
     [ -d "$OLDPWD/.whl/fla" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$OLDPWD"/.whl/fla/*.whl
     # GPU_SESSION_PREFILL_ONLY: variants to time (nsa.bench_prefill --only), e.g. "nsa_layer dense_sdpa" at 128K.
@@ -79,11 +70,13 @@ case "${1:-tests}" in
     sed -n '/^routes/p;/^summary/,$p' "$OUT/decode_long.log"
     ;;
   kernels)
-    python3 -m pytest nsa/tests/test_triton_attention.py -q -rs -p no:cacheprovider \
-      --junitxml="$OUT/kernels-junit.xml" > "$OUT/kernels-pytest.log" 2>&1
-    tail -n 25 "$OUT/kernels-pytest.log"
-    python3 -m nsa.bench_kernels --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
-    sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
+    timeout "${GPU_SESSION_TESTS_S:-240}" python3 -m pytest nsa/tests/test_triton_attention.py nsa/tests/test_triton_selection.py \
+      nsa/tests/test_triton_scoring.py nsa/tests/test_gpu_kernels.py nsa/tests/test_long_context.py -q -rfs \
+      -p no:cacheprovider -m "gpu or ops" --junitxml="$OUT/kernels-junit.xml" > "$OUT/kernels-pytest.log" 2>&1
+    grep -E "^(FAILED|ERROR|E  )" "$OUT/kernels-pytest.log" | head -n 30; tail -n 2 "$OUT/kernels-pytest.log"
+    timeout "${GPU_SESSION_PREFILL_S:-300}" python3 -m nsa.bench_prefill --lengths 65536 131072 --reps 3 \
+      --only nsa_layer nsa_layer_no_flex dense_sdpa --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
+    grep -v "first timed call" "$OUT/prefill.log"
     ;;
   check)
     for a in "--adapter nsa" "--dense"; do python3 tools/gpu_harness_check.py $a 2>&1 | tail -n 8 || exit 1; done

@@ -52,16 +52,19 @@ def _diff(a, b) -> float:
 
 # --- candidates ------------------------------------------------------------------------------------
 
-def attention_candidates() -> list[tuple[str, dict]]:
-    """(name, one ``_tile_options`` entry): the library's first choice, then single-kernel changes."""
-    base = ta._tile_options(torch.device(DEVICE), torch.bfloat16, D, D)[0]
+def attention_candidates(windowed: bool) -> list[tuple[str, dict]]:
+    """(name, one ``_tile_options`` entry): the library's first choice, then one kernel's
+    (BLOCK_M, BLOCK_N, warps, stages) changed at a time."""
+    base = ta._tile_options(torch.device(DEVICE), torch.bfloat16, D, D, windowed)[0]
     out = [("library", base)]
-    for fwd, warps, stages in itertools.product([(128, 64), (128, 128), (64, 64)], [4, 8], [2, 3]):
-        out.append((f"fwd{fwd[0]}x{fwd[1]} w{warps} s{stages}", dict(base, fwd=fwd, warps=warps, stages=stages)))
-    for dkdv, warps, stages in itertools.product([(32, 64), (64, 64), (16, 128), (32, 128), (64, 128)], [4, 8], [1, 2]):
-        out.append((f"dkdv{dkdv[0]}x{dkdv[1]} w{warps} s{stages}", dict(base, dkdv=dkdv, warps=warps, stages=stages)))
-    for dq in [(64, 32), (64, 64), (128, 64)]:
-        out.append((f"dq{dq[0]}x{dq[1]}", dict(base, dq=dq)))
+    tiles = {"fwd": [(64, 64), (128, 64), (128, 128), (64, 128)], "dkdv": [(32, 64), (64, 64), (64, 128), (128, 64)],
+             "dq": [(64, 32), (128, 32), (64, 64), (128, 64)]}
+    stages_of = {"fwd": [2, 3], "dkdv": [1, 2], "dq": [1, 2]}
+    for kernel, shapes in tiles.items():
+        for (bm, bn), warps, stages in itertools.product(shapes, [4, 8], stages_of[kernel]):
+            option = (bm, bn, warps, stages)
+            if option != base[kernel]:
+                out.append((f"{kernel} {bm}x{bn} w{warps} s{stages}", dict(base, **{kernel: option})))
     return out
 
 
@@ -147,9 +150,9 @@ def _selection_job(T):
 
 
 FAMILIES = {
-    "compressed": (attention_candidates, lambda T: _attention_job(T, False), ta, "_tile_options",
+    "compressed": (lambda: attention_candidates(False), lambda T: _attention_job(T, False), ta, "_tile_options",
                    lambda c: (lambda *a, **k: [c])),
-    "window": (attention_candidates, lambda T: _attention_job(T, True), ta, "_tile_options",
+    "window": (lambda: attention_candidates(True), lambda T: _attention_job(T, True), ta, "_tile_options",
                lambda c: (lambda *a, **k: [c])),
     "scoring": (scoring_candidates, _scoring_job, ts, "score_tiles", lambda c: (lambda *a, **k: c)),
     "selection": (selection_candidates, _selection_job, tsel, "kernel_options", lambda c: (lambda *a, **k: c)),

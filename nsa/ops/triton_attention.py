@@ -236,37 +236,41 @@ def _interpreting() -> bool:
     return type(_fwd).__name__ == "InterpretedFunction"
 
 
-def _tile_options(device: torch.device, dtype: torch.dtype, dkp: int, dvp: int) -> list[dict]:
-    """``(BLOCK_M rows, BLOCK_N keys)`` per kernel, best first; a launch that runs out of shared memory
-    or registers takes the next. Interpreter: small tiles, so tests at a few dozen tokens cross tile
-    edges, but not so small that its per-operation overhead dominates."""
+def _tile_options(device: torch.device, dtype: torch.dtype, dkp: int, dvp: int, windowed: bool) -> list[dict]:
+    """Launch options per kernel, best first: ``{"fwd" | "dkdv" | "dq": (BLOCK_M rows, BLOCK_N keys,
+    warps, stages)}``; a launch that runs out of shared memory or registers takes the next option.
+    Interpreter: small tiles, so tests at a few dozen tokens cross tile edges, but not so small that
+    its per-operation overhead dominates."""
     if device.type != "cuda":
-        return [dict(fwd=(32, 16), dkdv=(32, 16), dq=(32, 16), warps=4, stages=1)]
-    # Chosen from ahead-of-time sm_90 builds (ptxas register and spill counts; 8 warps everywhere):
-    # these tiles keep every kernel at <= 255 registers with no or a few bytes of spill, d = 64..128.
-    if max(dkp, dvp) > 128:  # d_k = 192 pads to 256
-        first = dict(fwd=(64, 64), dkdv=(32, 32), dq=(32, 32), warps=8, stages=2)
+        return [dict(fwd=(32, 16, 4, 1), dkdv=(32, 16, 4, 1), dq=(32, 16, 4, 1))]
+    if max(dkp, dvp) > 128:  # d_k = 192 pads to 256: tiles from sm_90 builds (registers, spills)
+        first = dict(fwd=(64, 64, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 32, 8, 2))
+    elif windowed:
+        # Timed on the H100 at T=64K, 16 heads per group, d=128 (tools/tile_sweep.py, interleaved,
+        # docs/perf-notes.md, ninth session): 4 warps beat 8 in every kernel, although ptxas reports
+        # 0.7-2.5 KB of spill at 4; the backward went from 22.9 to 12.8 ms, the forward 4.32 -> 3.76.
+        first = dict(fwd=(64, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(128, 32, 4, 2))
     else:
-        first = dict(fwd=(128, 64), dkdv=(32, 64), dq=(128, 32), warps=8, stages=2)
-    smaller = [dict(fwd=(64, 32), dkdv=(32, 32), dq=(32, 32), warps=4, stages=1),
-               dict(fwd=(32, 16), dkdv=(16, 16), dq=(16, 16), warps=4, stages=1)]
+        # Same sweep, compressed branch: backward 86.2 -> 48.1 ms, forward 13.1 -> 12.1.
+        first = dict(fwd=(128, 64, 4, 2), dkdv=(64, 64, 4, 2), dq=(128, 32, 4, 2))
+    smaller = [dict(fwd=(64, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+               dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))]
     # float32 (the accuracy path) holds twice the bytes per tile: the large tiles spill kilobytes.
     return smaller if dtype == torch.float32 else [first, *smaller]
 
 
-_chosen: dict = {}  # (kernel name, device, dtype, dkp, dvp) -> index into _tile_options that launched
+_chosen: dict = {}  # (kernel name, device, dtype, dkp, dvp, windowed) -> index into _tile_options that launched
 
 
-def _launch(kernel, name: str, tiles_of, grid_of, args, meta, device, dtype, dkp, dvp):
-    """Launch ``kernel`` with the first tile option that fits this device (cached per shape class)."""
-    options = _tile_options(device, dtype, dkp, dvp)
-    key = (name, str(device), dtype, dkp, dvp)
+def _launch(kernel, name: str, grid_of, args, meta, device, dtype, dkp, dvp):
+    """Launch ``kernel`` with the first of its tile options that fits this device (cached per shape class)."""
+    options = _tile_options(device, dtype, dkp, dvp, meta["WINDOWED"])
+    key = (name, str(device), dtype, dkp, dvp, meta["WINDOWED"])
     start = _chosen.get(key, 0)
     for i in range(start, len(options)):
-        bm, bn = tiles_of(options[i])
+        bm, bn, warps, stages = options[i][name]
         try:
-            kernel[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                num_warps=options[i]["warps"], num_stages=options[i]["stages"])
+            kernel[grid_of(bm, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         except triton.runtime.errors.OutOfResources:
             if i == len(options) - 1:
                 raise
@@ -299,7 +303,7 @@ def _forward(q, k, v, key_stride, key_offset, window, scale):
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride()[:2],
             T, S, key_stride, key_offset, window or 0, scale * _LOG2E)
     meta = dict(G=G, HPG=h, DK=Dk, DKP=dkp, DV=Dv, DVP=dvp, WINDOWED=window is not None, PREC=_prec(q.dtype))
-    _launch(_fwd, "fwd", lambda o_: o_["fwd"], lambda bm, bn: (triton.cdiv(T * h, bm), B * G), args, meta,
+    _launch(_fwd, "fwd", lambda bm, bn: (triton.cdiv(T * h, bm), B * G), args, meta,
             q.device, q.dtype, dkp, dvp)
     return o, lse
 
@@ -344,10 +348,10 @@ def _backward(do, q, k, v, o, lse, key_stride, key_offset, window, scale):
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2])
     tail = (T, S, key_stride, key_offset, window or 0, scale * _LOG2E, scale)
     meta = dict(G=G, HPG=h, DK=Dk, DKP=dkp, DV=Dv, DVP=dvp, WINDOWED=window is not None, PREC=_prec(q.dtype))
-    _launch(_bwd_dkdv, "dkdv", lambda o_: o_["dkdv"], lambda bm, bn: (triton.cdiv(S, bn), B * G, nseg),
+    _launch(_bwd_dkdv, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * G, nseg),
             (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3], *tail,
              triton.cdiv(T * h, nseg)), dict(meta, ATOMIC=nseg > 1), q.device, q.dtype, dkp, dvp)
-    _launch(_bwd_dq, "dq", lambda o_: o_["dq"], lambda bm, bn: (triton.cdiv(T * h, bm), B * G),
+    _launch(_bwd_dq, "dq", lambda bm, bn: (triton.cdiv(T * h, bm), B * G),
             (q, k, v, do, lse, delta, dq, *common, *dq.stride()[:3], *tail), meta, q.device, q.dtype, dkp, dvp)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

@@ -189,15 +189,17 @@ def query_lists(idx: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch
 def kernel_options(hp: int, dkp: int, device: torch.device) -> dict:
     """Launch options for ``hp`` heads (padded to a power of two) and ``d_k`` padded to ``dkp``.
 
-    Chosen from sm_90 builds (``test_triton_selection_builds_for_sm90_without_spilling``): the
-    forward and dQ kernels spill nothing at 4 warps (dQ at d_k=192: 8), the dK/dV kernel none at
-    d_k <= 128 with 32 rows of queries x heads per step, 8 warps, one stage (at d_k=192, 16 rows
-    still spill about 330 bytes). Lists are cut into segments of 1024 queries on a GPU, so block 0
-    (in every list) spreads over many programs; 32 under the interpreter, so tests cross segments.
+    The forward and dQ kernels spill nothing at 4 warps in sm_90 builds (dQ at d_k=192: 8 warps).
+    The dK/dV kernel, d_k <= 128: 64 rows of queries x heads per step at 4 warps, one stage, timed
+    fastest on the H100 at T=64K with 16 heads per group (backward 62.7 -> 45.1 ms against 32 rows
+    at 8 warps; tools/tile_sweep.py, docs/perf-notes.md, ninth session); at d_k=192, 16 rows at 8
+    warps still spill about 330 bytes. Lists are cut into segments of 1024 queries on a GPU, so
+    block 0 (in every list) spreads over many programs; 32 under the interpreter, so tests cross
+    segments.
     """
-    rows = 32 if dkp <= 128 else 16
-    return {"fwd_warps": 4, "dq_warps": 4 if dkp <= 128 else 8, "dkdv_queries": max(1, rows // hp),
-            "dkdv_warps": 8, "dkdv_stages": 1, "segment": 1024 if device.type == "cuda" else 32}
+    small = dkp <= 128
+    return {"fwd_warps": 4, "dq_warps": 4 if small else 8, "dkdv_queries": max(1, (64 if small else 16) // hp),
+            "dkdv_warps": 4 if small else 8, "dkdv_stages": 1, "segment": 1024 if device.type == "cuda" else 32}
 
 
 def _backward(do, q, k, v, idx, o, lse, sel_block_len, scale):

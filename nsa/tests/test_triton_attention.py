@@ -257,18 +257,20 @@ _POINTERS = ("Q", "K", "V", "O", "DO", "DK_", "DV_", "DQ")
 @pytest.mark.parametrize("windowed", [True, False], ids=["window", "compressed"])
 def test_triton_attention_builds_for_sm90_without_a_gpu(windowed):
     """The bf16 d=128 kernels at their first-choice GPU tiles compile to sm_90 machine code and fit in
-    an H100's shared memory: catches what only the compiler rejects, on a CPU-only machine."""
+    an H100's shared memory: catches what only the compiler rejects, on a CPU-only machine. (They
+    spill at 4 warps, 0.7-2.5 KB under Triton 3.9, and still ran fastest on the H100: not checked.)"""
     if ta._interpreting():
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions in this process")
-    opt = ta._tile_options(torch.device("cuda"), torch.bfloat16, 128, 128)[0]
+    opt = ta._tile_options(torch.device("cuda"), torch.bfloat16, 128, 128, windowed)[0]
     types = {**{p: "*bf16" for p in _POINTERS}, "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "scale": "fp32"}
     for kernel, which in ((ta._fwd, "fwd"), (ta._bwd_dkdv, "dkdv"), (ta._bwd_dq, "dq")):
-        const = dict(G=4, HPG=16, DK=128, DKP=128, DV=128, DVP=128, BLOCK_M=opt[which][0], BLOCK_N=opt[which][1],
+        block_m, block_n, warps, stages = opt[which]
+        const = dict(G=4, HPG=16, DK=128, DKP=128, DV=128, DVP=128, BLOCK_M=block_m, BLOCK_N=block_n,
                      WINDOWED=windowed, PREC="tf32")
         if which == "dkdv":  # the compressed branch's row segments add atomically into float32
             const["ATOMIC"] = not windowed
             types = {**types, "DK_": "*bf16" if windowed else "*fp32", "DV_": "*bf16" if windowed else "*fp32"}
-        used = usage(build_sm90(kernel, const, types, warps=opt["warps"], stages=opt["stages"]))
+        used = usage(build_sm90(kernel, const, types, warps=warps, stages=stages))
         assert used["shared_bytes"] <= H100_SHARED_BYTES, (which, used)
 
 

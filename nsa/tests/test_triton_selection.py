@@ -154,7 +154,9 @@ def test_routes_train_on_triton_selection_then_flex(monkeypatch):
 
 @pytest.mark.ops
 @pytest.mark.parametrize("d,h", [(128, 16), (192, 16), (32, 4)])
-def test_triton_selection_builds_for_sm90_without_spilling(d, h):
+def test_triton_selection_builds_for_sm90_within_spill_bounds(d, h):
+    """sm_90 builds at the library's options: no spill at d < 128; the dK/dV kernel at d=128 spills
+    about 0.9 KB at its 4 warps (timed faster on the H100 than 8 warps without spill), 192 ~0.3 KB."""
     if tsel.triton is None or type(tsel._selection_fwd).__name__ == "InterpretedFunction":
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions in this process")
     pads = tsel._pads(h, d, 128 if d > 128 else d)
@@ -167,7 +169,7 @@ def test_triton_selection_builds_for_sm90_without_spilling(d, h):
     dkdv = dict(G=4, HP=hp, **pads, BS=64, BQ=opt["dkdv_queries"], SEG=opt["segment"])
     for kernel, const, warps, stages, spill in (
             (tsel._selection_fwd, row, opt["fwd_warps"], 2, 0), (tsel._selection_bwd_dq, row, opt["dq_warps"], 2, 0),
-            (tsel._selection_bwd_dkdv, dkdv, opt["dkdv_warps"], opt["dkdv_stages"], 0 if d <= 128 else 512)):
+            (tsel._selection_bwd_dkdv, dkdv, opt["dkdv_warps"], opt["dkdv_stages"], 0 if d < 128 else 1024)):
         used = usage(build_sm90(kernel, const, types, warps=warps, stages=stages))
         assert used["shared_bytes"] <= H100_SHARED_BYTES and used["spill_bytes"] <= spill, (kernel.__name__, used)
 
