@@ -12,6 +12,8 @@
 #                                        nsa.bench_kernels
 #   bash tools/gpu_session.sh decode     fused-decode GPU tests, then nsa.bench_smoke decode at 2K and 64K
 #                                        context, B=1 and 8, eager / graph / compiled+graph, NSA vs dense
+#   bash tools/gpu_session.sh profile    tools/gpu_profile.py: the layer's kernels in one forward and one forward +
+#                                        backward at 64K (GPU_SESSION_T), top 40 by CUDA time
 #   bash tools/gpu_session.sh sweep      tools/tile_sweep.py: the Triton kernels' launch options timed
 #                                        against the library's choice at 64K (GPU_SESSION_SWEEP_ONLY: families)
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
@@ -56,6 +58,12 @@ case "${1:-tests}" in
     cat "$OUT/prefill.log"
     timeout "${GPU_SESSION_KERNELS_S:-200}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-200} - 20 ))" \
       --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
+    ;;
+  profile)
+    for mode in prefill train; do
+      timeout 200 python3 tools/gpu_profile.py "$mode" "${GPU_SESSION_T:-65536}" > "$OUT/profile-$mode.log" 2>&1
+      grep -v "^USDT" "$OUT/profile-$mode.log" | head -n 50
+    done
     ;;
   sweep)
     timeout "${GPU_SESSION_SWEEP_S:-540}" python3 tools/tile_sweep.py --budget-s "$(( ${GPU_SESSION_SWEEP_S:-540} - 120 ))" \
