@@ -21,6 +21,7 @@ from .ops.common import acc_dtype, masked_softmax, scores_einsum, values_einsum
 from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope
 from .ops.selection import overlap_matrix, select_blocks, selection_scores
+from .ops.triton_elementwise import gated_combine_reference
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ class NSAAttention(nn.Module):
 
     # --- projections ------------------------------------------------------------------------------
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, rope=apply_rope):
         cfg = self.cfg
         B, T, _ = x.shape
         H, G = cfg.num_heads, cfg.groups
@@ -98,10 +99,16 @@ class NSAAttention(nn.Module):
         gate_logits = parts[7] if self.gate_mlp is None else self.gate_mlp(x)
         gates = torch.sigmoid(gate_logits).view(B, T, H, 3)
         # RoPE for the slc and win branches; compressed keys carry positions through phi instead.
-        rotated = apply_rope(y[..., : (H + 2 * G) * cfg.d_k].view(B, T, H + 2 * G, cfg.d_k), positions,
-                             theta=cfg.rope_theta)
+        rotated = rope(y[..., : (H + 2 * G) * cfg.d_k].view(B, T, H + 2 * G, cfg.d_k), positions,
+                       theta=cfg.rope_theta)
         q_rope, ks, kw = rotated.split([H, G, G], dim=2)
         return q, q_rope, kc, vc, ks, vs, kw, vw, gates
+
+    def _projected_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype ``self.proj(x)`` gives: autocast's where autocast is on, else the weights'."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.proj.weight.dtype
 
     def _compress(self, kc, vc, naive_ops=False):
         cfg = self.cfg
@@ -113,9 +120,9 @@ class NSAAttention(nn.Module):
         # dtype, that of the projections (a no-op without autocast).
         return k_cmp.to(kc.dtype), v_cmp.to(vc.dtype)
 
-    def _combine(self, gates, o_cmp, o_slc, o_win):
+    def _combine(self, gates, o_cmp, o_slc, o_win, combine=gated_combine_reference):
         B, T = gates.shape[:2]
-        o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win
+        o = combine(gates, o_cmp, o_slc, o_win)
         return self.out(o.reshape(B, T, self.cfg.num_heads * self.cfg.d_v))
 
     # --- prefill / training -----------------------------------------------------------------------
@@ -130,14 +137,18 @@ class NSAAttention(nn.Module):
             raise ValueError(f"expected x of shape [B, T, {cfg.dim}], got {list(x.shape)}")
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)
-        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x, positions)
         # Routes follow the dtype the branches compute in, the projections': under autocast that is
         # the autocast dtype while x (a float32 residual stream) is not, and routing by x's dtype ran
-        # the float32 reference ops on bf16 tensors.
-        dev, dtype = x.device, q.dtype
+        # the float32 reference ops on bf16 tensors. RoPE runs inside the projection step, so its
+        # route follows the dtype the projection will give.
         prefill = routes.route_prefill()
         sequential = prefill.name == "sequential"
         taken = {"prefill": prefill}
+        if not sequential:
+            taken["rope"] = routes.route_rope(x.device, self._projected_dtype(x))
+        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x, positions, *(
+            () if sequential else (taken["rope"].fn,)))
+        dev, dtype = x.device, q.dtype
         k_cmp, v_cmp = self._compress(kc, vc, naive_ops=sequential)
         cmp = {"block_len": cfg.block_len, "block_stride": cfg.block_stride}
         slc = {"sel_block_len": cfg.sel_block_len}
@@ -172,7 +183,9 @@ class NSAAttention(nn.Module):
             o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)
             win_route = taken["win"] = routes.route_win(dev, dtype, cfg.d_k, cfg.d_v, needs_grad)
             o_win = win_route.fn(q_rope, kw, vw, window=cfg.window)
-        y = self._combine(gates, o_cmp, o_slc, o_win)
+        if not sequential:
+            taken["combine"] = routes.route_combine(dev, dtype)
+        y = self._combine(gates, o_cmp, o_slc, o_win, *(() if sequential else (taken["combine"].fn,)))
         self.routes_taken = {b: {"route": r.name, "reason": r.reason} for b, r in taken.items()}
         return y, (kc, vc, ks, vs, kw, vw, k_cmp, v_cmp)
 

@@ -65,6 +65,13 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
                 fn()
         return run
 
+    def fused_elementwise(fn):
+        # NSA_USE_TRITON_ELEMENTWISE=1: RoPE and the gated combine in one Triton pass each.
+        def run():
+            with override_settings(use_triton_elementwise=True):
+                fn()
+        return run
+
     o = torch.randn(1, T, H * cfg.d_v, device=device, dtype=dtype, requires_grad=True)
 
     def projections(xx, oo):
@@ -96,6 +103,8 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
            "dense_sdpa": (dense_fwd, dense_fwd_bwd, (q, k, v))}
     if device.type == "cuda":
         out["nsa_layer_no_flex"] = (all_triton(nsa_fwd), all_triton(nsa_fwd_bwd), (x_grad, *params))
+        out["nsa_layer_fused_elementwise"] = (fused_elementwise(nsa_fwd), fused_elementwise(nsa_fwd_bwd),
+                                              (x_grad, *params))
     parallel_nsa = _fla_parallel_nsa() if device.type == "cuda" else None
     if parallel_nsa is not None:
         # fla's layout: [B, T, heads, d]; block_indices [B, T, G, n] (selection from its own scores
@@ -147,7 +156,8 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
-VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_projections", "dense_sdpa", "fla_parallel_nsa")
+VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_layer_fused_elementwise", "nsa_projections", "dense_sdpa",
+            "fla_parallel_nsa")
 
 
 def _peak(row) -> str:
@@ -196,11 +206,11 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) 
             if ms > max_call_s * 1e3:
                 slow.add(key)
             # Progress: a long length's warm-ups (compiles, autotuning) take minutes on their own.
-            print(f"T={T:6d} {key[0]:17s} {key[1]:8s} first timed call {ms:9.2f} ms {_peak(rows[key])}", flush=True)
+            print(f"T={T:6d} {key[0]:27s} {key[1]:8s} first timed call {ms:9.2f} ms {_peak(rows[key])}", flush=True)
         except Exception as e:  # noqa: BLE001 -- every failure is a row, the others go on
             rows[key]["error"] = _error(e)
             dead.add(key)
-            print(f"T={T:6d} {key[0]:17s} {key[1]:8s} {rows[key]['error']}", flush=True)
+            print(f"T={T:6d} {key[0]:27s} {key[1]:8s} {rows[key]['error']}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for _ in range(reps - 1):
@@ -216,7 +226,7 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) 
             row.update(summarise(row["samples"]))
         out.append(row)
         ms = f"median {row['median_ms']:9.2f} ms" if row["samples"] else f"{row.get('error', 'no samples')}"
-        print(f"T={T:6d} {row['variant']:17s} {row['pass']:8s} {ms} {_peak(row)}", flush=True)
+        print(f"T={T:6d} {row['variant']:27s} {row['pass']:8s} {ms} {_peak(row)}", flush=True)
     return out
 
 
@@ -253,7 +263,11 @@ def main(argv=None):
             no_flex = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
                                                            **shape).items() if isinstance(v, dict) and "route" in v}
         print("routes of nsa_layer_no_flex:", json.dumps(no_flex), flush=True)
-        routes = {"nsa_layer": routes, "nsa_layer_no_flex": no_flex}
+        with override_settings(use_triton_elementwise=True):
+            fused = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
+                                                         **shape).items() if isinstance(v, dict) and "route" in v}
+        print("routes of nsa_layer_fused_elementwise:", json.dumps(fused), flush=True)
+        routes = {"nsa_layer": routes, "nsa_layer_no_flex": no_flex, "nsa_layer_fused_elementwise": fused}
     dead: set = set()
     result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
               "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes,

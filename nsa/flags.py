@@ -37,6 +37,9 @@ class Settings:
     use_fa2_win: bool = True  # NSA_USE_FA2_WIN: window branch through FA-2 (needs NSA_USE_FA2)
     use_flex: bool = True  # NSA_USE_FLEX: GPU prefill/training selection and window via FlexAttention
     use_triton: bool = True  # NSA_USE_TRITON: GPU Triton kernels (compressed branch, scoring, selection)
+    # NSA_USE_TRITON_ELEMENTWISE: GPU prefill/training RoPE and gated combine in one Triton pass each
+    # (off until timed against the eager ops on a GPU)
+    use_triton_elementwise: bool = False
     # Workspace reserves (0 = grow on demand).
     sel_pack_reserve_n: int = 0  # NSA_SEL_PACK_RESERVE_N: packed-selection rows
     sel_pack_reserve_l: int = 0  # NSA_SEL_PACK_RESERVE_L: keys per packed-selection row
@@ -66,6 +69,7 @@ _ENV_NAMES = {
     "use_fa2_win": "NSA_USE_FA2_WIN",
     "use_flex": "NSA_USE_FLEX",
     "use_triton": "NSA_USE_TRITON",
+    "use_triton_elementwise": "NSA_USE_TRITON_ELEMENTWISE",
     "sel_pack_reserve_n": "NSA_SEL_PACK_RESERVE_N",
     "sel_pack_reserve_l": "NSA_SEL_PACK_RESERVE_L",
     "varlen_reserve_n": "NSA_VARLEN_RESERVE_N",

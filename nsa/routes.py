@@ -17,8 +17,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import (compressed, flex, selection, triton_attention, triton_decode, triton_scoring, triton_selection,
-                  window)
+from .ops import (compressed, flex, selection, triton_attention, triton_decode, triton_elementwise, triton_scoring,
+                  triton_selection, window)
+from .ops.rope import apply_rope
 from .flags import settings
 
 
@@ -108,6 +109,33 @@ def _triton_blocker(device, dtype) -> str | None:
     if not triton_attention.available():
         return "Triton not installed, or no CUDA device"
     return None
+
+
+# --- RoPE and the gated combine (prefill and training) ---------------------------------------------
+
+
+def _elementwise_blocker(device, dtype) -> str | None:
+    if not settings().use_triton_elementwise:
+        return "NSA_USE_TRITON_ELEMENTWISE=0"
+    return _triton_blocker(device, dtype)
+
+
+def route_rope(device, dtype) -> Route:
+    """RoPE of the queries and the selection/window keys in prefill and training."""
+    blocker = _elementwise_blocker(device, dtype)
+    if blocker is None:
+        return Route("triton-rope", "NSA_USE_TRITON_ELEMENTWISE=1: one Triton pass, float32 in registers",
+                     triton_elementwise.rope_triton)
+    return Route("reference", f"eager float32 rotate-half ({blocker})", apply_rope)
+
+
+def route_combine(device, dtype) -> Route:
+    """The gated sum of the three branches' outputs in prefill and training."""
+    blocker = _elementwise_blocker(device, dtype)
+    if blocker is None:
+        return Route("triton-combine", "NSA_USE_TRITON_ELEMENTWISE=1: one Triton pass, summed in float32",
+                     triton_elementwise.gated_combine_triton)
+    return Route("reference", f"eager elementwise ops ({blocker})", triton_elementwise.gated_combine_reference)
 
 
 # --- compressed branch ---------------------------------------------------------------------------
@@ -328,7 +356,8 @@ def backends(device=None, dtype=None, d_k: int = 64, d_v: int = 64, sel_block_le
     for branch, route in (("cmp", cmp), ("select", select), ("slc", route_slc(device, dtype, sel_block_len, d_k, d_v)),
                           ("slc_inference", route_slc(device, dtype, sel_block_len, d_k, d_v, needs_grad=False)),
                           ("win", route_win(device, dtype, d_k, d_v)),
-                          ("win_inference", route_win(device, dtype, d_k, d_v, needs_grad=False))):
+                          ("win_inference", route_win(device, dtype, d_k, d_v, needs_grad=False)),
+                          ("rope", route_rope(device, dtype)), ("combine", route_combine(device, dtype))):
         if prefill.name == "sequential":  # the per-token references run instead of any branch route
             route = Route("sequential-reference", f"{prefill.reason} (would be {route.name}: {route.reason})")
         out[branch] = {"route": route.name, "reason": route.reason}

@@ -148,35 +148,11 @@ def _module_errors() -> dict:
     """The layer with its compressed branch on the Triton route (what ``routes.route_cmp`` picks on a
     GPU for half dtypes; the selection then comes from ``select_from_compressed``) against the same
     layer on the reference route: output and the gradients of the input and of every parameter."""
-    from nsa import NSAAttention, NSAConfig, routes
+    from nsa import routes
 
-    cfg = NSAConfig(dim=32, groups=2, heads_per_group=2, d_k=16, d_v=16, block_len=8, block_stride=4,
-                    sel_block_len=16, n_sel=3, window=16)
-    torch.manual_seed(3)
-    layer = NSAAttention(cfg)
-    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(4))
-
-    def run():
-        xg = x.clone().requires_grad_()
-        y = layer(xg)
-        grads = torch.autograd.grad(y.square().sum(), [xg, *layer.parameters()], allow_unused=True)
-        return y, grads
-
-    y_ref, g_ref = run()
-    real = routes.route_cmp
-    routes.route_cmp = lambda *a, **k: routes.Route("triton-compressed", "test", ta.triton_compressed_attention)
-    try:
-        y, g = run()
-    finally:
-        routes.route_cmp = real
-    out = {"o": _rel(y, y_ref)}
-    # Relative to each gradient's own scale, but not below a thousandth of the largest: the key
-    # compression's bias and position embedding shift every compressed key alike, which softmax
-    # ignores, so their true gradients are zero and what both routes give is rounding noise.
-    floor = 1e-3 * max(float(b.abs().max()) for b in g_ref if b is not None)
-    out["grads"] = max(float((a - b).abs().max()) / max(float(b.abs().max()), floor)
-                       for a, b in zip(g, g_ref) if b is not None)
-    return out
+    route = routes.Route("triton-compressed", "test", ta.triton_compressed_attention)
+    r = triton_build.layer_route_errors({"route_cmp": route}, batch=2, T=70, n_sel=3)
+    return {"o": r["o"], "grads": r["grads"]}
 
 
 def compute_all() -> dict:

@@ -83,29 +83,11 @@ def _inverted_lists() -> dict:
 def _module_case() -> dict:
     """A layer trained through the Triton selection route against the same layer on the reference
     route: output and the gradients of the input and of every parameter."""
-    from nsa import NSAAttention, NSAConfig, routes
+    from nsa import routes
 
-    cfg = NSAConfig(dim=32, groups=2, heads_per_group=2, d_k=16, d_v=16, block_len=8, block_stride=4,
-                    sel_block_len=16, n_sel=4, window=16)
-    torch.manual_seed(3)
-    layer = NSAAttention(cfg)
-    x = torch.randn(1, 100, 32, generator=torch.Generator().manual_seed(4))
-
-    def run():
-        xg = x.clone().requires_grad_()
-        y = layer(xg)
-        return y, torch.autograd.grad(y.square().sum(), [xg, *layer.parameters()], allow_unused=True)
-
-    y_ref, g_ref = run()
-    real = routes.route_slc
-    routes.route_slc = lambda *a, **k: routes.Route("triton-sparse", "test", tsel.selection_attention_triton)
-    try:
-        y, g = run()
-    finally:
-        routes.route_slc = real
-    floor = 1e-3 * max(float(b.abs().max()) for b in g_ref if b is not None)  # as test_triton_attention's
-    return {"o": _rel(y, y_ref), "grads": max(float((a - b).abs().max()) / max(float(b.abs().max()), floor)
-                                              for a, b in zip(g, g_ref) if b is not None)}
+    route = routes.Route("triton-sparse", "test", tsel.selection_attention_triton)
+    r = triton_build.layer_route_errors({"route_slc": route}, batch=1, T=100, n_sel=4)
+    return {"o": r["o"], "grads": r["grads"]}
 
 
 def compute_all() -> dict:

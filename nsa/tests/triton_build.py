@@ -119,3 +119,43 @@ def case(results: dict, name: str) -> dict:
     r = results[name]
     assert "error" not in r, r.get("error")
     return r
+
+
+def layer_route_errors(patches: dict, *, batch: int, T: int, n_sel: int) -> dict:
+    """A small float32 layer with ``patches`` (``nsa.routes`` function name -> the Route it should
+    return) against the same layer on the routes it takes unpatched: ``o``, the output's max error,
+    and ``grads``, that of the input's and every parameter's gradient, each relative to its own
+    largest value but not below a thousandth of the largest of all (the key compression's bias and
+    position embedding shift every compressed key alike, which softmax ignores, so their true
+    gradients are zero and what both routes give is rounding noise); ``taken``: the patched run's
+    ``routes_taken`` names."""
+    import torch
+
+    from nsa import NSAAttention, NSAConfig, routes
+
+    cfg = NSAConfig(dim=32, groups=2, heads_per_group=2, d_k=16, d_v=16, block_len=8, block_stride=4,
+                    sel_block_len=16, n_sel=n_sel, window=16)
+    torch.manual_seed(3)
+    layer = NSAAttention(cfg)
+    x = torch.randn(batch, T, 32, generator=torch.Generator().manual_seed(4))
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        return y, torch.autograd.grad(y.square().sum(), [xg, *layer.parameters()], allow_unused=True)
+
+    y_ref, g_ref = run()
+    real = {name: getattr(routes, name) for name in patches}
+    for name, route in patches.items():
+        setattr(routes, name, lambda *a, _route=route, **k: _route)
+    try:
+        y, g = run()
+        taken = {branch: r["route"] for branch, r in layer.routes_taken.items()}
+    finally:
+        for name, fn in real.items():
+            setattr(routes, name, fn)
+    floor = 1e-3 * max(float(b.abs().max()) for b in g_ref if b is not None)
+    return {"o": float((y - y_ref).abs().max() / y_ref.abs().max()),
+            "grads": max(float((a - b).abs().max()) / max(float(b.abs().max()), floor)
+                         for a, b in zip(g, g_ref) if b is not None),
+            "taken": taken}
