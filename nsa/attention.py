@@ -144,10 +144,11 @@ class NSAAttention(nn.Module):
         prefill = routes.route_prefill()
         sequential = prefill.name == "sequential"
         taken = {"prefill": prefill}
+        rope = apply_rope
         if not sequential:
             taken["rope"] = routes.route_rope(x.device, self._projected_dtype(x))
-        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x, positions, *(
-            () if sequential else (taken["rope"].fn,)))
+            rope = taken["rope"].fn
+        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x, positions, rope)
         dev, dtype = x.device, q.dtype
         k_cmp, v_cmp = self._compress(kc, vc, naive_ops=sequential)
         cmp = {"block_len": cfg.block_len, "block_stride": cfg.block_stride}
@@ -183,9 +184,11 @@ class NSAAttention(nn.Module):
             o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)
             win_route = taken["win"] = routes.route_win(dev, dtype, cfg.d_k, cfg.d_v, needs_grad)
             o_win = win_route.fn(q_rope, kw, vw, window=cfg.window)
+        combine = gated_combine_reference
         if not sequential:
             taken["combine"] = routes.route_combine(dev, dtype)
-        y = self._combine(gates, o_cmp, o_slc, o_win, *(() if sequential else (taken["combine"].fn,)))
+            combine = taken["combine"].fn
+        y = self._combine(gates, o_cmp, o_slc, o_win, combine)
         self.routes_taken = {b: {"route": r.name, "reason": r.reason} for b, r in taken.items()}
         return y, (kc, vc, ks, vs, kw, vw, k_cmp, v_cmp)
 
