@@ -1,7 +1,8 @@
 """Long-context prefill and training speed: ``python -m nsa.bench_prefill [--json out.json]``.
 
-For each length T: the NSA layer's forward (no autograd) and forward + backward (on a GPU twice: with
-its default routes, and with ``NSA_USE_FLEX=0``, where selection and window run the Triton kernels), next to dense
+For each length T: the NSA layer's forward (no autograd) and forward + backward (on a GPU three times:
+with its default routes, with ``NSA_USE_FLEX=0``, where selection and window run the Triton kernels,
+and with ``NSA_USE_TRITON_ELEMENTWISE=1``, RoPE and the gated combine in one pass each), next to dense
 causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core's ``parallel_nsa``
 (compressed + selected branches only) when the ``fla`` package is installed. Shape (issue 8): B=1,
 64 query heads in 4 groups, d_k = d_v = 128, l=32, d=16, l'=64, n=16, w=512, bf16 on a GPU.
@@ -11,7 +12,9 @@ variant's own (its inputs and parameters plus what the call allocated: what it a
 that fails (out of memory included) is recorded with its error and skipped for longer lengths; one
 whose first timed call takes more than ``--max-call-s`` is timed once. The NSA layer includes its projections; dense SDPA and fla are the
 attention alone (their projections would add what the layer's do): ``nsa_projections`` times the layer's
-linear maps alone, so the layer's attention is the difference.
+linear maps alone, so the layer's attention is the difference. After each length it prints each NSA
+variant's speed and own memory as multiples of dense SDPA's (and its speed as a multiple of fla's),
+the terms of issue 8's targets; the JSON keeps them as ``ratios``.
 """
 
 from __future__ import annotations
@@ -230,6 +233,34 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) 
     return out
 
 
+def ratios(rows: list[dict], T: int) -> list[dict]:
+    """Each NSA layer variant's (T, pass) against dense SDPA's and fla's in the same run: ``speedup``
+    (their median time / its), ``memory`` (its own footprint / dense's); absent where either side has
+    no number."""
+    by = {(r["variant"], r["pass"]): r for r in rows if r["T"] == T and r.get("median_ms")}
+    out = []
+    for (variant, what), row in by.items():
+        if not variant.startswith("nsa_layer"):
+            continue
+        entry = {"T": T, "variant": variant, "pass": what}
+        dense, fla = by.get(("dense_sdpa", what)), by.get(("fla_parallel_nsa", what))
+        if dense:
+            entry["speedup_vs_dense"] = dense["median_ms"] / row["median_ms"]
+            if row.get("own_peak_bytes") and dense.get("own_peak_bytes"):
+                entry["memory_vs_dense"] = row["own_peak_bytes"] / dense["own_peak_bytes"]
+        if fla:
+            entry["speedup_vs_fla"] = fla["median_ms"] / row["median_ms"]
+        out.append(entry)
+    return out
+
+
+def _ratio_line(e: dict) -> str:
+    parts = [f"{e['speedup_vs_dense']:.2f}x dense's speed" if "speedup_vs_dense" in e else "",
+             f"{e['memory_vs_dense']:.2f}x its memory" if "memory_vs_dense" in e else "",
+             f"{e['speedup_vs_fla']:.2f}x fla's speed" if "speedup_vs_fla" in e else ""]
+    return f"T={e['T']:6d} {e['variant']:27s} {e['pass']:8s} " + ", ".join(p for p in parts if p)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -271,10 +302,15 @@ def main(argv=None):
     dead: set = set()
     result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
               "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes,
-              "lengths": lengths, "complete": False, "rows": []}
+              "lengths": lengths, "complete": False, "rows": [], "ratios": []}
     for T in lengths:
         result["rows"] += bench_length(cfg, T, device, dtype, args.reps or (5 if gpu else 2), args.max_call_s, dead,
                                        args.only)
+        here = ratios(result["rows"], T)
+        for entry in here:
+            if len(entry) > 3:  # something to compare with
+                print(_ratio_line(entry), flush=True)
+        result["ratios"] += here
         result["complete"] = T == lengths[-1]
         write_json(args.json, result)  # after each length: a run stopped at a longer one keeps these
     return result

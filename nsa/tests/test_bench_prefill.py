@@ -23,6 +23,12 @@ def test_bench_prefill_times_every_variant_and_pass(tmp_path):
     layer_params = sum(p.numel() for p in bench_prefill.NSAAttention(bench_prefill.NSAConfig(**bench_prefill.TINY_CFG))
                        .parameters()) * 4
     assert rows[("nsa_layer", "fwd+bwd", 96)]["input_bytes"] == 96 * 64 * 4 + layer_params
+    # The targets' terms: dense's median over the layer's, per length and pass (no memory on a CPU).
+    ratio = {(e["T"], e["pass"]): e for e in result["ratios"] if e["variant"] == "nsa_layer"}
+    assert set(ratio) == {(T, p) for T in (40, 96) for p in ("fwd", "fwd+bwd")}
+    e = ratio[(96, "fwd+bwd")]
+    assert e["speedup_vs_dense"] == rows[("dense_sdpa", "fwd+bwd", 96)]["median_ms"] / rows[("nsa_layer", "fwd+bwd", 96)]["median_ms"]
+    assert "memory_vs_dense" not in e and "speedup_vs_fla" not in e
 
 
 def test_bench_prefill_records_a_failing_variant_and_skips_it_later(monkeypatch):
@@ -61,6 +67,23 @@ def test_bench_prefill_only_some_variants_with_progress_and_a_json_per_length(tm
     printed = capsys.readouterr().out
     assert printed.count("first timed call") == 4 and printed.count("median") == 4
     assert printed.count("not available here: nsa_layer_no_flex") == 2  # a GPU-only variant, said per length
+
+
+def test_ratios_compare_each_nsa_variant_with_dense_and_fla_of_the_same_length():
+    def row(variant, what, ms, own, T=64):
+        return {"variant": variant, "pass": what, "T": T, "median_ms": ms, "own_peak_bytes": own}
+
+    rows = [row("nsa_layer", "fwd+bwd", 200.0, 12), row("dense_sdpa", "fwd+bwd", 400.0, 8),
+            row("fla_parallel_nsa", "fwd+bwd", 100.0, 4), row("nsa_layer_no_flex", "fwd+bwd", 250.0, None),
+            row("nsa_projections", "fwd+bwd", 10.0, 1), row("dense_sdpa", "fwd+bwd", 1.0, 1, T=32),
+            {"variant": "nsa_layer", "pass": "fwd", "T": 64, "error": "out of memory"}]
+    got = {e["variant"]: e for e in bench_prefill.ratios(rows, 64)}
+    assert set(got) == {"nsa_layer", "nsa_layer_no_flex"}  # no projections, no failed pass, no other length
+    assert got["nsa_layer"] == {"T": 64, "variant": "nsa_layer", "pass": "fwd+bwd", "speedup_vs_dense": 2.0,
+                                "memory_vs_dense": 1.5, "speedup_vs_fla": 0.5}
+    assert got["nsa_layer_no_flex"] == {"T": 64, "variant": "nsa_layer_no_flex", "pass": "fwd+bwd",
+                                        "speedup_vs_dense": 1.6, "speedup_vs_fla": 0.4}
+    assert bench_prefill._ratio_line(got["nsa_layer"]).endswith("2.00x dense's speed, 1.50x its memory, 0.50x fla's speed")
 
 
 def test_bench_prefill_refuses_an_unknown_variant(capsys):
