@@ -17,11 +17,10 @@ from torch import nn
 from . import routes
 from .config import NSAConfig
 from .ops import naive
-from .ops.common import acc_dtype, masked_softmax, scores_einsum, values_einsum
+from .ops.common import acc_dtype, gated_combine, masked_softmax, scores_einsum, values_einsum
 from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope
 from .ops.selection import overlap_matrix, select_blocks, selection_scores
-from .ops.triton_elementwise import gated_combine_reference
 
 
 @dataclasses.dataclass
@@ -120,7 +119,7 @@ class NSAAttention(nn.Module):
         # dtype, that of the projections (a no-op without autocast).
         return k_cmp.to(kc.dtype), v_cmp.to(vc.dtype)
 
-    def _combine(self, gates, o_cmp, o_slc, o_win, combine=gated_combine_reference):
+    def _combine(self, gates, o_cmp, o_slc, o_win, combine=gated_combine):
         B, T = gates.shape[:2]
         o = combine(gates, o_cmp, o_slc, o_win)
         return self.out(o.reshape(B, T, self.cfg.num_heads * self.cfg.d_v))
@@ -184,7 +183,7 @@ class NSAAttention(nn.Module):
             o_slc = slc_route.fn(q_rope, ks, vs, idx, **slc)
             win_route = taken["win"] = routes.route_win(dev, dtype, cfg.d_k, cfg.d_v, needs_grad)
             o_win = win_route.fn(q_rope, kw, vw, window=cfg.window)
-        combine = gated_combine_reference
+        combine = gated_combine
         if not sequential:
             taken["combine"] = routes.route_combine(dev, dtype)
             combine = taken["combine"].fn

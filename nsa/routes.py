@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .ops import (compressed, flex, selection, triton_attention, triton_decode, triton_elementwise, triton_scoring,
                   triton_selection, window)
+from .ops.common import gated_combine
 from .ops.rope import apply_rope
 from .flags import settings
 
@@ -135,7 +136,7 @@ def route_combine(device, dtype) -> Route:
     if blocker is None:
         return Route("triton-combine", "NSA_USE_TRITON_ELEMENTWISE=1: one Triton pass, summed in float32",
                      triton_elementwise.gated_combine_triton)
-    return Route("reference", f"eager elementwise ops ({blocker})", triton_elementwise.gated_combine_reference)
+    return Route("reference", f"eager elementwise ops ({blocker})", gated_combine)
 
 
 # --- compressed branch ---------------------------------------------------------------------------

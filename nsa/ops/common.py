@@ -43,3 +43,9 @@ def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
+def gated_combine(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
+    """The layer's output before its projection (nsa-spec, "Gates and output"): the branches' outputs
+    ``[B, T, H, d_v]`` weighted by their gates ``[B, T, H, 3]`` (cmp, slc, win) and summed, in the
+    inputs' dtype (eager elementwise ops; ``triton_elementwise.gated_combine_triton`` is the one-pass
+    form)."""
+    return gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win

@@ -7,10 +7,11 @@
   angle, the same kernel with the sine negated.
 - :func:`gated_combine_triton`: ``g0 * o_cmp + g1 * o_slc + g2 * o_win`` (gates ``[B, T, H, 3]``,
   outputs ``[B, T, H, d_v]``), summed in float32 in one pass; the backward gives the three outputs'
-  gradients and the gates' (the row sums of ``dO * o``) in one more.
+  gradients and the gates' (the row sums of ``dO * o``) in one more. Its reference:
+  :func:`nsa.ops.common.gated_combine`.
 
 Plain PyTorch has no fused form of either (``torch.compile`` would give one, but the training route
-runs eager autograd); the references they must agree with are ``apply_rope`` and the three-term sum.
+runs eager autograd); the references they must agree with are ``apply_rope`` and ``gated_combine``.
 CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is imported).
 """
 
@@ -168,8 +169,3 @@ def gated_combine_triton(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.
     ``[B, T, H, 3]`` and outputs ``[B, T, H, d_v]`` of one dtype, summed in float32, in one Triton
     pass; differentiable in all four. No checks: reached through :mod:`nsa.routes`."""
     return _Combine.apply(gates, o_cmp, o_slc, o_win)
-
-
-def gated_combine_reference(gates, o_cmp, o_slc, o_win):
-    """The plain PyTorch form (eager elementwise ops in the inputs' dtype)."""
-    return gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win

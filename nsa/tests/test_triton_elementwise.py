@@ -16,6 +16,7 @@ import torch
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton); its kernels cannot run")
 
 from nsa.ops import apply_rope  # noqa: E402
+from nsa.ops.common import gated_combine  # noqa: E402
 from nsa.ops import triton_elementwise as te  # noqa: E402
 from nsa.tests import triton_build  # noqa: E402
 from nsa.tests.triton_build import H100_SHARED_BYTES, build_sm90, run_cases, usage  # noqa: E402
@@ -49,7 +50,7 @@ def _combine_errors(dtype) -> dict:
               *(torch.randn(B, T, H, D, generator=gen).to(dtype) for _ in range(3))]
     x64 = [t.double().requires_grad_() for t in inputs]
     xt = [t.clone().requires_grad_() for t in inputs]
-    ref, out = te.gated_combine_reference(*x64), te.gated_combine_triton(*xt)
+    ref, out = gated_combine(*x64), te.gated_combine_triton(*xt)
     go = torch.randn(ref.shape, generator=gen).to(dtype)
     g_ref, g = torch.autograd.grad(ref, x64, go.double()), torch.autograd.grad(out, xt, go)
     errors = {"o": _rel(out, ref), "dtype": float(out.dtype == dtype)}
@@ -109,7 +110,7 @@ def test_elementwise_routes_are_off_by_default_and_on_by_flag(monkeypatch):
 
     monkeypatch.setattr(ta, "available", lambda: True)  # the decision, on a machine without a GPU
     assert routes.route_rope("cuda", torch.bfloat16).fn is apply_rope
-    assert routes.route_combine("cuda", torch.bfloat16).fn is te.gated_combine_reference
+    assert routes.route_combine("cuda", torch.bfloat16).fn is gated_combine
     assert "NSA_USE_TRITON_ELEMENTWISE=0" in routes.route_rope("cuda", torch.bfloat16).reason
     with override_settings(use_triton_elementwise=True):
         assert routes.route_rope("cuda", torch.bfloat16).fn is te.rope_triton
@@ -153,7 +154,7 @@ def test_triton_elementwise_bf16_on_gpu(cuda, gen):
               *(torch.randn(1, 4096, 64, 128, generator=gen).to(cuda, torch.bfloat16) for _ in range(3))]
     x32 = [t.float().requires_grad_() for t in inputs]
     xb = [t.clone().requires_grad_() for t in inputs]
-    ref, out = te.gated_combine_reference(*x32), te.gated_combine_triton(*xb)
+    ref, out = gated_combine(*x32), te.gated_combine_triton(*xb)
     go = torch.randn(ref.shape, generator=gen).to(cuda)
     assert _rel(out, ref) <= 1e-2
     for a, b in zip(torch.autograd.grad(out, xb, go.bfloat16()), torch.autograd.grad(ref, x32, go)):
