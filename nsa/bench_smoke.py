@@ -204,6 +204,23 @@ def bench_prefill(device, dtype, T, repeats):
     return rows
 
 
+def decode_ratios(rows: list[dict]) -> list[dict]:
+    """Per (batch, context, mode): each dense step's median time over NSA's in the same run
+    (``vs_dense``: K/V repeated per head, the seed report's baseline; ``vs_dense_gqa``: SDPA's
+    ``enable_gqa``). Above 1, NSA's step is the faster."""
+    med = {(r["layer"], r["batch"], r["context"], r["mode"]): r["median_ms"] for r in rows}
+    out = []
+    for (layer, batch, context, mode), ms in med.items():
+        if layer != "nsa":
+            continue
+        entry = {"batch": batch, "context": context, "mode": mode}
+        for dense in ("dense", "dense_gqa"):
+            if (dense, batch, context, mode) in med:
+                entry[f"vs_{dense}"] = med[(dense, batch, context, mode)] / ms
+        out.append(entry)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,6 +254,11 @@ def main(argv=None):
         print(f"  {r['layer']:9s} B={r['batch']} ctx {r['context']:5d} {r['mode']:5s} {r['median_ms']:.4f}")
     for r in result.get("prefill", []):
         print(f"  prefill {r['what']:10s} T={r['T']} {r['median_ms']:.3f}")
+    result["decode_ratios"] = decode_ratios(result["decode"])
+    print("\nNSA's decode step against the dense ones (their time / NSA's; above 1 NSA is faster):")
+    for e in result["decode_ratios"]:
+        print(f"  B={e['batch']} ctx {e['context']:5d} {e['mode']:14s} dense {e.get('vs_dense', float('nan')):.2f}x, "
+              f"dense_gqa {e.get('vs_dense_gqa', float('nan')):.2f}x")
     write_json(args.json, result)
     return result
 
