@@ -115,28 +115,25 @@ def _triton_blocker(device, dtype) -> str | None:
 # --- RoPE and the gated combine (prefill and training) ---------------------------------------------
 
 
-def _elementwise_blocker(device, dtype) -> str | None:
-    if not settings().use_triton_elementwise:
-        return "NSA_USE_TRITON_ELEMENTWISE=0"
-    return _triton_blocker(device, dtype)
+def _elementwise(device, dtype, triton_route: Route, reference: str, reference_fn) -> Route:
+    """The Triton pass under ``NSA_USE_TRITON_ELEMENTWISE=1`` where a Triton route can run, else the
+    eager reference, its reason naming what blocked the Triton one."""
+    blocker = "NSA_USE_TRITON_ELEMENTWISE=0" if not settings().use_triton_elementwise else _triton_blocker(device, dtype)
+    return triton_route if blocker is None else Route("reference", f"{reference} ({blocker})", reference_fn)
 
 
 def route_rope(device, dtype) -> Route:
     """RoPE of the queries and the selection/window keys in prefill and training."""
-    blocker = _elementwise_blocker(device, dtype)
-    if blocker is None:
-        return Route("triton-rope", "NSA_USE_TRITON_ELEMENTWISE=1: one Triton pass, float32 in registers",
-                     triton_elementwise.rope_triton)
-    return Route("reference", f"eager float32 rotate-half ({blocker})", apply_rope)
+    return _elementwise(device, dtype, Route("triton-rope", "NSA_USE_TRITON_ELEMENTWISE=1: one Triton pass, float32 "
+                                             "in registers", triton_elementwise.rope_triton),
+                        "eager float32 rotate-half", apply_rope)
 
 
 def route_combine(device, dtype) -> Route:
     """The gated sum of the three branches' outputs in prefill and training."""
-    blocker = _elementwise_blocker(device, dtype)
-    if blocker is None:
-        return Route("triton-combine", "NSA_USE_TRITON_ELEMENTWISE=1: one Triton pass, summed in float32",
-                     triton_elementwise.gated_combine_triton)
-    return Route("reference", f"eager elementwise ops ({blocker})", gated_combine)
+    return _elementwise(device, dtype, Route("triton-combine", "NSA_USE_TRITON_ELEMENTWISE=1: one Triton pass, "
+                                             "summed in float32", triton_elementwise.gated_combine_triton),
+                        "eager elementwise ops", gated_combine)
 
 
 # --- compressed branch ---------------------------------------------------------------------------
