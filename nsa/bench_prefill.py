@@ -2,7 +2,7 @@
 
 For each length T: the NSA layer's forward (no autograd) and forward + backward (on a GPU three times:
 with its default routes, with ``NSA_USE_FLEX=0``, where selection and window run the Triton kernels,
-and with ``NSA_USE_TRITON_ELEMENTWISE=1``, RoPE and the gated combine in one pass each), next to dense
+and with ``NSA_USE_TRITON_ELEMENTWISE=0``, RoPE and the gated combine as eager ops), next to dense
 causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core's ``parallel_nsa``
 (compressed + selected branches only) when the ``fla`` package is installed. Shape (issue 8): B=1,
 64 query heads in 4 groups, d_k = d_v = 128, l=32, d=16, l'=64, n=16, w=512, bf16 on a GPU.
@@ -68,10 +68,11 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
                 fn()
         return run
 
-    def fused_elementwise(fn):
-        # NSA_USE_TRITON_ELEMENTWISE=1: RoPE and the gated combine in one Triton pass each.
+    def eager_elementwise(fn):
+        # NSA_USE_TRITON_ELEMENTWISE=0: RoPE and the gated combine as eager ops (the default's one Triton
+        # pass each, timed beside them).
         def run():
-            with override_settings(use_triton_elementwise=True):
+            with override_settings(use_triton_elementwise=False):
                 fn()
         return run
 
@@ -106,7 +107,7 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
            "dense_sdpa": (dense_fwd, dense_fwd_bwd, (q, k, v))}
     if device.type == "cuda":
         out["nsa_layer_no_flex"] = (all_triton(nsa_fwd), all_triton(nsa_fwd_bwd), (x_grad, *params))
-        out["nsa_layer_fused_elementwise"] = (fused_elementwise(nsa_fwd), fused_elementwise(nsa_fwd_bwd),
+        out["nsa_layer_eager_elementwise"] = (eager_elementwise(nsa_fwd), eager_elementwise(nsa_fwd_bwd),
                                               (x_grad, *params))
     parallel_nsa = _fla_parallel_nsa() if device.type == "cuda" else None
     if parallel_nsa is not None:
@@ -159,7 +160,7 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
-VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_layer_fused_elementwise", "nsa_projections", "dense_sdpa",
+VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_layer_eager_elementwise", "nsa_projections", "dense_sdpa",
             "fla_parallel_nsa")
 
 
@@ -294,11 +295,11 @@ def main(argv=None):
             no_flex = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
                                                            **shape).items() if isinstance(v, dict) and "route" in v}
         print("routes of nsa_layer_no_flex:", json.dumps(no_flex), flush=True)
-        with override_settings(use_triton_elementwise=True):
-            fused = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
+        with override_settings(use_triton_elementwise=False):
+            eager = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
                                                          **shape).items() if isinstance(v, dict) and "route" in v}
-        print("routes of nsa_layer_fused_elementwise:", json.dumps(fused), flush=True)
-        routes = {"nsa_layer": routes, "nsa_layer_no_flex": no_flex, "nsa_layer_fused_elementwise": fused}
+        print("routes of nsa_layer_eager_elementwise:", json.dumps(eager), flush=True)
+        routes = {"nsa_layer": routes, "nsa_layer_no_flex": no_flex, "nsa_layer_eager_elementwise": eager}
     dead: set = set()
     result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
               "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes,

@@ -4,7 +4,7 @@
 #   bash tools/gpu_session.sh check      the harness's CUDA paths (tools/gpu_harness_check.py)
 #   bash tools/gpu_session.sh kernels    the Triton kernels' and the training window route's GPU tests (values and
 #                                        gradients, memory growth in T), then nsa.bench_prefill at 64K and 128K:
-#                                        NSA default routes, with the fused RoPE and combine, dense (own memory)
+#                                        NSA default routes, with RoPE and the combine as eager ops, dense (own memory)
 #   bash tools/gpu_session.sh workflow   the default Snakemake workflow, report and GPU memory per second into $OUT
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 #   bash tools/gpu_session.sh gputests   every gpu- or ops-marked test, failures named, junit
@@ -84,7 +84,7 @@ case "${1:-tests}" in
       -p no:cacheprovider -m "gpu or ops" --junitxml="$OUT/kernels-junit.xml" > "$OUT/kernels-pytest.log" 2>&1
     grep -E "^(FAILED|ERROR|E  )" "$OUT/kernels-pytest.log" | head -n 30; tail -n 2 "$OUT/kernels-pytest.log"
     timeout "${GPU_SESSION_PREFILL_S:-300}" python3 -m nsa.bench_prefill --lengths 65536 131072 --reps 3 \
-      --only nsa_layer nsa_layer_fused_elementwise dense_sdpa --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
+      --only nsa_layer nsa_layer_eager_elementwise dense_sdpa --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
     grep -v "first timed call" "$OUT/prefill.log"
     ;;
   check)

@@ -104,22 +104,22 @@ def test_layer_on_the_triton_elementwise_routes_matches_the_eager_ops(interprete
     assert r["routes"] == 1.0 and r["o"] <= 1e-5 and r["grads"] <= 1e-4, r
 
 
-def test_elementwise_routes_are_off_by_default_and_on_by_flag(monkeypatch):
+def test_elementwise_routes_are_on_by_default_and_off_by_flag(monkeypatch):
     from nsa import backends, override_settings, routes
     from nsa.ops import triton_attention as ta
 
     monkeypatch.setattr(ta, "available", lambda: True)  # the decision, on a machine without a GPU
-    assert routes.route_rope("cuda", torch.bfloat16).fn is apply_rope
-    assert routes.route_combine("cuda", torch.bfloat16).fn is gated_combine
-    assert "NSA_USE_TRITON_ELEMENTWISE=0" in routes.route_rope("cuda", torch.bfloat16).reason
-    with override_settings(use_triton_elementwise=True):
-        assert routes.route_rope("cuda", torch.bfloat16).fn is te.rope_triton
-        assert routes.route_combine("cuda", torch.float16).fn is te.gated_combine_triton
-        assert backends("cuda", torch.bfloat16)["rope"]["route"] == "triton-rope"
-        assert routes.route_rope("cuda", torch.float32).name == "reference"
-        assert routes.route_combine("cpu", torch.bfloat16).name == "reference"
-        with override_settings(use_triton=False):
-            assert routes.route_rope("cuda", torch.bfloat16).name == "reference"
+    assert routes.route_rope("cuda", torch.bfloat16).fn is te.rope_triton
+    assert routes.route_combine("cuda", torch.float16).fn is te.gated_combine_triton
+    assert backends("cuda", torch.bfloat16)["rope"]["route"] == "triton-rope"
+    assert routes.route_rope("cuda", torch.float32).name == "reference"
+    assert routes.route_combine("cpu", torch.bfloat16).name == "reference"
+    with override_settings(use_triton=False):
+        assert routes.route_rope("cuda", torch.bfloat16).name == "reference"
+    with override_settings(use_triton_elementwise=False):
+        assert routes.route_rope("cuda", torch.bfloat16).fn is apply_rope
+        assert routes.route_combine("cuda", torch.bfloat16).fn is gated_combine
+        assert "NSA_USE_TRITON_ELEMENTWISE=0" in routes.route_rope("cuda", torch.bfloat16).reason
 
 
 @pytest.mark.ops
@@ -163,8 +163,8 @@ def test_triton_elementwise_bf16_on_gpu(cuda, gen):
 
 @pytest.mark.gpu
 def test_layer_with_fused_elementwise_agrees_on_gpu(cuda, gen, override):
-    """Issue 8's layer at 2K tokens, bf16: output and gradients with NSA_USE_TRITON_ELEMENTWISE=1
-    against the eager ops (both round in bf16: 2e-2 relative, as the other bf16 route checks)."""
+    """Issue 8's layer at 2K tokens, bf16: output and gradients with NSA_USE_TRITON_ELEMENTWISE=1 (the
+    default) against the eager ops (both round in bf16: 2e-2 relative, as the other bf16 route checks)."""
     import nsa
     from nsa.bench_prefill import LONG_CFG
 
@@ -179,7 +179,8 @@ def test_layer_with_fused_elementwise_agrees_on_gpu(cuda, gen, override):
         y = layer(xg)
         return [y, *torch.autograd.grad(y.float().square().sum(), [xg, layer.proj.weight, layer.out.weight])]
 
-    ref = run()
+    with override(use_triton_elementwise=False):
+        ref = run()
     with override(use_triton_elementwise=True):
         got = run()
         assert {layer.routes_taken[k]["route"] for k in ("rope", "combine")} == {"triton-rope", "triton-combine"}
