@@ -9,11 +9,12 @@
 #   bash tools/gpu_session.sh vibe       configs/nsa-vibe.yaml against .whl/vibe.bundle
 #   bash tools/gpu_session.sh gputests   every gpu- or ops-marked test, failures named, junit
 #   bash tools/gpu_session.sh long       nsa.bench_prefill (8K-64K; fla-core from .whl/fla when there),
-#                                        nsa.bench_kernels
+#                                        nsa.bench_kernels (GPU_SESSION_KERNELS_S=0: not)
 #   bash tools/gpu_session.sh decode     fused-decode GPU tests, then nsa.bench_smoke decode at 2K and 64K
 #                                        context, B=1 and 8, eager / graph / compiled+graph, NSA vs dense
 #   bash tools/gpu_session.sh profile    tools/gpu_profile.py: the layer's kernels in one forward and one forward +
-#                                        backward at 64K (GPU_SESSION_T), top 40 by CUDA time
+#                                        backward at 64K (GPU_SESSION_T), top 40 by CUDA time; other runs
+#                                        by GPU_SESSION_PROFILE, e.g. "decode 2048 1;decode 65536 8"
 #   bash tools/gpu_session.sh sweep      tools/tile_sweep.py: the Triton kernels' launch options timed
 #                                        against the library's choice at 64K (GPU_SESSION_SWEEP_ONLY: families)
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
@@ -56,13 +57,16 @@ case "${1:-tests}" in
     timeout "${GPU_SESSION_PREFILL_S:-330}" python3 -m nsa.bench_prefill --lengths ${GPU_SESSION_LENGTHS:-8192 16384 32768 65536} \
       --reps 3 ${GPU_SESSION_PREFILL_ONLY:+--only $GPU_SESSION_PREFILL_ONLY} --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
     cat "$OUT/prefill.log"
-    timeout "${GPU_SESSION_KERNELS_S:-200}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-200} - 20 ))" \
+    [ "${GPU_SESSION_KERNELS_S:-200}" -gt 0 ] && timeout "${GPU_SESSION_KERNELS_S:-200}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-200} - 20 ))" \
       --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
     ;;
   profile)
-    for mode in prefill train; do
-      timeout 200 python3 tools/gpu_profile.py "$mode" "${GPU_SESSION_T:-65536}" > "$OUT/profile-$mode.log" 2>&1
-      grep -v "^USDT" "$OUT/profile-$mode.log" | head -n 50
+    # GPU_SESSION_PROFILE: gpu_profile.py's arguments per run, runs separated by ';' (e.g. "decode 2048 1").
+    IFS=';' read -r -a runs <<< "${GPU_SESSION_PROFILE:-prefill ${GPU_SESSION_T:-65536};train ${GPU_SESSION_T:-65536}}"
+    for r in "${runs[@]}"; do
+      log="$OUT/profile-$(echo $r | tr ' ' '-').log"
+      timeout 200 python3 tools/gpu_profile.py $r > "$log" 2>&1
+      grep -v "^USDT" "$log" | head -n 50
     done
     ;;
   sweep)
