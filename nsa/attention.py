@@ -23,26 +23,66 @@ from .ops.rope import apply_rope
 from .ops.selection import overlap_matrix, select_blocks, selection_scores
 
 
+_CACHE_ROWS = ("slc", "win", "raw", "cmp")  # the caches of each of K and V, in their buffer's row order
+
+
 @dataclasses.dataclass
 class NSACache:
     """Preallocated decode caches of one layer (spec "Decode"); every shape is fixed at creation.
 
     ``pos`` is the next position as a device tensor, so ``decode_step`` never reads it on the host.
+    The eight caches are row ranges (dim 1) of one buffer ``[B, rows, G, d]`` when ``d_k == d_v``,
+    else of two (keys', values'): a decode step appends its six rows with one ``index_copy_`` per
+    buffer, one kernel under ``torch.compile`` where six separate caches took six.
     """
 
-    k_slc: torch.Tensor  # [B, max_len, G, d_k] raw selection keys (RoPE applied), all tokens
-    v_slc: torch.Tensor  # [B, max_len, G, d_v]
-    k_win: torch.Tensor  # [B, W, G, d_k] ring of the last W = min(w, max_len) window keys
-    v_win: torch.Tensor  # [B, W, G, d_v]
-    k_raw: torch.Tensor  # [B, l, G, d_k] ring of the last l raw compression-branch keys
-    v_raw: torch.Tensor  # [B, l, G, d_v]
-    k_cmp: torch.Tensor  # [B, N + 1, G, d_k] compressed keys; slot N is scratch for non-emitting steps
-    v_cmp: torch.Tensor  # [B, N + 1, G, d_v]
+    buffers: tuple  # one [B, rows, G, d] tensor, or the keys' and the values'
+    rows: dict  # cache name ("k_slc", ...) -> (buffer index, first row, row count)
     pos: torch.Tensor  # [1] long: tokens held
     overlap: torch.Tensor  # [N, nb] selection-score overlap matrix for max_len, in the scores' dtype
     max_len: int
     prefilled: bool = False
     steps: int = 0  # decode steps issued from Python (graph replays do not count)
+
+    def view(self, name: str) -> torch.Tensor:
+        """One cache, a view of its buffer:
+
+        - ``k_slc`` / ``v_slc [B, max_len, G, d]``: raw selection keys (RoPE applied) and values, all tokens;
+        - ``k_win`` / ``v_win [B, W, G, d]``: ring of the last ``W = min(w, max_len)`` window keys/values;
+        - ``k_raw`` / ``v_raw [B, l, G, d]``: ring of the last ``l`` raw compression-branch keys/values;
+        - ``k_cmp`` / ``v_cmp [B, N + 1, G, d]``: compressed keys/values; slot ``N`` is scratch for
+          non-emitting steps.
+        """
+        buf, start, n = self.rows[name]
+        return self.buffers[buf][:, start:start + n]
+
+    k_slc = property(lambda self: self.view("k_slc"))
+    v_slc = property(lambda self: self.view("v_slc"))
+    k_win = property(lambda self: self.view("k_win"))
+    v_win = property(lambda self: self.view("v_win"))
+    k_raw = property(lambda self: self.view("k_raw"))
+    v_raw = property(lambda self: self.view("v_raw"))
+    k_cmp = property(lambda self: self.view("k_cmp"))
+    v_cmp = property(lambda self: self.view("v_cmp"))
+
+    def write(self, rows) -> None:
+        """``rows``: ``(cache name, row index [n] long, values [B, n, G, d])``; one ``index_copy_`` per buffer."""
+        for b, buf in enumerate(self.buffers):
+            mine = [(self.rows[name][1] + index, values) for name, index, values in rows if self.rows[name][0] == b]
+            if mine:
+                buf.index_copy_(1, torch.cat([i for i, _ in mine]), torch.cat([v for _, v in mine], dim=1))
+
+    def read(self, rows) -> list:
+        """``rows``: ``(cache name, row index [n] long)``; the rows ``[B, n, G, d]`` of each, one
+        ``index_select`` per buffer."""
+        out = [None] * len(rows)
+        for b, buf in enumerate(self.buffers):
+            mine = [(k, self.rows[name][1] + index) for k, (name, index) in enumerate(rows) if self.rows[name][0] == b]
+            if mine:
+                got = buf.index_select(1, torch.cat([i for _, i in mine]))
+                for (k, _), part in zip(mine, got.split([i.numel() for _, i in mine], dim=1)):
+                    out[k] = part
+        return out
 
     def reset(self) -> None:
         self.pos.zero_()
@@ -118,6 +158,26 @@ class NSAAttention(nn.Module):
         # Under autocast phi's float32 bias/embedding promote its output; the attention ops take one
         # dtype, that of the projections (a no-op without autocast).
         return k_cmp.to(kc.dtype), v_cmp.to(vc.dtype)
+
+    def _compress_ring(self, kr, vr):
+        """phi of the one block in the raw rings ``[B, l, G, d]`` (oldest first): ``[B, 1, G, d]`` each.
+
+        Under ``torch.compile``, where the block is small, as a product and a sum in the accumulation
+        dtype: it fuses with the ring's gather into one kernel, where the matmul took a gather and a
+        GEMM per branch (H100, seed layer: four kernels of ~1-3 us each in a ~57 us step). Eagerly the
+        product would be materialised, so the matmul of :meth:`_compress` runs there."""
+        cfg = self.cfg
+        B, l, G, dk = kr.shape
+        if not (torch.compiler.is_compiling() and cfg.compress == "linear" and B * G * l * max(dk, vr.shape[-1]) ** 2 <= 1 << 22):
+            return self._compress(kr, vr)
+        out = []
+        for x, weight, bias, pos_emb in ((kr, self.phi_k, self.phi_k_bias, self.pos_k),
+                                         (vr, self.phi_v, self.phi_v_bias, self.pos_v)):
+            acc = acc_dtype(x.dtype)
+            blk = (x.to(acc) + pos_emb.to(acc)[:, None]).permute(0, 2, 1, 3).reshape(B, G, -1, 1)
+            y = (blk * weight.to(acc)).sum(2) + bias.to(acc)
+            out.append(y[:, None].to(x.dtype))
+        return out
 
     def _combine(self, gates, o_cmp, o_slc, o_win, combine=gated_combine):
         B, T = gates.shape[:2]
@@ -205,15 +265,18 @@ class NSAAttention(nn.Module):
         dtype = ref.dtype if dtype is None else dtype
         G, dk, dv = cfg.groups, cfg.d_k, cfg.d_v
         W, n_cmp = min(cfg.window, max_len), cfg.num_cmp(max_len - 1)
-
-        def z(n, d):
-            return torch.zeros(batch, n, G, d, device=device, dtype=dtype)
-
+        counts = {"slc": max_len, "win": W, "raw": cfg.block_len, "cmp": n_cmp + 1}
+        rows, used = {}, [0, 0]
+        for kv in "kv":
+            buf = 0 if kv == "k" or dk == dv else 1
+            for name in _CACHE_ROWS:
+                rows[f"{kv}_{name}"] = (buf, used[buf], counts[name])
+                used[buf] += counts[name]
+        buffers = tuple(torch.zeros(batch, n, G, dk if b == 0 else dv, device=device, dtype=dtype)
+                        for b, n in enumerate(used) if n)
         # The overlap weights in the dtype the step computes scores in (float64 for float64 caches),
         # as prefill builds them: rounded weights would move near ties to other blocks.
-        return NSACache(z(max_len, dk), z(max_len, dv), z(W, dk), z(W, dv), z(cfg.block_len, dk),
-                        z(cfg.block_len, dv), z(n_cmp + 1, dk), z(n_cmp + 1, dv),
-                        torch.zeros(1, dtype=torch.long, device=device),
+        return NSACache(buffers, rows, torch.zeros(1, dtype=torch.long, device=device),
                         overlap_matrix(n_cmp, cfg.num_sel_blocks(max_len), cfg.block_len, cfg.block_stride,
                                        cfg.sel_block_len, device, acc_dtype(dtype)),
                         max_len)
@@ -270,24 +333,19 @@ class NSAAttention(nn.Module):
     def _decode(self, x_t: torch.Tensor, cache: NSACache) -> torch.Tensor:
         cfg = self.cfg
         pos = cache.pos
-        l, d, W = cfg.block_len, cfg.block_stride, cache.k_win.shape[1]
+        l, d, W = cfg.block_len, cfg.block_stride, cache.rows["k_win"][2]
         q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x_t, pos)
-        cache.k_slc.index_copy_(1, pos, ks)
-        cache.v_slc.index_copy_(1, pos, vs)
-        cache.k_win.index_copy_(1, pos % W, kw)
-        cache.v_win.index_copy_(1, pos % W, vw)
-        cache.k_raw.index_copy_(1, pos % l, kc)
-        cache.v_raw.index_copy_(1, pos % l, vc)
+        cache.write([("k_slc", pos, ks), ("v_slc", pos, vs), ("k_win", pos % W, kw), ("v_win", pos % W, vw),
+                     ("k_raw", pos % l, kc), ("v_raw", pos % l, vc)])
 
         # Every d tokens (once a whole block exists) phi emits a compressed token; otherwise the
         # new token goes to the scratch slot, so the step has the same shape either way.
-        n_cmp = cache.k_cmp.shape[1] - 1
+        n_cmp = cache.rows["k_cmp"][2] - 1
         emit = (pos + 1 >= l) & ((pos + 1 - l) % d == 0)
         slot = torch.where(emit, (pos + 1 - l).div(d, rounding_mode="floor"), torch.full_like(pos, n_cmp))
         ring = (pos + 1 + torch.arange(l, device=pos.device)) % l  # raw ring slots, oldest first
-        k_new, v_new = self._compress(cache.k_raw.index_select(1, ring), cache.v_raw.index_select(1, ring))
-        cache.k_cmp.index_copy_(1, slot, k_new)
-        cache.v_cmp.index_copy_(1, slot, v_new)
+        k_new, v_new = self._compress_ring(*cache.read([("k_raw", ring), ("v_raw", ring)]))
+        cache.write([("k_cmp", slot, k_new), ("v_cmp", slot, v_new)])
 
         k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
         num_blocks = cfg.num_sel_blocks(cache.max_len)

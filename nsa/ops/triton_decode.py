@@ -3,15 +3,16 @@
 The torch step (:meth:`nsa.NSAAttention._decode` on its reference route) runs the compressed branch
 as a masked matmul over every cache slot, scores the selection with an ``[N, nb]`` overlap matmul,
 sorts every row, gathers the selected tokens and attends the window ring: its cost follows the
-cache's length and the number of small kernels, not what NSA reads. Here six kernels read the
-caches in place (static shapes, position read on the device, no host synchronisation: the step
-stays CUDA-graph capturable), every program owning one GQA group so a loaded key tile serves all
-``h`` heads of it:
+cache's length and the number of small kernels, not what NSA reads. Here six kernels (five at short
+contexts) read the caches in place (static shapes, position read on the device, no host
+synchronisation: the step stays CUDA-graph capturable), every program owning one GQA group so a
+loaded key tile serves all ``h`` heads of it:
 
 1. ``_dec_cmp`` (splits x B*G): flash-decoding over the visible compressed tokens, ``SPLIT`` tokens
-   per program (at most 16 splits); a partial ``(max, sum, acc)`` per head.
-2. ``_dec_cmp_reduce`` (B*G): the splits merged, a chunk of partials per load: the branch's output
-   and log-sum-exp.
+   per program (at most 16 splits); a partial ``(max, sum, acc)`` per head. Up to
+   :func:`single_pass_tiles` tiles of the cache, one split, which writes the branch's output itself.
+2. ``_dec_cmp_reduce`` (B*G, only with several splits): the splits merged, a chunk of partials per
+   load: the branch's output and log-sum-exp.
 3. ``_dec_scores`` (tiles x B*G): the selection scores as prefill makes them
    (:mod:`nsa.ops.triton_scoring`): probabilities recomputed from the log-sum-exp, heads summed,
    tiles of ``16 * l_sel / d`` tokens mapped onto their 16 blocks by overlap weights computed from
@@ -72,11 +73,21 @@ if triton is not None:
         tl.store(PACC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc)
 
     @triton.jit
-    def _merge(PM, PL, PACC, first, count, HP: tl.constexpr, DVP: tl.constexpr, PC: tl.constexpr):
+    def _store_cmp(OC, LSE2, bg, offs_h, m, l_sum, acc, HP: tl.constexpr, DVP: tl.constexpr):
+        has = l_sum > 0
+        row = bg * HP + offs_h
+        tl.store(OC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc / tl.where(has, l_sum, 1.0)[:, None])
+        tl.store(LSE2 + row, tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf")))
+
+    @triton.jit
+    def _merge(PM, PL, PACC, first, count, HPG: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr,
+               PC: tl.constexpr):
         """Partials ``first .. first + count - 1`` merged: ``(max, sum, acc)`` per head (log2 units).
 
         ``PC`` partials per iteration, loaded as one ``[PC, HP, DVP]`` tile and merged online: a
-        partial at a time made every load wait for the one before (23 us for 64 partials on an H200)."""
+        partial at a time made every load wait for the one before (23 us for 64 partials on an H200).
+        The rows past the group's ``HPG`` heads (padding to ``HP`` for the attention's dots) are not
+        read: at the seed layer, 4 heads padded to 16, that is three quarters of the loads."""
         offs_h = tl.arange(0, HP)
         offs_d = tl.arange(0, DVP)
         m = tl.full([HP], float("-inf"), tl.float32)
@@ -85,7 +96,7 @@ if triton is not None:
         for c in range(0, count, PC):
             part = c + tl.arange(0, PC)
             row = (first + part)[:, None] * HP + offs_h[None, :]  # [PC, HP]
-            pmask = (part < count)[:, None]
+            pmask = (part < count)[:, None] & (offs_h < HPG)[None, :]
             pm = tl.load(PM + row, mask=pmask, other=float("-inf"))
             m_new = tl.maximum(m, tl.max(pm, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,10 +109,10 @@ if triton is not None:
         return m, l_sum, acc
 
     @triton.jit
-    def _dec_cmp(Q, K, V, POS, PM, PL, PACC, sqb, sqh, skb, sks, skg, svb, svs, svg, N, SPLIT, qk_scale,
+    def _dec_cmp(Q, K, V, POS, PM, PL, PACC, OC, LSE2, sqb, sqh, skb, sks, skg, svb, svs, svg, N, SPLIT, qk_scale,
                  G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                  DV: tl.constexpr, DVP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, FINAL: tl.constexpr):
         bg, b, g, offs_h, hmask, q = _group(Q, sqb, sqh, G, HPG, HP, DK, DKP)
         _, n_vis = _num_visible(POS, N, L, D)
         lo = tl.program_id(0) * SPLIT
@@ -118,16 +129,17 @@ if triton is not None:
             s = tl.where(nmask[None, :], s, float("-inf"))
             v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, nmask)
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, PREC)
-        _store_partial(PM, PL, PACC, bg * tl.num_programs(0) + tl.program_id(0), offs_h, m_i, l_i, acc, HP, DVP)
+        if FINAL:  # one split: the branch's output and log-sum-exp, no reduce kernel
+            _store_cmp(OC, LSE2, bg, offs_h, m_i, l_i, acc, HP, DVP)
+        else:
+            _store_partial(PM, PL, PACC, bg * tl.num_programs(0) + tl.program_id(0), offs_h, m_i, l_i, acc, HP, DVP)
 
     @triton.jit
-    def _dec_cmp_reduce(PM, PL, PACC, OC, LSE2, NSPLIT, HP: tl.constexpr, DVP: tl.constexpr, PC: tl.constexpr):
+    def _dec_cmp_reduce(PM, PL, PACC, OC, LSE2, NSPLIT, HPG: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr,
+                        PC: tl.constexpr):
         bg = tl.program_id(0)
-        m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, NSPLIT, HP, DVP, PC)
-        has = l_sum > 0
-        row = bg * HP + tl.arange(0, HP)
-        tl.store(OC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc / tl.where(has, l_sum, 1.0)[:, None])
-        tl.store(LSE2 + row, tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf")))
+        m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, NSPLIT, HPG, HP, DVP, PC)
+        _store_cmp(OC, LSE2, bg, tl.arange(0, HP), m, l_sum, acc, HP, DVP)
 
     @triton.jit
     def _tile_probs(q, K, b, g, skb, sks, skg, lse2, hmask, j0, n_vis, qk_scale, DK: tl.constexpr,
@@ -204,8 +216,8 @@ if triton is not None:
                      NSEL: tl.constexpr, PC: tl.constexpr):
         bg = tl.program_id(0)
         b, g, offs_h, hmask = _heads(bg, G, HPG, HP)
-        _, l_slc, acc_slc = _merge(PM, PL, PACC, bg * NPART, NSEL, HP, DVP, PC)
-        _, l_win, acc_win = _merge(PM, PL, PACC, bg * NPART + NSEL, NPART - NSEL, HP, DVP, PC)
+        _, l_slc, acc_slc = _merge(PM, PL, PACC, bg * NPART, NSEL, HPG, HP, DVP, PC)
+        _, l_win, acc_win = _merge(PM, PL, PACC, bg * NPART + NSEL, NPART - NSEL, HPG, HP, DVP, PC)
         o_cmp = tl.load(OC + (bg * HP + offs_h)[:, None] * DVP + tl.arange(0, DVP)[None, :])
         heads = g * HPG + offs_h
         gate = GATES + b * sgb + heads * sgh
@@ -250,6 +262,16 @@ def max_splits(device: torch.device) -> int:
     return 16 if device.type == "cuda" else 4
 
 
+def single_pass_tiles(device: torch.device) -> int:
+    """Tiles of compressed tokens (64 each) up to which one program per group walks them all and
+    writes the branch's output itself, without partials and the reduce kernel. From the H100
+    profile of the seed layer's step at 2K context (2 tiles, 2 splits): split kernel 2.3 us, reduce
+    4.1 us, of a 52 us step; one program's extra tiles cost well under a microsecond each (an
+    estimate: the single pass has not been timed on its own). The interpreter: 3, so the tests'
+    caches take both paths (36 and 48 slots: one pass; 149: splits)."""
+    return 8 if device.type == "cuda" else 3
+
+
 def _tiles_per_program(tiles: int, B: int, G: int, device: torch.device) -> int:
     """Tiles each program of a split kernel walks: about two programs per SM, at least one tile
     each (the interpreter: one tile, so tests cross programs)."""
@@ -276,16 +298,21 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
     # 1-2: compressed branch
     block_n = 64 if dev.type == "cuda" else 16
     tiles = triton.cdiv(max(N, 1), block_n)
-    per = max(_tiles_per_program(tiles, B, G, dev), triton.cdiv(tiles, max_splits(dev)))
+    if tiles <= single_pass_tiles(dev):
+        per = tiles
+    else:
+        per = max(_tiles_per_program(tiles, B, G, dev), triton.cdiv(tiles, max_splits(dev)))
     split, nsplit = per * block_n, triton.cdiv(tiles, per)
-    pm, pl = torch.empty(B * G * nsplit * hp, **f32), torch.empty(B * G * nsplit * hp, **f32)
-    pacc = torch.empty(B * G * nsplit * hp * dvp, **f32)
-    _dec_cmp[(nsplit, B * G)](q, k_cmp, v_cmp, pos, pm, pl, pacc, q.stride(0), q.stride(2), *k_cmp.stride()[:3],
-                              *v_cmp.stride()[:3], N, split, qk_scale, **common, DV=Dv, DVP=dvp, L=block_len,
-                              D=block_stride, BLOCK_N=block_n, num_warps=warps["cmp"])
+    parts = B * G * nsplit * hp if nsplit > 1 else 1  # one split: no partials
+    pm, pl, pacc = torch.empty(parts, **f32), torch.empty(parts, **f32), torch.empty(parts * dvp, **f32)
     o_cmp, lse2 = torch.empty(B * G * hp * dvp, **f32), torch.empty(B * G * hp, **f32)
-    _dec_cmp_reduce[(B * G,)](pm, pl, pacc, o_cmp, lse2, nsplit, HP=hp, DVP=dvp,
-                              PC=merge_chunk(hp, dvp, warps["reduce"], dev), num_warps=warps["reduce"])
+    _dec_cmp[(nsplit, B * G)](q, k_cmp, v_cmp, pos, pm, pl, pacc, o_cmp, lse2, q.stride(0), q.stride(2),
+                              *k_cmp.stride()[:3], *v_cmp.stride()[:3], N, split, qk_scale, **common, DV=Dv,
+                              DVP=dvp, L=block_len, D=block_stride, BLOCK_N=block_n, FINAL=nsplit == 1,
+                              num_warps=warps["cmp"])
+    if nsplit > 1:
+        _dec_cmp_reduce[(B * G,)](pm, pl, pacc, o_cmp, lse2, nsplit, HPG=h, HP=hp, DVP=dvp,
+                                  PC=merge_chunk(hp, dvp, warps["reduce"], dev), num_warps=warps["reduce"])
     # 3-4: selection scores and the top-n blocks
     nbt = 16
     tile_n = nbt * sel_block_len // block_stride

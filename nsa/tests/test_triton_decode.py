@@ -176,6 +176,13 @@ def test_route_decode_takes_triton_on_a_gpu_for_half_dtypes(monkeypatch):
     assert routes.backends("cpu")["decode"]["route"].startswith("cached-masked-matmul")
 
 
+def test_op_cases_take_both_compressed_paths():
+    """The interpreter cases cover one pass (no reduce kernel) and splits merged by the reduce."""
+    tiles = [-(-max((S - l) // d + 1, 1) // 16) for _, _, _, _, _, l, d, _, _, S, _, _ in OP_CASES.values()]
+    single = td.single_pass_tiles(torch.device("cpu"))
+    assert any(t <= single for t in tiles) and any(t > single for t in tiles), tiles
+
+
 @pytest.mark.ops
 @pytest.mark.parametrize("d_k,d_v,h", [(192, 128, 16), (128, 128, 16), (32, 32, 4)])
 def test_decode_kernels_build_for_sm90_without_spilling(d_k, d_v, h):
@@ -188,8 +195,10 @@ def test_decode_kernels_build_for_sm90_without_spilling(d_k, d_v, h):
     ptrs.update({name: "*bf16" for name in ("Q", "K", "V", "KS", "VS", "KW", "VW", "GATES", "O")})
     ptrs.update({"POS": "*i64", "IDX": "*i64", "qk_scale": "fp32"})
     warps, gpu = td.kernel_warps(dkp), torch.device("cuda")
-    kernels = [("cmp", td._dec_cmp, dict(common, DV=d_v, DVP=dvp, L=32, D=16, BLOCK_N=64)),
-               ("reduce", td._dec_cmp_reduce, dict(HP=hp, DVP=dvp, PC=td.merge_chunk(hp, dvp, warps["reduce"], gpu))),
+    kernels = [("cmp", td._dec_cmp, dict(common, DV=d_v, DVP=dvp, L=32, D=16, BLOCK_N=64, FINAL=False)),
+               ("cmp", td._dec_cmp, dict(common, DV=d_v, DVP=dvp, L=32, D=16, BLOCK_N=64, FINAL=True)),
+               ("reduce", td._dec_cmp_reduce, dict(HPG=h, HP=hp, DVP=dvp,
+                                                   PC=td.merge_chunk(hp, dvp, warps["reduce"], gpu))),
                ("scores", td._dec_scores, dict(common, L=32, D=16, SEL=64, NBT=16, BLOCK_N=64)),
                ("sparse", td._dec_sparse, dict(common, DV=d_v, DVP=dvp, SEL=64, NSEL=16)),
                ("combine", td._dec_combine, dict(G=4, HPG=h, HP=hp, DV=d_v, DVP=dvp, NSEL=16,
