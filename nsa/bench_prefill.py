@@ -1,8 +1,8 @@
 """Long-context prefill and training speed: ``python -m nsa.bench_prefill [--json out.json]``.
 
-For each length T: the NSA layer's forward (no autograd) and forward + backward (on a GPU three times:
-with its default routes, with ``NSA_USE_FLEX=0``, where selection and window run the Triton kernels,
-and with ``NSA_USE_TRITON_ELEMENTWISE=0``, RoPE and the gated combine as eager ops), next to dense
+For each length T: the NSA layer's forward (no autograd) and forward + backward (on a GPU twice: with
+its default routes, and with ``NSA_USE_TRITON_ELEMENTWISE=0``, RoPE and the gated combine as eager
+ops), next to dense
 causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core's ``parallel_nsa``
 (compressed + selected branches only) when the ``fla`` package is installed. Shape (issue 8): B=1,
 64 query heads in 4 groups, d_k = d_v = 128, l=32, d=16, l'=64, n=16, w=512, bf16 on a GPU.
@@ -61,13 +61,6 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
     def nsa_fwd_bwd():
         layer(x_grad).sum().backward()
 
-    def all_triton(fn):
-        # NSA_USE_FLEX=0: selection and window through the Triton kernels too (forward and backward).
-        def run():
-            with override_settings(use_flex=False):
-                fn()
-        return run
-
     def eager_elementwise(fn):
         # NSA_USE_TRITON_ELEMENTWISE=0: RoPE and the gated combine as eager ops (the default's one Triton
         # pass each, timed beside them).
@@ -106,7 +99,6 @@ def variants(cfg: NSAConfig, T: int, device, dtype):
            "nsa_projections": (proj_fwd, proj_fwd_bwd, (x_grad, o, *params)),
            "dense_sdpa": (dense_fwd, dense_fwd_bwd, (q, k, v))}
     if device.type == "cuda":
-        out["nsa_layer_no_flex"] = (all_triton(nsa_fwd), all_triton(nsa_fwd_bwd), (x_grad, *params))
         out["nsa_layer_eager_elementwise"] = (eager_elementwise(nsa_fwd), eager_elementwise(nsa_fwd_bwd),
                                               (x_grad, *params))
     parallel_nsa = _fla_parallel_nsa() if device.type == "cuda" else None
@@ -160,7 +152,7 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
-VARIANTS = ("nsa_layer", "nsa_layer_no_flex", "nsa_layer_eager_elementwise", "nsa_projections", "dense_sdpa",
+VARIANTS = ("nsa_layer", "nsa_layer_eager_elementwise", "nsa_projections", "dense_sdpa",
             "fla_parallel_nsa")
 
 
@@ -179,7 +171,7 @@ def bench_length(cfg, T, device, dtype, reps, max_call_s, dead: set, only=None) 
     here = variants(cfg, T, device, dtype)
     leaves = [t for *_, own in here.values() for t in own if t.requires_grad]
     absent = sorted(set(only or ()) - set(here))
-    if absent:  # e.g. nsa_layer_no_flex on a CPU, fla_parallel_nsa without fla installed
+    if absent:  # e.g. nsa_layer_eager_elementwise on a CPU, fla_parallel_nsa without fla installed
         print(f"T={T:6d} not available here: {', '.join(absent)}", flush=True)
     for name, (fwd, fwd_bwd, own) in here.items():
         if only and name not in only:
@@ -291,15 +283,11 @@ def main(argv=None):
               if isinstance(v, dict) and "route" in v}
     print("routes:", json.dumps(routes), flush=True)
     if gpu:
-        with override_settings(use_flex=False):
-            no_flex = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
-                                                           **shape).items() if isinstance(v, dict) and "route" in v}
-        print("routes of nsa_layer_no_flex:", json.dumps(no_flex), flush=True)
         with override_settings(use_triton_elementwise=False):
             eager = {k: v["route"] for k, v in backends(device, dtype, cfg.d_k, cfg.d_v, cfg.sel_block_len,
                                                          **shape).items() if isinstance(v, dict) and "route" in v}
         print("routes of nsa_layer_eager_elementwise:", json.dumps(eager), flush=True)
-        routes = {"nsa_layer": routes, "nsa_layer_no_flex": no_flex, "nsa_layer_eager_elementwise": eager}
+        routes = {"nsa_layer": routes, "nsa_layer_eager_elementwise": eager}
     dead: set = set()
     result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
               "dtype": str(dtype), "config": dict(TINY_CFG if args.tiny else LONG_CFG), "routes": routes,

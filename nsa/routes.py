@@ -235,20 +235,19 @@ def route_win(device, dtype, d_k, d_v, needs_grad: bool = True) -> Route:
         blocker = f"torch {torch.__version__} varlen_attn has no window_size"
     flex_blocker = _flex_blocker(device, dtype, d_k, d_v)
     triton_blocker = _triton_blocker(device, dtype)
-    if triton_blocker is None and not needs_grad:
-        # Without autograd the Triton forward goes first: faster than flex's (H200, T=8192, bf16, 64
-        # heads in 4 groups, d=128, w=512: 0.66 ms against 0.73) and nothing to compile, where flex
-        # traces and compiles in every new process (seconds on each first prefill).
-        return Route("triton-window", "NSA_USE_TRITON=1, no autograd: flash-attention Triton kernel over "
-                     "the band's tiles", triton_attention.triton_window_attention)
+    if triton_blocker is None:
+        # The Triton kernel before flex, with autograd too. H100, issue 8's layer (bf16, 64 heads in 4
+        # groups, d=128, w=512), forward + backward with flex's window against Triton's, same run: 8K
+        # 17.75 / 17.21 ms, 16K 37.27 / 36.76, 32K 82.72 / 80.60, 64K 236.3 / 235.2, 128K 601.0 /
+        # 596.6, in about 9% less memory; and nothing to compile, where flex compiles in every new process.
+        # Without autograd (H200, 8K): forward 0.66 ms against flex's 0.73.
+        grad = "forward and backward" if needs_grad else "no autograd"
+        return Route("triton-window", f"NSA_USE_TRITON=1: flash-attention Triton kernel over the band's tiles, {grad}",
+                     triton_attention.triton_window_attention)
     if flex_blocker is None:
         return Route("flex-sliding-window", f"NSA_USE_FLEX=1 on CUDA: FlexAttention over the band's tiles "
-                     f"(FA-2 not taken: {blocker})", flex.sliding_window_attention_flex)
-    if triton_blocker is None:
-        # After flex: on an H200 at T=8192 (bf16, 64 heads in 4 groups, d=128, w=512) forward 0.66 ms
-        # against flex's 0.73, forward + backward 3.77 against 2.64.
-        return Route("triton-window", f"NSA_USE_TRITON=1: flash-attention Triton kernel over the band's tiles, "
-                     f"forward and backward ({flex_blocker})", triton_attention.triton_window_attention)
+                     f"(FA-2 not taken: {blocker}; Triton not taken: {triton_blocker})",
+                     flex.sliding_window_attention_flex)
     # The module's own tensors: shapes and dtypes are right by construction, positions are 0..T-1.
     return Route("reference", f"chunked band attention ({blocker})",
                  functools.partial(window.sliding_window_attention, validate=False))

@@ -61,12 +61,13 @@ def test_bench_prefill_only_some_variants_with_progress_and_a_json_per_length(tm
 
     monkeypatch.setattr(bench_prefill, "write_json", write)
     result = bench_prefill.main(["--tiny", "--device", "cpu", "--lengths", "40", "64", "--reps", "1",
-                                 "--only", "dense_sdpa", "nsa_layer_no_flex", "--json", str(out)])
+                                 "--only", "dense_sdpa", "nsa_layer_eager_elementwise", "--json", str(out)])
     assert {r["variant"] for r in result["rows"]} == {"dense_sdpa"} and len(result["rows"]) == 4
     assert [(len(s["rows"]), s["complete"]) for s in seen] == [(2, False), (4, True)]
     printed = capsys.readouterr().out
     assert printed.count("first timed call") == 4 and printed.count("median") == 4
-    assert printed.count("not available here: nsa_layer_no_flex") == 2  # a GPU-only variant, said per length
+    # a GPU-only variant, said per length
+    assert printed.count("not available here: nsa_layer_eager_elementwise") == 2
 
 
 def test_ratios_compare_each_nsa_variant_with_dense_and_fla_of_the_same_length():
@@ -74,15 +75,16 @@ def test_ratios_compare_each_nsa_variant_with_dense_and_fla_of_the_same_length()
         return {"variant": variant, "pass": what, "T": T, "median_ms": ms, "own_peak_bytes": own}
 
     rows = [row("nsa_layer", "fwd+bwd", 200.0, 12), row("dense_sdpa", "fwd+bwd", 400.0, 8),
-            row("fla_parallel_nsa", "fwd+bwd", 100.0, 4), row("nsa_layer_no_flex", "fwd+bwd", 250.0, None),
+            row("fla_parallel_nsa", "fwd+bwd", 100.0, 4),
+            row("nsa_layer_eager_elementwise", "fwd+bwd", 250.0, None),
             row("nsa_projections", "fwd+bwd", 10.0, 1), row("dense_sdpa", "fwd+bwd", 1.0, 1, T=32),
             {"variant": "nsa_layer", "pass": "fwd", "T": 64, "error": "out of memory"}]
     got = {e["variant"]: e for e in bench_prefill.ratios(rows, 64)}
-    assert set(got) == {"nsa_layer", "nsa_layer_no_flex"}  # no projections, no failed pass, no other length
+    assert set(got) == {"nsa_layer", "nsa_layer_eager_elementwise"}  # no projections, no failed pass, no other length
     assert got["nsa_layer"] == {"T": 64, "variant": "nsa_layer", "pass": "fwd+bwd", "speedup_vs_dense": 2.0,
                                 "memory_vs_dense": 1.5, "speedup_vs_fla": 0.5}
-    assert got["nsa_layer_no_flex"] == {"T": 64, "variant": "nsa_layer_no_flex", "pass": "fwd+bwd",
-                                        "speedup_vs_dense": 1.6, "speedup_vs_fla": 0.4}
+    assert got["nsa_layer_eager_elementwise"] == {"T": 64, "variant": "nsa_layer_eager_elementwise",
+                                                  "pass": "fwd+bwd", "speedup_vs_dense": 1.6, "speedup_vs_fla": 0.4}
     assert bench_prefill._ratio_line(got["nsa_layer"]).endswith("2.00x dense's speed, 1.50x its memory, 0.50x fla's speed")
 
 
@@ -91,7 +93,7 @@ def test_bench_prefill_refuses_an_unknown_variant(capsys):
 
     with pytest.raises(SystemExit):
         bench_prefill.main(["--tiny", "--device", "cpu", "--only", "dense", "nsa_layer"])
-    assert "--only dense: no such variant; accepted: nsa_layer, nsa_layer_no_flex" in capsys.readouterr().err
+    assert "--only dense: no such variant; accepted: nsa_layer, nsa_layer_eager_elementwise" in capsys.readouterr().err
 
 
 def test_a_call_counts_its_own_allocations_after_every_gradient_is_dropped(monkeypatch):

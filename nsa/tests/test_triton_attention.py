@@ -192,15 +192,15 @@ def test_routes_take_the_triton_compressed_kernel_on_a_gpu_for_half_dtypes(monke
     assert routes.route_cmp("cpu", torch.bfloat16, 128, 128).name == "reference"
     with override_settings(use_triton=False):
         assert routes.route_cmp("cuda", torch.bfloat16, 128, 128).name == "reference"
-    # The window: flex first; with NSA_USE_FLEX=0 the Triton kernel, not the chunked reference.
-    assert routes.route_win("cuda", torch.bfloat16, 128, 128).name == "flex-sliding-window"
-    with override_settings(use_flex=False):
-        assert routes.route_win("cuda", torch.bfloat16, 128, 128).fn is ta.triton_window_attention
-        assert routes.route_win("cuda", torch.float32, 128, 128).name == "reference"
-    # Without autograd the Triton forward goes before flex (faster, and nothing to compile).
-    assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=False).fn is ta.triton_window_attention
-    with override_settings(use_triton=False):
-        assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=False).name == "flex-sliding-window"
+    # The window: the Triton kernel first, with or without autograd; flex where Triton is off.
+    for needs_grad in (True, False):
+        assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=needs_grad).fn is ta.triton_window_attention
+        with override_settings(use_flex=False):
+            assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=needs_grad).name == "triton-window"
+        with override_settings(use_triton=False):
+            assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=needs_grad).name == "flex-sliding-window"
+            with override_settings(use_flex=False):
+                assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=needs_grad).name == "reference"
     assert routes.route_win("cuda", torch.float32, 128, 128, needs_grad=False).name == "reference"
 
 
