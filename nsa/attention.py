@@ -327,6 +327,10 @@ class NSAAttention(nn.Module):
         """Fuse the decode step's small ops with ``torch.compile`` (first call compiles; then use
         ``decode_step`` as usual, eagerly or inside a CUDA graph). Outputs match the eager step."""
         compile_kwargs.setdefault("dynamic", False)
+        if "mode" not in compile_kwargs and compile_kwargs.get("backend", "inductor") == "inductor":
+            # phi's sum over a block (l * d terms, few outputs): inductor splits such a reduction into
+            # two kernels per branch (H100 profile, seed layer), one kernel each without the split.
+            compile_kwargs["options"] = {"split_reductions": False, **compile_kwargs.get("options", {})}
         self._compiled_decode = torch.compile(self._decode, **compile_kwargs)
         return self
 

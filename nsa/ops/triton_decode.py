@@ -80,32 +80,45 @@ if triton is not None:
         tl.store(LSE2 + row, tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf")))
 
     @triton.jit
-    def _merge(PM, PL, PACC, first, count, HPG: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr,
-               PC: tl.constexpr):
-        """Partials ``first .. first + count - 1`` merged: ``(max, sum, acc)`` per head (log2 units).
+    def _merge_chunk(PM, PL, PACC, first, c, m, l_sum, acc, COUNT: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr,
+                     DVP: tl.constexpr, PC: tl.constexpr):
+        offs_h = tl.arange(0, HP)
+        part = c + tl.arange(0, PC)
+        row = (first + part)[:, None] * HP + offs_h[None, :]  # [PC, HP]
+        pmask = (part < COUNT)[:, None] & (offs_h < HPG)[None, :]
+        pm = tl.load(PM + row, mask=pmask, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(pm, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)  # 0 while nothing was merged (m = -inf)
+        w = tl.exp2(pm - m_safe[None, :])  # an empty or masked partial (max -inf) weighs 0
+        l_sum = l_sum * alpha + tl.sum(tl.load(PL + row, mask=pmask, other=0.0) * w, 0)
+        pacc = tl.load(PACC + row[:, :, None] * DVP + tl.arange(0, DVP)[None, None, :], mask=pmask[:, :, None],
+                       other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(pacc * w[:, :, None], 0)
+        return m_new, l_sum, acc
+
+    @triton.jit
+    def _merge(PM, PL, PACC, first, COUNT: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr,
+               PC: tl.constexpr, UNROLL: tl.constexpr):
+        """Partials ``first .. first + COUNT - 1`` merged: ``(max, sum, acc)`` per head (log2 units).
 
         ``PC`` partials per iteration, loaded as one ``[PC, HP, DVP]`` tile and merged online: a
         partial at a time made every load wait for the one before (23 us for 64 partials on an H200).
         The rows past the group's ``HPG`` heads (padding to ``HP`` for the attention's dots) are not
-        read: at the seed layer, 4 heads padded to 16, that is three quarters of the loads."""
-        offs_h = tl.arange(0, HP)
-        offs_d = tl.arange(0, DVP)
+        read: at the seed layer, 4 heads padded to 16, that is three quarters of the loads.
+        ``UNROLL`` (where every partial fits in registers at once, :func:`merge_unrolled`): the chunks
+        unrolled, so the compiler can issue all their loads (and the caller's other loads) before
+        waiting on any; a loop waits on each chunk in turn (the gated merge took 6.8 us of a 45 us
+        step on the H100 for 24 partials at the seed layer)."""
         m = tl.full([HP], float("-inf"), tl.float32)
         l_sum = tl.zeros([HP], tl.float32)
         acc = tl.zeros([HP, DVP], tl.float32)
-        for c in range(0, count, PC):
-            part = c + tl.arange(0, PC)
-            row = (first + part)[:, None] * HP + offs_h[None, :]  # [PC, HP]
-            pmask = (part < count)[:, None] & (offs_h < HPG)[None, :]
-            pm = tl.load(PM + row, mask=pmask, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(pm, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)  # 0 while nothing was merged (m = -inf)
-            w = tl.exp2(pm - m_safe[None, :])  # an empty or masked partial (max -inf) weighs 0
-            l_sum = l_sum * alpha + tl.sum(tl.load(PL + row, mask=pmask, other=0.0) * w, 0)
-            pacc = tl.load(PACC + row[:, :, None] * DVP + offs_d[None, None, :], mask=pmask[:, :, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(pacc * w[:, :, None], 0)
-            m = m_new
+        if UNROLL:
+            for c in tl.static_range(0, COUNT, PC):
+                m, l_sum, acc = _merge_chunk(PM, PL, PACC, first, c, m, l_sum, acc, COUNT, HPG, HP, DVP, PC)
+        else:
+            for c in range(0, COUNT, PC):
+                m, l_sum, acc = _merge_chunk(PM, PL, PACC, first, c, m, l_sum, acc, COUNT, HPG, HP, DVP, PC)
         return m, l_sum, acc
 
     @triton.jit
@@ -135,10 +148,10 @@ if triton is not None:
             _store_partial(PM, PL, PACC, bg * tl.num_programs(0) + tl.program_id(0), offs_h, m_i, l_i, acc, HP, DVP)
 
     @triton.jit
-    def _dec_cmp_reduce(PM, PL, PACC, OC, LSE2, NSPLIT, HPG: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr,
-                        PC: tl.constexpr):
+    def _dec_cmp_reduce(PM, PL, PACC, OC, LSE2, NSPLIT: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr,
+                        DVP: tl.constexpr, PC: tl.constexpr, UNROLL: tl.constexpr):
         bg = tl.program_id(0)
-        m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, NSPLIT, HPG, HP, DVP, PC)
+        m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, NSPLIT, HPG, HP, DVP, PC, UNROLL)
         _store_cmp(OC, LSE2, bg, tl.arange(0, HP), m, l_sum, acc, HP, DVP)
 
     @triton.jit
@@ -211,19 +224,21 @@ if triton is not None:
         _store_partial(PM, PL, PACC, bg * tl.num_programs(0) + i, offs_h, m_i, tl.sum(p, 1), acc, HP, DVP)
 
     @triton.jit
-    def _dec_combine(PM, PL, PACC, OC, GATES, O, sgb, sgh, sob, soh, NPART,
+    def _dec_combine(PM, PL, PACC, OC, GATES, O, sgb, sgh, sob, soh,
                      G: tl.constexpr, HPG: tl.constexpr, HP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                     NSEL: tl.constexpr, PC: tl.constexpr):
+                     NSEL: tl.constexpr, NPART: tl.constexpr, PC: tl.constexpr, UNROLL: tl.constexpr):
         bg = tl.program_id(0)
         b, g, offs_h, hmask = _heads(bg, G, HPG, HP)
-        _, l_slc, acc_slc = _merge(PM, PL, PACC, bg * NPART, NSEL, HPG, HP, DVP, PC)
-        _, l_win, acc_win = _merge(PM, PL, PACC, bg * NPART + NSEL, NPART - NSEL, HPG, HP, DVP, PC)
-        o_cmp = tl.load(OC + (bg * HP + offs_h)[:, None] * DVP + tl.arange(0, DVP)[None, :])
+        # Every load first, none waiting on another (see _merge).
+        o_cmp = tl.load(OC + (bg * HP + offs_h)[:, None] * DVP + tl.arange(0, DVP)[None, :], mask=hmask[:, None],
+                        other=0.0)
         heads = g * HPG + offs_h
         gate = GATES + b * sgb + heads * sgh
         g_cmp = tl.load(gate, mask=hmask, other=0.0).to(tl.float32)
         g_slc = tl.load(gate + 1, mask=hmask, other=0.0).to(tl.float32)
         g_win = tl.load(gate + 2, mask=hmask, other=0.0).to(tl.float32)
+        _, l_slc, acc_slc = _merge(PM, PL, PACC, bg * NPART, NSEL, HPG, HP, DVP, PC, UNROLL)
+        _, l_win, acc_win = _merge(PM, PL, PACC, bg * NPART + NSEL, NPART - NSEL, HPG, HP, DVP, PC, UNROLL)
         o = (g_cmp[:, None] * o_cmp + g_slc[:, None] * (acc_slc / tl.where(l_slc > 0, l_slc, 1.0)[:, None])
              + g_win[:, None] * (acc_win / tl.where(l_win > 0, l_win, 1.0)[:, None]))
         _store_tile(O, b * sob, heads, soh, 0, o, DV, DVP, hmask)
@@ -253,6 +268,13 @@ def merge_chunk(hp: int, dvp: int, warps: int, device: torch.device) -> int:
     """Partials a merge loads at once: a ``[PC, hp, dvp]`` float32 tile of about 64 values per
     thread, up to 16 partials (the interpreter: 4, so tests merge across chunks)."""
     return 4 if device.type != "cuda" else max(1, min(16, 64 * 32 * warps // (hp * dvp)))
+
+
+def merge_unrolled(parts: int, hp: int, dvp: int, warps: int) -> bool:
+    """Whether a kernel's merges unroll (:func:`_merge`): all its ``parts`` partials at about 96
+    float32 values per thread or fewer. From sm_90 builds: the seed layer's gated merge (24 partials,
+    16 x 32 each, 4 warps) unrolled builds without spills; at d_v=128 (8 warps) it spilled 80 bytes."""
+    return parts * hp * dvp <= 96 * 32 * warps
 
 
 def max_splits(device: torch.device) -> int:
@@ -311,8 +333,9 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
                               DVP=dvp, L=block_len, D=block_stride, BLOCK_N=block_n, FINAL=nsplit == 1,
                               num_warps=warps["cmp"])
     if nsplit > 1:
-        _dec_cmp_reduce[(B * G,)](pm, pl, pacc, o_cmp, lse2, nsplit, HPG=h, HP=hp, DVP=dvp,
-                                  PC=merge_chunk(hp, dvp, warps["reduce"], dev), num_warps=warps["reduce"])
+        _dec_cmp_reduce[(B * G,)](pm, pl, pacc, o_cmp, lse2, NSPLIT=nsplit, HPG=h, HP=hp, DVP=dvp,
+                                  PC=merge_chunk(hp, dvp, warps["reduce"], dev),
+                                  UNROLL=merge_unrolled(nsplit, hp, dvp, warps["reduce"]), num_warps=warps["reduce"])
     # 3-4: selection scores and the top-n blocks
     nbt = 16
     tile_n = nbt * sel_block_len // block_stride
@@ -324,11 +347,14 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
         **common, L=block_len, D=block_stride, SEL=sel_block_len, NBT=nbt, BLOCK_N=tile_n, num_warps=warps["scores"])
     idx = torch.empty(B, 1, G, n_sel, device=dev, dtype=torch.long)
     # One row (b, g) per program: measured on an H200 (1024 blocks, 50 launches in a CUDA graph),
-    # 6.8 us against 13.5 with prefill's four rows per program; 4 warps beat 1, 2 and 8.
+    # 6.8 us against 13.5 with prefill's four rows per program; 4 warps beat 1, 2 and 8 there. Up to
+    # 256 blocks one warp: its n_sel rounds of reductions then need no shared memory or barriers (the
+    # seed layer at 2K context, 34 blocks at 4 warps: 4.8 us of a 45 us step on the H100).
+    nbp = triton.next_power_of_2(max(num_blocks, 16))
     _topn[(B * G,)](
         scores, idx, pos, G * num_blocks, 0, num_blocks, *idx.stride()[:3], B * G, 1, 0, num_blocks,
-        G=G, SEL=sel_block_len, NSEL=n_sel, NSP=triton.next_power_of_2(n_sel),
-        NBP=triton.next_power_of_2(max(num_blocks, 16)), BLOCK_R=1, POS_PTR=True, num_warps=4)
+        G=G, SEL=sel_block_len, NSEL=n_sel, NSP=triton.next_power_of_2(n_sel), NBP=nbp, BLOCK_R=1, POS_PTR=True,
+        num_warps=1 if nbp <= 256 else 4)
     # 5-6: selected blocks and window ring, then the gated sum of the three branches
     nparts = n_sel + triton.cdiv(W, sel_block_len)
     pm, pl = torch.empty(B * G * nparts * hp, **f32), torch.empty(B * G * nparts * hp, **f32)
@@ -340,8 +366,9 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
         num_warps=warps["sparse"])
     o = torch.empty(B, 1, H, Dv, device=dev, dtype=q.dtype)
     _dec_combine[(B * G,)](pm, pl, pacc, o_cmp, gates, o, gates.stride(0), gates.stride(2), o.stride(0), o.stride(2),
-                           nparts, G=G, HPG=h, HP=hp, DV=Dv, DVP=dvp, NSEL=n_sel,
-                           PC=merge_chunk(hp, dvp, warps["combine"], dev), num_warps=warps["combine"])
+                           G=G, HPG=h, HP=hp, DV=Dv, DVP=dvp, NSEL=n_sel, NPART=nparts,
+                           PC=merge_chunk(hp, dvp, warps["combine"], dev),
+                           UNROLL=merge_unrolled(nparts, hp, dvp, warps["combine"]), num_warps=warps["combine"])
     return o, idx
 
 

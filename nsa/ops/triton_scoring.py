@@ -136,9 +136,10 @@ if triton is not None:
         key = tl.where(forced, float("inf"), key)
         chosen = tl.zeros([BLOCK_R, NBP], tl.int32)
         for _ in range(NSEL):
-            m = tl.max(key, 1)
-            first = tl.min(tl.where((key == m[:, None]) & (m > float("-inf"))[:, None], j[None, :], NBP), 1)
-            hit = j[None, :] == first[:, None]
+            # One reduction per round: the largest key and its first (lowest) index; none once only
+            # -inf (non-candidates, taken blocks) is left.
+            m, first = tl.max(key, 1, return_indices=True, return_indices_tie_break_left=True)
+            hit = (j[None, :] == first[:, None]) & (m > float("-inf"))[:, None]
             chosen = tl.where(hit, 1, chosen)
             key = tl.where(hit, float("-inf"), key)
         slot = tl.cumsum(chosen, 1) - 1

@@ -197,12 +197,14 @@ def test_decode_kernels_build_for_sm90_without_spilling(d_k, d_v, h):
     warps, gpu = td.kernel_warps(dkp), torch.device("cuda")
     kernels = [("cmp", td._dec_cmp, dict(common, DV=d_v, DVP=dvp, L=32, D=16, BLOCK_N=64, FINAL=False)),
                ("cmp", td._dec_cmp, dict(common, DV=d_v, DVP=dvp, L=32, D=16, BLOCK_N=64, FINAL=True)),
-               ("reduce", td._dec_cmp_reduce, dict(HPG=h, HP=hp, DVP=dvp,
-                                                   PC=td.merge_chunk(hp, dvp, warps["reduce"], gpu))),
+               ("reduce", td._dec_cmp_reduce, dict(NSPLIT=16, HPG=h, HP=hp, DVP=dvp,
+                                                   PC=td.merge_chunk(hp, dvp, warps["reduce"], gpu),
+                                                   UNROLL=td.merge_unrolled(16, hp, dvp, warps["reduce"]))),
                ("scores", td._dec_scores, dict(common, L=32, D=16, SEL=64, NBT=16, BLOCK_N=64)),
                ("sparse", td._dec_sparse, dict(common, DV=d_v, DVP=dvp, SEL=64, NSEL=16)),
-               ("combine", td._dec_combine, dict(G=4, HPG=h, HP=hp, DV=d_v, DVP=dvp, NSEL=16,
-                                                 PC=td.merge_chunk(hp, dvp, warps["combine"], gpu)))]
+               ("combine", td._dec_combine, dict(G=4, HPG=h, HP=hp, DV=d_v, DVP=dvp, NSEL=16, NPART=24,
+                                                 PC=td.merge_chunk(hp, dvp, warps["combine"], gpu),
+                                                 UNROLL=td.merge_unrolled(24, hp, dvp, warps["combine"])))]
     for name, kernel, constexprs in kernels:
         used = usage(build_sm90(kernel, constexprs, ptrs, warps=warps[name], stages=2))
         assert used["shared_bytes"] <= H100_SHARED_BYTES and used["spill_bytes"] == 0, (kernel.__name__, used)
