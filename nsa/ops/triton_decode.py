@@ -108,8 +108,8 @@ if triton is not None:
         read: at the seed layer, 4 heads padded to 16, that is three quarters of the loads.
         ``UNROLL`` (where every partial fits in registers at once, :func:`merge_unrolled`): the chunks
         unrolled, so the compiler can issue all their loads (and the caller's other loads) before
-        waiting on any; a loop waits on each chunk in turn (the gated merge took 6.8 us of a 45 us
-        step on the H100 for 24 partials at the seed layer)."""
+        waiting on any, where a loop waits on each chunk in turn. H100, the seed layer's gated merge
+        (24 partials) at 2K context: 6.8 us looped, 6.5 unrolled with the head rows masked."""
         m = tl.full([HP], float("-inf"), tl.float32)
         l_sum = tl.zeros([HP], tl.float32)
         acc = tl.zeros([HP, DVP], tl.float32)
