@@ -169,7 +169,8 @@ class NSAAttention(nn.Module):
         would be materialised, so the matmul of :meth:`_compress` runs there."""
         cfg = self.cfg
         B, l, G, dk = kr.shape
-        if not (torch.compiler.is_compiling() and cfg.compress == "linear" and B * G * l * max(dk, vr.shape[-1]) ** 2 <= 1 << 22):
+        small = B * G * l * max(dk, vr.shape[-1]) ** 2 <= 1 << 22  # multiply-adds of the two sums
+        if not (torch.compiler.is_compiling() and cfg.compress == "linear" and small):
             return self._compress(kr, vr)
         out = []
         for x, weight, bias, pos_emb in ((kr, self.phi_k, self.phi_k_bias, self.pos_k),
