@@ -57,8 +57,10 @@ case "${1:-tests}" in
     timeout "${GPU_SESSION_PREFILL_S:-330}" python3 -m nsa.bench_prefill --lengths ${GPU_SESSION_LENGTHS:-8192 16384 32768 65536} \
       --reps 3 ${GPU_SESSION_PREFILL_ONLY:+--only $GPU_SESSION_PREFILL_ONLY} --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
     cat "$OUT/prefill.log"
-    [ "${GPU_SESSION_KERNELS_S:-200}" -gt 0 ] && timeout "${GPU_SESSION_KERNELS_S:-200}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-200} - 20 ))" \
-      --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
+    if [ "${GPU_SESSION_KERNELS_S:-200}" -gt 0 ]; then
+      timeout "${GPU_SESSION_KERNELS_S:-200}" python3 -m nsa.bench_kernels --budget-s "$(( ${GPU_SESSION_KERNELS_S:-200} - 20 ))" \
+        --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1; sed -n '/^branch /,$p' "$OUT/bench_kernels.log" | tail -n 40
+    fi
     ;;
   profile)
     # GPU_SESSION_PROFILE: gpu_profile.py's arguments per run, runs separated by ';' (e.g. "decode 2048 1").
