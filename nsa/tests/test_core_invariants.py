@@ -194,6 +194,52 @@ def test_decode_float64_prefill_then_decode(make_cfg, gen):
     torch.testing.assert_close(_decode_all(attn, x, cache, 9), ref[:, 9:], **F64)
 
 
+@pytest.mark.parametrize("name", ["base", "dk_ne_dv"])
+def test_cache_rows_live_in_one_buffer_or_two(name, make_cfg):
+    """d_k == d_v: every cache a row range of one buffer; else keys' and values' buffers. The views
+    are disjoint and cover each buffer."""
+    cfg = make_cfg(**CONFIGS[name])
+    cache = nsa.NSAAttention(cfg).new_cache(2, 40)
+    assert len(cache.buffers) == (1 if cfg.d_k == cfg.d_v else 2)
+    for b, buf in enumerate(cache.buffers):
+        spans = sorted((start, start + n) for bb, start, n in cache.rows.values() if bb == b)
+        assert spans[0][0] == 0 and spans[-1][1] == buf.shape[1]
+        assert all(end == nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # no gap, no overlap
+    assert cache.k_slc.shape == (2, 40, cfg.groups, cfg.d_k) and cache.v_cmp.shape[-1] == cfg.d_v
+
+
+@pytest.mark.parametrize("name", ["base", "dk_ne_dv"])
+def test_compiled_step_product_and_sum_matches_the_matmul_phi(name, make_cfg, gen, monkeypatch):
+    """The decode step's phi under torch.compile (a product and a sum, fusable) against the eager
+    matmul of compress_tokens, float64 on the same ring: to rounding."""
+    cfg = make_cfg(**CONFIGS[name])
+    attn = nsa.NSAAttention(cfg).double()
+    with torch.no_grad():
+        for p in (attn.phi_k_bias, attn.phi_v_bias, attn.pos_k, attn.pos_v):
+            p.normal_(generator=gen)
+    kr = torch.randn(3, cfg.block_len, cfg.groups, cfg.d_k, generator=gen, dtype=torch.float64)
+    vr = torch.randn(3, cfg.block_len, cfg.groups, cfg.d_v, generator=gen, dtype=torch.float64)
+    ref = attn._compress(kr, vr)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = attn._compress_ring(kr, vr)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape == (3, 1, cfg.groups, b.shape[-1])
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_compiled_decode_with_two_buffers_equals_prefill(make_cfg, gen):
+    """d_k != d_v (keys' and values' buffers), the step traced whole (fullgraph) with the fusable phi."""
+    cfg = make_cfg(**CONFIGS["dk_ne_dv"])
+    attn = nsa.NSAAttention(cfg)
+    x = torch.randn(2, 20, cfg.dim, generator=gen)
+    with torch.no_grad():
+        ref = attn(x)
+        attn.compile_decode(backend="eager", fullgraph=True)
+        cache = attn.new_cache(2, 20)
+        attn.prefill(x[:, :6], cache)
+        torch.testing.assert_close(_decode_all(attn, x, cache, 6), ref[:, 6:], **F32)
+
+
 def test_decode_cache_reset_and_reuse(make_cfg, gen):
     cfg = make_cfg()
     attn = nsa.NSAAttention(cfg)
