@@ -2,8 +2,7 @@
 
 For each length T: the NSA layer's forward (no autograd) and forward + backward (on a GPU twice: with
 its default routes, and with ``NSA_USE_TRITON_ELEMENTWISE=0``, RoPE and the gated combine as eager
-ops), next to dense
-causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core's ``parallel_nsa``
+ops), next to dense causal ``scaled_dot_product_attention`` over the same heads (GQA), and fla-core's ``parallel_nsa``
 (compressed + selected branches only) when the ``fla`` package is installed. Shape (issue 8): B=1,
 64 query heads in 4 groups, d_k = d_v = 128, l=32, d=16, l'=64, n=16, w=512, bf16 on a GPU.
 Every variant of one length is timed in the same rounds, interleaved, with CUDA events after a

@@ -35,8 +35,8 @@ class Settings:
     use_fa2: bool = False  # NSA_USE_FA2: master switch for the FlashAttention-2 routes
     use_fa2_cmp: bool = True  # NSA_USE_FA2_CMP: compressed branch through FA-2 (needs NSA_USE_FA2)
     use_fa2_win: bool = True  # NSA_USE_FA2_WIN: window branch through FA-2 (needs NSA_USE_FA2)
-    use_flex: bool = True  # NSA_USE_FLEX: GPU prefill/training selection and window via FlexAttention
-    use_triton: bool = True  # NSA_USE_TRITON: GPU Triton kernels (compressed branch, scoring, selection)
+    use_flex: bool = True  # NSA_USE_FLEX: FlexAttention for GPU selection/window where Triton does not run them
+    use_triton: bool = True  # NSA_USE_TRITON: GPU Triton kernels (compressed, scoring, selection, window, decode)
     # NSA_USE_TRITON_ELEMENTWISE: GPU prefill/training RoPE and gated combine in one Triton pass each
     # (H100, issue 8's layer at 64K: forward 82.4 -> 67.5 ms, forward + backward 233.8 -> 200.0)
     use_triton_elementwise: bool = True
