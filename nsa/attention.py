@@ -32,8 +32,8 @@ class NSACache:
 
     ``pos`` is the next position as a device tensor, so ``decode_step`` never reads it on the host.
     The eight caches are row ranges (dim 1) of one buffer ``[B, rows, G, d]`` when ``d_k == d_v``,
-    else of two (keys', values'): a decode step appends its six rows with one ``index_copy_`` per
-    buffer, one kernel under ``torch.compile`` where six separate caches took six.
+    else of two (keys', values'): a compiled decode step appends its six rows with one ``index_copy_``
+    per buffer, one kernel where six separate caches took six (H100 profile, seed layer).
     """
 
     buffers: tuple  # one [B, rows, G, d] tensor, or the keys' and the values'
@@ -66,7 +66,13 @@ class NSACache:
     v_cmp = property(lambda self: self.view("v_cmp"))
 
     def write(self, rows) -> None:
-        """``rows``: ``(cache name, row index [n] long, values [B, n, G, d])``; one ``index_copy_`` per buffer."""
+        """``rows``: ``(cache name, row index [n] long, values [B, n, G, d])``. Under ``torch.compile``
+        one ``index_copy_`` per buffer (inductor makes it one kernel); eagerly one per cache, on its
+        view, which needs no index arithmetic (in eager and CUDA-graph steps every op is a launch)."""
+        if not torch.compiler.is_compiling():
+            for name, index, values in rows:
+                self.view(name).index_copy_(1, index, values)
+            return
         for b, buf in enumerate(self.buffers):
             mine = [(self.rows[name][1] + index, values) for name, index, values in rows if self.rows[name][0] == b]
             if mine:
@@ -74,7 +80,9 @@ class NSACache:
 
     def read(self, rows) -> list:
         """``rows``: ``(cache name, row index [n] long)``; the rows ``[B, n, G, d]`` of each, one
-        ``index_select`` per buffer."""
+        ``index_select`` per buffer under ``torch.compile``, one per cache eagerly (as :meth:`write`)."""
+        if not torch.compiler.is_compiling():
+            return [self.view(name).index_select(1, index) for name, index in rows]
         out = [None] * len(rows)
         for b, buf in enumerate(self.buffers):
             mine = [(k, self.rows[name][1] + index) for k, (name, index) in enumerate(rows) if self.rows[name][0] == b]
