@@ -9,6 +9,14 @@ import torch
 from . import checks
 
 
+def rope_tables(positions: torch.Tensor, d: int, theta: float, dtype: torch.dtype = torch.float32):
+    """``cos, sin [T, d/2]`` of the angles ``positions [T]`` x ``theta^(-2i/d)``, in ``dtype``: the one
+    place both :func:`apply_rope` and the Triton pass (``triton_elementwise.rope_triton``) take them from."""
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=positions.device, dtype=dtype) / d)
+    angle = positions.to(dtype)[:, None] * inv_freq
+    return angle.cos(), angle.sin()
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0) -> torch.Tensor:
     """Rotate ``x [B, T, heads, d]`` (floating, ``d`` even) by the angles of ``positions [T]`` (any
     integer dtype); returns x's shape and dtype (computed in float32, or float64 for float64)."""
@@ -23,8 +31,6 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000
     if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not theta > 0:
         checks.fail(op, "theta", theta, "a number > 0")
     acc = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=acc) / d)
-    angle = positions.to(acc)[:, None] * inv_freq  # [T, d/2]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]  # [T, 1, d/2]
+    cos, sin = (t[:, None, :] for t in rope_tables(positions, d, theta, acc))  # [T, 1, d/2]
     x1, x2 = x[..., : d // 2].to(acc), x[..., d // 2:].to(acc)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .rope import rope_tables
 from .triton_attention import _on, _pad, available, triton  # noqa: F401 - available: the routes' check
 
 if triton is not None:
@@ -113,19 +114,11 @@ class _Rope(torch.autograd.Function):
         return _rope_launch(dy, cos, sin, -1.0), None, None
 
 
-def rope_tables(positions: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``cos, sin [T, d/2]`` exactly as :func:`nsa.ops.apply_rope` computes them for
-    positions ``[T]`` (float32 inputs; that function's float64 path is not a Triton route)."""
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
-    angle = positions.to(torch.float32)[:, None] * inv_freq
-    return angle.cos().contiguous(), angle.sin().contiguous()
-
-
 def rope_triton(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0) -> torch.Tensor:
     """:func:`nsa.ops.apply_rope` for ``x [B, T, heads, d]`` (float16, bfloat16 or float32; any
     strides with a contiguous last dim, e.g. a slice of the fused projection) in one Triton pass;
     differentiable in ``x``. No checks: reached through :mod:`nsa.routes`."""
-    cos, sin = rope_tables(positions, x.shape[-1], theta)
+    cos, sin = (t.contiguous() for t in rope_tables(positions, x.shape[-1], theta))  # float32, as apply_rope
     x = x if x.stride(-1) == 1 else x.contiguous()
     return _Rope.apply(x, cos, sin)
 
