@@ -197,6 +197,7 @@ def test_routes_take_the_triton_compressed_kernel_on_a_gpu_for_half_dtypes(monke
         assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=needs_grad).fn is ta.triton_window_attention
         with override_settings(use_flex=False):
             assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=needs_grad).name == "triton-window"
+            assert routes.route_win("cuda", torch.float32, 128, 128, needs_grad=needs_grad).name == "reference"
         with override_settings(use_triton=False):
             assert routes.route_win("cuda", torch.bfloat16, 128, 128, needs_grad=needs_grad).name == "flex-sliding-window"
             with override_settings(use_flex=False):
