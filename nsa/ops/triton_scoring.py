@@ -113,6 +113,41 @@ if triton is not None:
                  mask=tmask[:, None] & (blk < NB)[None, :])
 
     @triton.jit
+    def _keys(sc, j, cur, NB):
+        """Ranking keys of scores ``sc [rows, NBP]`` (blocks ``j``) for queries in block ``cur``: the
+        forced blocks (0, the current and the previous one) ``+inf``, non-candidates (after ``cur``,
+        past ``NB``) ``-inf``, NaN the lowest finite value, infinities clamped: as the reference."""
+        cand = (j[None, :] <= cur) & (j < NB)[None, :]
+        forced = cand & ((j[None, :] == 0) | (j[None, :] == cur) | (j[None, :] == cur - 1))
+        big = 3.4028234663852886e38  # float32 max
+        key = tl.where(sc != sc, -big, tl.minimum(tl.maximum(sc, -big), big))
+        key = tl.where(cand, key, float("-inf"))
+        return tl.where(forced, float("inf"), key)
+
+    @triton.jit
+    def _store_chosen(OUT, base, chosen, j, rmask, ROWS: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr):
+        """``ROWS`` rows' chosen blocks (``chosen [ROWS, NBP]``, 0/1) at ``OUT + base``, ascending, ``-1`` after."""
+        slot = tl.cumsum(chosen, 1) - 1
+        tl.store(OUT + base[:, None] + slot, (j[None, :] + slot * 0).to(tl.int64), mask=rmask[:, None] & (chosen > 0))
+        count = tl.sum(chosen, 1)
+        s = tl.arange(0, NSP)
+        tl.store(OUT + base[:, None] + s[None, :], tl.full([ROWS, NSP], -1, tl.int64),
+                 mask=rmask[:, None] & (s[None, :] >= count[:, None]) & (s[None, :] < NSEL))
+
+    @triton.jit
+    def _ranked(key, NBP: tl.constexpr, NSEL: tl.constexpr):
+        """One row's top-n from its keys ``[1, NBP]`` (:func:`_keys`) in one pass: block ``j`` is
+        chosen when fewer than ``NSEL`` blocks rank before it (a higher key, or an equal key and a
+        lower index) and its key is not ``-inf``: the blocks :func:`_topn`'s rounds pick. One
+        ``[NBP, NBP]`` comparison and one sum, where the rounds take ``NSEL`` dependent reductions:
+        for the decode step's short rows (``NBP <= 64``), inside a kernel that runs on 4 warps."""
+        kv = tl.reshape(key, [NBP])
+        i = tl.arange(0, NBP)
+        before = (kv[:, None] > kv[None, :]) | ((kv[:, None] == kv[None, :]) & (i[:, None] < i[None, :]))
+        rank = tl.sum(before.to(tl.int32), 0)
+        return tl.reshape(((rank < NSEL) & (kv > float("-inf"))).to(tl.int32), [1, NBP])
+
+    @triton.jit
     def _topn(SC, OUT, POS, ssb, sst, ssg, sob, sot, sog, R, Tc, T0, NB,
               G: tl.constexpr, SEL: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NBP: tl.constexpr,
               BLOCK_R: tl.constexpr, POS_PTR: tl.constexpr):
@@ -127,13 +162,7 @@ if triton is not None:
         j = tl.arange(0, NBP)
         sc = tl.load(SC + (b * ssb + t_loc * sst + g * ssg)[:, None] + j[None, :],
                      mask=rmask[:, None] & (j < NB)[None, :], other=0.0)
-        cur = ((T0 + t_loc) // SEL)[:, None]
-        cand = (j[None, :] <= cur) & (j < NB)[None, :]
-        forced = cand & ((j[None, :] == 0) | (j[None, :] == cur) | (j[None, :] == cur - 1))
-        big = 3.4028234663852886e38  # float32 max: NaN ranks lowest, infinities clamp, as the reference
-        key = tl.where(sc != sc, -big, tl.minimum(tl.maximum(sc, -big), big))
-        key = tl.where(cand, key, float("-inf"))
-        key = tl.where(forced, float("inf"), key)
+        key = _keys(sc, j, ((T0 + t_loc) // SEL)[:, None], NB)
         chosen = tl.zeros([BLOCK_R, NBP], tl.int32)
         for _ in range(NSEL):
             # One reduction per round: the largest key and its first (lowest) index; none once only
@@ -142,13 +171,7 @@ if triton is not None:
             hit = (j[None, :] == first[:, None]) & (m > float("-inf"))[:, None]
             chosen = tl.where(hit, 1, chosen)
             key = tl.where(hit, float("-inf"), key)
-        slot = tl.cumsum(chosen, 1) - 1
-        base = b * sob + t_loc * sot + g * sog
-        tl.store(OUT + base[:, None] + slot, (j[None, :] + slot * 0).to(tl.int64), mask=rmask[:, None] & (chosen > 0))
-        count = tl.sum(chosen, 1)
-        s = tl.arange(0, NSP)
-        tl.store(OUT + base[:, None] + s[None, :], tl.full([BLOCK_R, NSP], -1, tl.int64),
-                 mask=rmask[:, None] & (s[None, :] >= count[:, None]) & (s[None, :] < NSEL))
+        _store_chosen(OUT, b * sob + t_loc * sot + g * sog, chosen, j, rmask, BLOCK_R, NSEL, NSP)
 
 
 def supported(H: int, groups: int, d_k: int, block_len: int, block_stride: int, sel_block_len: int) -> str | None:

@@ -177,10 +177,13 @@ def test_route_decode_takes_triton_on_a_gpu_for_half_dtypes(monkeypatch):
 
 
 def test_op_cases_take_both_compressed_paths():
-    """The interpreter cases cover one pass (no reduce kernel) and splits merged by the reduce."""
-    tiles = [-(-max((S - l) // d + 1, 1) // 16) for _, _, _, _, _, l, d, _, _, S, _, _ in OP_CASES.values()]
-    single = td.single_pass_tiles(torch.device("cpu"))
-    assert any(t <= single for t in tiles) and any(t > single for t in tiles), tiles
+    """The interpreter cases cover one pass with the scores and top-n in the same program
+    (``_dec_front``), and splits merged by the reduce, with the scores and top-n kernels apart."""
+    cpu = torch.device("cpu")
+    front = [-(-max((S - l) // d + 1, 1) // 16) <= td.single_pass_tiles(cpu)
+             and triton.next_power_of_2(max(-(-S // sel), 16)) <= td.front_blocks(cpu)
+             for _, _, _, _, _, l, d, sel, _, S, _, _ in OP_CASES.values()]
+    assert any(front) and not all(front), front
 
 
 @pytest.mark.ops
@@ -195,16 +198,18 @@ def test_decode_kernels_build_for_sm90_without_spilling(d_k, d_v, h):
     ptrs.update({name: "*bf16" for name in ("Q", "K", "V", "KS", "VS", "KW", "VW", "GATES", "O")})
     ptrs.update({"POS": "*i64", "IDX": "*i64", "qk_scale": "fp32"})
     warps, gpu = td.kernel_warps(dkp), torch.device("cuda")
+    # the reduce's most splits; the seed layer's gated merge (16 blocks, 8 window tiles)
+    merge = {"merge16": td.merge_launch((16,), dvp, gpu), "merge24": td.merge_launch((16, 8), dvp, gpu)}
+    warps.update({name: m.pop("num_warps") for name, m in merge.items()})
     kernels = [("cmp", td._dec_cmp, dict(common, DV=d_v, DVP=dvp, L=32, D=16, BLOCK_N=64, FINAL=False)),
                ("cmp", td._dec_cmp, dict(common, DV=d_v, DVP=dvp, L=32, D=16, BLOCK_N=64, FINAL=True)),
-               ("reduce", td._dec_cmp_reduce, dict(NSPLIT=16, HPG=h, HP=hp, DVP=dvp,
-                                                   PC=td.merge_chunk(hp, dvp, warps["reduce"], gpu),
-                                                   UNROLL=td.merge_unrolled(16, hp, dvp, warps["reduce"]))),
+               ("merge16", td._dec_cmp_reduce, dict(merge["merge16"], HP=hp, DVP=dvp, NSPLIT=16)),
+               ("front", td._dec_front, dict(common, DV=d_v, DVP=dvp, L=32, D=16, SEL=64, NSEL=16, NSP=16,
+                                             NBP=td.front_blocks(gpu), BLOCK_N=64)),
                ("scores", td._dec_scores, dict(common, L=32, D=16, SEL=64, NBT=16, BLOCK_N=64)),
                ("sparse", td._dec_sparse, dict(common, DV=d_v, DVP=dvp, SEL=64, NSEL=16)),
-               ("combine", td._dec_combine, dict(G=4, HPG=h, HP=hp, DV=d_v, DVP=dvp, NSEL=16, NPART=24,
-                                                 PC=td.merge_chunk(hp, dvp, warps["combine"], gpu),
-                                                 UNROLL=td.merge_unrolled(24, hp, dvp, warps["combine"])))]
+               ("merge24", td._dec_combine, dict(merge["merge24"], G=4, HPG=h, HP=hp, DV=d_v, DVP=dvp, NSEL=16,
+                                                 NPART=24))]
     for name, kernel, constexprs in kernels:
         used = usage(build_sm90(kernel, constexprs, ptrs, warps=warps[name], stages=2))
         assert used["shared_bytes"] <= H100_SHARED_BYTES and used["spill_bytes"] == 0, (kernel.__name__, used)

@@ -6,7 +6,8 @@
   against :func:`nsa.ops.selection_scores` of float64 :func:`nsa.ops.compressed_attention`
   probabilities: max error <= 1e-5 relative to the largest value;
 - top-n against :func:`nsa.ops.select_blocks` on the same scores, exactly, with ties, NaN,
-  infinities, fewer blocks than slots and query positions that do not start at 0;
+  infinities, fewer blocks than slots and query positions that do not start at 0: ``_topn``'s
+  rounds, and the one-pass rank (``_ranked``, the short decode step's) on the rows of up to 64 blocks;
 - the whole selection (chunked, as the layer runs it) against the reference's blocks;
 - the layer on the route against the layer on the reference route.
 The kernels also build for sm_90 without spilling (no GPU needed), and on a GPU bf16 at real shapes.
@@ -30,6 +31,21 @@ from nsa.tests import triton_build  # noqa: E402
 from nsa.tests.triton_build import H100_SHARED_BYTES, build_sm90, run_cases, usage  # noqa: E402
 
 TOL = 1e-5
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _ranked_rows(SC, OUT, T, T0, NB, G: tl.constexpr, SEL: tl.constexpr, NSEL: tl.constexpr,
+                     NSP: tl.constexpr, NBP: tl.constexpr):
+        # The decode front's top-n (nsa.ops.triton_decode._dec_front) on given scores: one row of
+        # contiguous scores [B, T, G, NB] per program, its blocks at OUT [B, T, G, NSEL].
+        row = tl.program_id(0)
+        j = tl.arange(0, NBP)
+        sc = tl.load(SC + row * NB + j, mask=j < NB, other=0.0)
+        key = ts._keys(tl.reshape(sc, [1, NBP]), j, (T0 + (row // G) % T) // SEL, NB)
+        ts._store_chosen(OUT, tl.zeros([1], tl.int64) + row * NSEL, ts._ranked(key, NBP, NSEL), j,
+                         tl.full([1], 1, tl.int1), 1, NSEL, NSP)
 
 # name -> (B, T, G, h, d_k, block_len, block_stride, sel_block_len, n_sel, chunk_rows). Tiles of 16
 # selection blocks span 16 * sel_block_len positions: the long cases cross them.
@@ -94,7 +110,14 @@ def _top_case(seed: int, B: int, T: int, G: int, nb: int, sel: int, n: int, star
     positions = torch.arange(start, start + T)
     ref = select_blocks(scores, sel_block_len=sel, n_sel=n, positions=positions)
     got = ts.top_blocks(scores, sel_block_len=sel, n_sel=n, positions_start=start)
-    return {"equal": float(bool(torch.equal(got, ref))), "dtype_int64": float(got.dtype == torch.long)}
+    out = {"equal": float(bool(torch.equal(got, ref))), "dtype_int64": float(got.dtype == torch.long)}
+    nbp = triton.next_power_of_2(max(nb, 16))
+    if nbp <= 64:
+        ranked = torch.empty(B, T, G, n, dtype=torch.long)
+        _ranked_rows[(B * T * G,)](scores, ranked, T, start, nb, G=G, SEL=sel, NSEL=n,
+                                   NSP=triton.next_power_of_2(n), NBP=nbp)
+        out["ranked_equal"] = float(bool(torch.equal(ranked, ref)))
+    return out
 
 
 TOP_CASES = {  # seed, B, T, G, nb, sel_block_len, n_sel, first position
@@ -156,7 +179,8 @@ def test_block_scores_match_the_reference_in_interpreter(name, interpreter_resul
 @pytest.mark.parametrize("name", list(TOP_CASES))
 def test_top_blocks_equal_select_blocks_in_interpreter(name, interpreter_results):
     r = triton_build.case(interpreter_results, f"top-{name}")
-    assert r == {"equal": 1.0, "dtype_int64": 1.0}
+    ranked = {"ranked_equal": 1.0} if TOP_CASES[name][4] <= 64 else {}  # rows short enough for _ranked
+    assert r == {"equal": 1.0, "dtype_int64": 1.0, **ranked}
 
 
 @pytest.mark.ops
