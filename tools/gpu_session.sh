@@ -16,7 +16,8 @@
 #                                        backward at 64K (GPU_SESSION_T), top 40 by CUDA time; other runs
 #                                        by GPU_SESSION_PROFILE, e.g. "decode 2048 1;decode 65536 8"
 #   bash tools/gpu_session.sh sweep      tools/tile_sweep.py: the Triton kernels' launch options timed
-#                                        against the library's choice at 64K (GPU_SESSION_SWEEP_ONLY: families)
+#                                        against the library's choice at 64K (GPU_SESSION_SWEEP_ONLY: families;
+#                                        GPU_SESSION_SWEEP_CANDIDATES: name prefixes, e.g. "fwd dq")
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
 # (the device's copy of the tree has no git history, and the workflow checks out commits); for
 # vibe also the wheels of nsa-vibe's dependencies (hydra-core, omegaconf, antlr4-python3-runtime)
@@ -73,7 +74,8 @@ case "${1:-tests}" in
     ;;
   sweep)
     timeout "${GPU_SESSION_SWEEP_S:-540}" python3 tools/tile_sweep.py --budget-s "$(( ${GPU_SESSION_SWEEP_S:-540} - 120 ))" \
-      --only ${GPU_SESSION_SWEEP_ONLY:-compressed scoring selection window} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+      --only ${GPU_SESSION_SWEEP_ONLY:-compressed scoring selection window} \
+      ${GPU_SESSION_SWEEP_CANDIDATES:+--candidates $GPU_SESSION_SWEEP_CANDIDATES} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
     cat "$OUT/sweep.log"
     ;;
   decode)

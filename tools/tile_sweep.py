@@ -1,7 +1,7 @@
 """GPU: time the Triton kernels' launch options against the ones the library chooses, at long T.
 
     python tools/tile_sweep.py [--lengths 65536] [--only compressed scoring selection window]
-                               [--rounds 2] [--budget-s 400] [--json out.json]
+                               [--candidates "fwd " "dq "] [--rounds 2] [--budget-s 400] [--json out.json]
 
 The library picks tiles from ahead-of-time sm_90 builds (registers and spills), never from timings:
 ``triton_attention._tile_options`` (window and compressed attention, forward and backward),
@@ -81,10 +81,13 @@ def scoring_candidates() -> list[tuple[str, dict]]:
 def selection_candidates() -> list[tuple[str, dict]]:
     base = tsel.kernel_options(H // G, D, torch.device(DEVICE))
     out = [("library", base)]
-    for fwd_warps in (2, 8):
-        out.append((f"fwd w{fwd_warps}", dict(base, fwd_warps=fwd_warps)))
-    for dq_warps in (2, 8):
-        out.append((f"dq w{dq_warps}", dict(base, dq_warps=dq_warps)))
+    # The forward and dQ loops over the selected blocks have no branch: Triton pipelines their
+    # gathered loads at num_stages >= 2.
+    for kernel in ("fwd", "dq"):
+        for warps, stages in itertools.product((4, 8), (1, 2, 3)):
+            if (warps, stages) != (base[f"{kernel}_warps"], base[f"{kernel}_stages"]):
+                out.append((f"{kernel} w{warps} s{stages}", dict(base, **{f"{kernel}_warps": warps,
+                                                                         f"{kernel}_stages": stages})))
     for queries, warps, stages in itertools.product([1, 2, 4], [4, 8], [1, 2]):
         out.append((f"dkdv q{queries} w{warps} s{stages}", dict(base, dkdv_queries=queries, dkdv_warps=warps,
                                                                  dkdv_stages=stages)))
@@ -159,9 +162,12 @@ FAMILIES = {
 }
 
 
-def sweep(family: str, T: int, rounds: int) -> list[dict]:
+def sweep(family: str, T: int, rounds: int, prefixes=None) -> list[dict]:
+    """``prefixes``: time only the candidates whose names start with one of these (and the library's)."""
     candidates_of, job_of, module, attr, patch = FAMILIES[family]
     candidates = candidates_of()[:2] if DEVICE != "cuda" else candidates_of()
+    if prefixes:
+        candidates = [c for c in candidates if c[0] == "library" or c[0].startswith(tuple(prefixes))]
     original = getattr(module, attr)
     jobs = job_of(T)
     rows = {name: {"family": family, "T": T, "candidate": name, "options": opts, "ms": {}, "max_diff": 0.0}
@@ -218,6 +224,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[65536])
     ap.add_argument("--only", nargs="+", choices=sorted(FAMILIES), default=["compressed", "scoring", "selection", "window"])
+    ap.add_argument("--candidates", nargs="+", default=None, metavar="PREFIX",
+                    help="only candidates whose names start with these (e.g. 'fwd ' 'dq '), beside the library's")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new (family, T) after this")
     ap.add_argument("--json", type=Path)
@@ -235,7 +243,7 @@ def main(argv=None) -> int:
             if time.perf_counter() - start > args.budget_s:
                 print(f"skipped {family} at T={T}: the {args.budget_s:.0f} s budget is spent", flush=True)
                 continue
-            rows += sweep(family, T, args.rounds)
+            rows += sweep(family, T, args.rounds, args.candidates)
             report([r for r in rows if r["family"] == family and r["T"] == T])
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))

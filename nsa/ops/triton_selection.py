@@ -41,9 +41,11 @@ if triton is not None:
     @triton.jit
     def _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK: tl.constexpr, DKP: tl.constexpr,
                   DV: tl.constexpr, DVP: tl.constexpr, BS: tl.constexpr):
-        """Selected block ``blk``'s keys and values for the query at ``t``, and which of them it sees."""
+        """Selected block ``blk``'s keys and values for the query at ``t``, and which of them it sees
+        (none of an empty slot's: masked, not branched around, so the loop over slots has no branch
+        and Triton can pipeline its loads, ``num_stages``)."""
         kpos = blk * BS + tl.arange(0, BS)
-        kmask = (kpos <= t) & (kpos < S)
+        kmask = (kpos >= 0) & (kpos <= t) & (kpos < S)  # an empty slot (-1) reads nothing
         return kmask, _tile(K, b * skb, kpos, sks, g * skg, DK, DKP, kmask), _tile(V, b * svb, kpos, svs, g * svg,
                                                                                    DV, DVP, kmask)
 
@@ -61,11 +63,10 @@ if triton is not None:
         acc = tl.zeros([HP, DVP], tl.float32)
         for i in range(N):
             blk = tl.load(IDX + b * sib + t * sit + g * sig + i)
-            if blk >= 0:
-                kmask, k, v = _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK, DKP, DV, DVP, BS)
-                s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)  # log2 units
-                s = tl.where(kmask[None, :], s, float("-inf"))
-                m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, "tf32")
+            kmask, k, v = _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK, DKP, DV, DVP, BS)
+            s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)  # log2 units
+            s = tl.where(kmask[None, :], s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, "tf32")
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         _store_tile(O, b * sob + t * sot, g * HPG + offs_h, soh, 0, o, DV, DVP, hmask)
         has = l_i > 0
@@ -89,13 +90,12 @@ if triton is not None:
         dq = tl.zeros([HP, DKP], tl.float32)
         for i in range(N):
             blk = tl.load(IDX + b * sib + t * sit + g * sig + i)
-            if blk >= 0:
-                kmask, k, v = _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK, DKP, DV, DVP, BS)
-                vis = hmask[:, None] & kmask[None, :]
-                s = tl.dot(q, tl.trans(k)) * scale
-                p = tl.where(vis, tl.exp(s - tl.where(vis, lse[:, None], s)), 0.0)
-                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k)
+            kmask, k, v = _block_kv(K, V, blk, t, b, g, skb, sks, skg, svb, svs, svg, S, DK, DKP, DV, DVP, BS)
+            vis = hmask[:, None] & kmask[None, :]
+            s = tl.dot(q, tl.trans(k)) * scale
+            p = tl.where(vis, tl.exp(s - tl.where(vis, lse[:, None], s)), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
         _store_tile(DQ, b * sgb + t * sgt, heads, sgh, 0, dq * scale, DK, DKP, hmask)
 
     @triton.jit
@@ -165,7 +165,7 @@ def _forward(q, k, v, idx, sel_block_len, scale):
         q, k, v, idx, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
         *o.stride()[:3], *lse.stride()[:2], S, scale,
         G=G, HP=max(16, hp), **pads, BS=sel_block_len, N=idx.shape[-1],
-        num_warps=kernel_options(hp, pads["DKP"], q.device)["fwd_warps"])
+        **_launch(kernel_options(hp, pads["DKP"], q.device), "fwd"))
     return o, lse
 
 
@@ -198,8 +198,13 @@ def kernel_options(hp: int, dkp: int, device: torch.device) -> dict:
     segments.
     """
     small = dkp <= 128
-    return {"fwd_warps": 4, "dq_warps": 4 if small else 8, "dkdv_queries": max(1, (64 if small else 16) // hp),
+    return {"fwd_warps": 4, "fwd_stages": 1, "dq_warps": 4 if small else 8, "dq_stages": 1,
+            "dkdv_queries": max(1, (64 if small else 16) // hp),
             "dkdv_warps": 4 if small else 8, "dkdv_stages": 1, "segment": 1024 if device.type == "cuda" else 32}
+
+
+def _launch(opt: dict, kernel: str) -> dict:
+    return {"num_warps": opt[f"{kernel}_warps"], "num_stages": opt[f"{kernel}_stages"]}
 
 
 def _backward(do, q, k, v, idx, o, lse, sel_block_len, scale):
@@ -222,7 +227,7 @@ def _backward(do, q, k, v, idx, o, lse, sel_block_len, scale):
     _selection_bwd_dq[(T, B * G)](
         q, k, v, idx, do, lse, delta, dq, *common, *idx.stride()[:3], *do.stride()[:3], *lse.stride()[:2],
         *dq.stride()[:3], S, scale, G=G, HP=max(16, hp), **pads, BS=sel_block_len,
-        N=idx.shape[-1], num_warps=opt["dq_warps"])
+        N=idx.shape[-1], **_launch(opt, "dq"))
     nb = -(-S // sel_block_len)
     qt, offsets = query_lists(idx, nb)
     seg = opt["segment"]

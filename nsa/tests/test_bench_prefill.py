@@ -81,11 +81,18 @@ def test_ratios_compare_each_nsa_variant_with_dense_and_fla_of_the_same_length()
             {"variant": "nsa_layer", "pass": "fwd", "T": 64, "error": "out of memory"}]
     got = {e["variant"]: e for e in bench_prefill.ratios(rows, 64)}
     assert set(got) == {"nsa_layer", "nsa_layer_eager_elementwise"}  # no projections, no failed pass, no other length
+    # attention alone: fla's 100 ms over the layer's 200 less the projections' 10
     assert got["nsa_layer"] == {"T": 64, "variant": "nsa_layer", "pass": "fwd+bwd", "speedup_vs_dense": 2.0,
-                                "memory_vs_dense": 1.5, "speedup_vs_fla": 0.5}
+                                "memory_vs_dense": 1.5, "speedup_vs_fla": 0.5,
+                                "attention_speedup_vs_fla": 100.0 / 190.0}
     assert got["nsa_layer_eager_elementwise"] == {"T": 64, "variant": "nsa_layer_eager_elementwise",
-                                                  "pass": "fwd+bwd", "speedup_vs_dense": 1.6, "speedup_vs_fla": 0.4}
-    assert bench_prefill._ratio_line(got["nsa_layer"]).endswith("2.00x dense's speed, 1.50x its memory, 0.50x fla's speed")
+                                                  "pass": "fwd+bwd", "speedup_vs_dense": 1.6, "speedup_vs_fla": 0.4,
+                                                  "attention_speedup_vs_fla": 100.0 / 240.0}
+    assert bench_prefill._ratio_line(got["nsa_layer"]).endswith(
+        "2.00x dense's speed, 1.50x its memory, 0.50x fla's speed, attention alone (less nsa_projections) 0.53x fla's")
+    # without the projections in the run, no attention ratio
+    bare = {e["variant"]: e for e in bench_prefill.ratios([r for r in rows if r["variant"] != "nsa_projections"], 64)}
+    assert "attention_speedup_vs_fla" not in bare["nsa_layer"] and bare["nsa_layer"]["speedup_vs_fla"] == 0.5
 
 
 def test_bench_prefill_refuses_an_unknown_variant(capsys):

@@ -150,7 +150,8 @@ def test_triton_selection_builds_for_sm90_within_spill_bounds(d, h):
     opt = tsel.kernel_options(hp, pads["DKP"], torch.device("cuda"))
     dkdv = dict(G=4, HP=hp, **pads, BS=64, BQ=opt["dkdv_queries"], SEG=opt["segment"])
     for kernel, const, warps, stages, spill in (
-            (tsel._selection_fwd, row, opt["fwd_warps"], 2, 0), (tsel._selection_bwd_dq, row, opt["dq_warps"], 2, 0),
+            (tsel._selection_fwd, row, opt["fwd_warps"], opt["fwd_stages"], 0),
+            (tsel._selection_bwd_dq, row, opt["dq_warps"], opt["dq_stages"], 0),
             (tsel._selection_bwd_dkdv, dkdv, opt["dkdv_warps"], opt["dkdv_stages"], 0 if d < 128 else 1024)):
         used = usage(build_sm90(kernel, const, types, warps=warps, stages=stages))
         assert used["shared_bytes"] <= H100_SHARED_BYTES and used["spill_bytes"] <= spill, (kernel.__name__, used)
