@@ -191,7 +191,7 @@ def kernel_options(hp: int, dkp: int, device: torch.device) -> dict:
 
     The forward and dQ kernels spill nothing at 4 warps in sm_90 builds (dQ at d_k=192: 8 warps).
     Their loops over the selected blocks have no branch, so Triton pipelines the gathered loads:
-    timed on the H100 at T=64K, 16 heads per group, d=128 (tools/tile_sweep.py, interleaved, twelfth
+    timed on the H100 at T=64K, 16 heads per group, d=128 (tools/tile_sweep.py, interleaved, eleventh
     session), the forward took 17.4 ms at 2 stages against 22.5 at one (18.2 at 3; 8 warps 22.2-28.1),
     dQ with dK/dV (the backward) 36.9 ms at 3 stages against 44.6 at one (37.6 at 2; 8 warps 41.2).
     The dK/dV kernel, d_k <= 128: 64 rows of queries x heads per step at 4 warps, one stage, timed
