@@ -72,9 +72,12 @@ def scoring_candidates() -> list[tuple[str, dict]]:
     base = ts.score_tiles(H // G, D)
     out = [("library", base)]
     for queries, heads, warps in itertools.product([16, 32], [2, 4, 8, 16], [4, 8]):
-        opts = {"queries": queries, "heads": heads, "warps": warps}
+        opts = dict(base, queries=queries, heads=heads, warps=warps)
         if queries * heads <= 256 and opts != base:
             out.append((f"q{queries} h{heads} w{warps}", opts))
+    for stages in (1, 2, 4):
+        if stages != base["stages"]:
+            out.append((f"stages {stages}", dict(base, stages=stages)))
     return out
 
 

@@ -198,15 +198,16 @@ def score_tiles(h: int, dkp: int) -> dict:
     query; 32 where timed faster, below) and a chunk of their heads at a time. Built for sm_90, 8
     warps, by Triton 3.6 (the lent GPU's) and 3.9, these keep every kernel at d <= 192 and every
     head count up to 16 free of register spills. At d=128, 128 rows spill when they hold all of a
-    group's 8 heads (224 bytes with Triton 3.6, none with 16 heads in two chunks): 64 rows there."""
+    group's 8 heads (224 bytes with Triton 3.6, none with 16 heads in two chunks): 64 rows there.
+    ``stages``: Triton's default on NVIDIA GPUs (3), stated so tools/tile_sweep.py can vary it."""
     if dkp == 128 and h > 8:
         # Timed on the lent H100 at the issue-8 layer (16 heads per group, d=128, l=32, d=16, l'=64;
         # all queries' scores, bf16; tools/tile_sweep.py's scoring job, same process): 32 queries x 2
         # heads, 4 warps took 11.3-12.6 ms at 64K and 0.95 ms at 16K, against 18.6-18.9 and 1.49 ms
         # for 16 x 8 at 8 warps (16 x 4 at 4 warps: 13.2-13.5 and 1.08). No spill (Triton 3.6, 3.9).
-        return {"queries": 32, "heads": 2, "warps": 4}
+        return {"queries": 32, "heads": 2, "warps": 4, "stages": 3}
     rows = 128 if dkp < 128 or (dkp == 128 and h > 8) else 64
-    return {"queries": 16, "heads": min(h, max(1, rows // 16)), "warps": 8}
+    return {"queries": 16, "heads": min(h, max(1, rows // 16)), "warps": 8, "stages": 3}
 
 
 def top_tiles(nb: int) -> tuple[int, int]:
@@ -278,7 +279,7 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, gro
         T, positions_start, N, num_blocks, scale * 1.4426950408889634,
         G=G, HPG=h, HB=tile["heads"], DK=Dk, DKP=_pad(Dk), L=block_len, D=block_stride, SEL=sel_block_len, NBT=nbt,
         BLOCK_T=tile["queries"], BLOCK_N=nbt * sel_block_len // block_stride, PREC=_prec(q.dtype),
-        num_warps=tile["warps"])
+        num_warps=tile["warps"], num_stages=tile["stages"])
     return out
 
 

@@ -229,7 +229,7 @@ def test_triton_scoring_builds_for_sm90_without_spilling(d_k, h):
     types = {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "OUT": "*fp32", "qk_scale": "fp32"}
     built = build_sm90(ts._scores, dict(G=4, HPG=h, HB=tile["heads"], DK=d_k, DKP=dkp, L=32, D=16, SEL=64, NBT=16,
                                         BLOCK_T=tile["queries"], BLOCK_N=64, PREC="tf32"),
-                       types, warps=tile["warps"], stages=2)
+                       types, warps=tile["warps"], stages=tile["stages"])
     used = usage(built)
     assert used["shared_bytes"] <= H100_SHARED_BYTES and used["spill_bytes"] == 0, used
     rows, keys = ts.LSE_TILES
