@@ -116,6 +116,18 @@ if triton is not None:
         return m, l_sum, acc
 
     @triton.jit
+    def _cmp_tile(q, K, V, b, g, skb, sks, skg, svb, svs, svg, j0, hi, qk_scale, DK: tl.constexpr, DKP: tl.constexpr,
+                  DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+        """Compressed tokens ``j0 ..`` (those ``< hi``): their indices, the group's scores ``[HP, BLOCK_N]``
+        (log2 units, ``-inf`` past ``hi``) and values."""
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        n64 = offs_n.to(tl.int64)
+        k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, nmask)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        return offs_n, tl.where(nmask[None, :], s, float("-inf")), _tile(V, b * svb, n64, svs, g * svg, DV, DVP, nmask)
+
+    @triton.jit
     def _cmp_pass(q, K, V, b, g, skb, sks, skg, svb, svs, svg, lo, hi, qk_scale, HP: tl.constexpr,
                   DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr):
@@ -124,13 +136,8 @@ if triton is not None:
         l_i = tl.zeros([HP], tl.float32)
         acc = tl.zeros([HP, DVP], tl.float32)
         for j0 in range(lo, hi, BLOCK_N):
-            offs_n = j0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < hi
-            n64 = offs_n.to(tl.int64)
-            k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, nmask)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, nmask)
+            _, s, v = _cmp_tile(q, K, V, b, g, skb, sks, skg, svb, svs, svg, j0, hi, qk_scale, DK, DKP, DV, DVP,
+                                BLOCK_N, PREC)
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, PREC)
         return m_i, l_i, acc
 
@@ -247,13 +254,8 @@ if triton is not None:
         acc = tl.zeros([HP, DVP], tl.float32)
         sc_h = tl.zeros([HP, NBP], tl.float32)
         for j0 in range(0, n_vis, BLOCK_N):
-            offs_n = j0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < n_vis
-            n64 = offs_n.to(tl.int64)
-            k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, nmask)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, nmask)
+            offs_n, s, v = _cmp_tile(q, K, V, b, g, skb, sks, skg, svb, svs, svg, j0, n_vis, qk_scale, DK, DKP, DV,
+                                     DVP, BLOCK_N, PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
