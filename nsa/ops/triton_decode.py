@@ -25,7 +25,8 @@ all ``h`` heads of it:
    ``g_cmp o_cmp + g_slc o_slc + g_win o_win`` in float32, stored in the queries' dtype.
 
 At short contexts (one pass of the compressed branch, at most :func:`front_blocks` blocks) 1, 3
-and 4 are one kernel, ``_dec_front`` (B*G): three launches a step in all.
+and 4 are one kernel, ``_dec_front`` (B*G): the block scores summed in the compressed branch's pass
+over the keys, the top-n by rank. Three launches a step in all.
 
 Partials and scores are float32 scratch of a few KB per group. The plain reference is the torch
 step itself; the tests compare the two under Triton's interpreter (CPU) and on a GPU.
@@ -289,6 +290,7 @@ if triton is not None:
              + g_win * (acc_win / tl.where(l_win > 0, l_win, 1.0)))
         tl.store(O + b * sob + head * soh + offs_d, o.to(O.dtype.element_ty), mask=offs_d < DV)
 
+
 def supported(heads: int, groups: int, d_k: int, d_v: int, block_len: int, block_stride: int,
               sel_block_len: int) -> str | None:
     """Why these kernels cannot run this layer's decode step, or None when they can (the route table asks)."""
@@ -327,7 +329,7 @@ def merge_launch(counts: tuple[int, ...], dvp: int, device: torch.device) -> dic
 def front_blocks(device: torch.device) -> int:
     """Selection blocks (padded to a power of two) up to which a one-pass compressed branch also
     scores and picks them in the same program (:func:`_dec_front`): its top-n compares every pair
-    of blocks, ``[64, 64]`` on 4 warps at most."""
+    of blocks, ``[64, 64]`` at most, and its per-head scores take ``[heads, 64]`` registers."""
     return 64
 
 
