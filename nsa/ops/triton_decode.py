@@ -25,8 +25,8 @@ all ``h`` heads of it:
    ``g_cmp o_cmp + g_slc o_slc + g_win o_win`` in float32, stored in the queries' dtype.
 
 At short contexts (one pass of the compressed branch, at most :func:`front_blocks` blocks) 1, 3
-and 4 are one kernel, ``_dec_front`` (B*G): the block scores summed in the compressed branch's pass
-over the keys, the top-n by rank. Three launches a step in all.
+and 4 are one kernel, ``_dec_front`` (B*G): the compressed pass, a second pass over the same keys
+for the block scores, the top-n by rank. Three launches a step in all.
 
 Partials and scores are float32 scratch of a few KB per group. The plain reference is the torch
 step itself; the tests compare the two under Triton's interpreter (CPU) and on a GPU.
@@ -74,11 +74,14 @@ if triton is not None:
 
     @triton.jit
     def _store_cmp(OC, LSE2, bg, offs_h, m, l_sum, acc, HP: tl.constexpr, DVP: tl.constexpr):
-        """The compressed branch's output ``[HP, DVP]`` and log-sum-exp (log2 units) of a group."""
+        """The compressed branch's output ``[HP, DVP]`` and log-sum-exp (log2 units) of a group; returns
+        the latter."""
         has = l_sum > 0
         row = bg * HP + offs_h
+        lse2 = tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
         tl.store(OC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc / tl.where(has, l_sum, 1.0)[:, None])
-        tl.store(LSE2 + row, tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf")))
+        tl.store(LSE2 + row, lse2)
+        return lse2
 
     @triton.jit
     def _merge_chunk(PM, PL, PACC, first, c, h, m, l_sum, acc, COUNT: tl.constexpr, HP: tl.constexpr,
@@ -117,18 +120,6 @@ if triton is not None:
         return m, l_sum, acc
 
     @triton.jit
-    def _cmp_tile(q, K, V, b, g, skb, sks, skg, svb, svs, svg, j0, hi, qk_scale, DK: tl.constexpr, DKP: tl.constexpr,
-                  DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-        """Compressed tokens ``j0 ..`` (those ``< hi``): their indices, the group's scores ``[HP, BLOCK_N]``
-        (log2 units, ``-inf`` past ``hi``) and values."""
-        offs_n = j0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < hi
-        n64 = offs_n.to(tl.int64)
-        k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, nmask)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        return offs_n, tl.where(nmask[None, :], s, float("-inf")), _tile(V, b * svb, n64, svs, g * svg, DV, DVP, nmask)
-
-    @triton.jit
     def _cmp_pass(q, K, V, b, g, skb, sks, skg, svb, svs, svg, lo, hi, qk_scale, HP: tl.constexpr,
                   DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr):
@@ -137,8 +128,13 @@ if triton is not None:
         l_i = tl.zeros([HP], tl.float32)
         acc = tl.zeros([HP, DVP], tl.float32)
         for j0 in range(lo, hi, BLOCK_N):
-            _, s, v = _cmp_tile(q, K, V, b, g, skb, sks, skg, svb, svs, svg, j0, hi, qk_scale, DK, DKP, DV, DVP,
-                                BLOCK_N, PREC)
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < hi
+            n64 = offs_n.to(tl.int64)
+            k = _tile(K, b * skb, n64, sks, g * skg, DK, DKP, nmask)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            v = _tile(V, b * svb, n64, svs, g * svg, DV, DVP, nmask)
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, PREC)
         return m_i, l_i, acc
 
@@ -242,31 +238,23 @@ if triton is not None:
                    DV: tl.constexpr, DVP: tl.constexpr, L: tl.constexpr, D: tl.constexpr, SEL: tl.constexpr,
                    NSEL: tl.constexpr, NSP: tl.constexpr, NBP: tl.constexpr, BLOCK_N: tl.constexpr,
                    PREC: tl.constexpr):
-        # Short contexts: kernels 1, 3 and 4 as one program per group, in one pass over the compressed
-        # tokens. Each head's unnormalised scores of every block ([HP, NBP], in registers, no carry)
-        # are rescaled with the running max as the output is, and divided by the head's sum at the
-        # end: the probabilities' block sums without a second pass over the keys. Then the top-n by
-        # rank (_ranked).
+        # Short contexts: kernels 1, 3 and 4 as one program per group. The compressed branch in one
+        # pass, then the same tiles again for the scores of every block (held in registers, no
+        # carry), then the top-n by rank (_ranked). The scores in the first pass instead (per-head
+        # sums rescaled with the running max, a [heads, tokens] x [tokens, blocks] float32 dot per
+        # tile, 8 warps) was slower on the H100: seed layer, 2K, B=1, 9.7 against 7.2 us in graph
+        # replays, the step 0.0388 against 0.0366 ms.
         bg, b, g, offs_h, hmask, q = _group(Q, sqb, sqh, G, HPG, HP, DK, DKP)
         pos, n_vis = _num_visible(POS, N, L, D)
+        m_i, l_i, acc = _cmp_pass(q, K, V, b, g, skb, sks, skg, svb, svs, svg, 0, n_vis, qk_scale, HP, DK, DKP, DV,
+                                  DVP, BLOCK_N, PREC)
+        lse2 = _store_cmp(OC, LSE2, bg, offs_h, m_i, l_i, acc, HP, DVP)
         j = tl.arange(0, NBP)
-        m_i = tl.full([HP], float("-inf"), tl.float32)
-        l_i = tl.zeros([HP], tl.float32)
-        acc = tl.zeros([HP, DVP], tl.float32)
-        sc_h = tl.zeros([HP, NBP], tl.float32)
+        sc = tl.zeros([NBP], tl.float32)
         for j0 in range(0, n_vis, BLOCK_N):
-            offs_n, s, v = _cmp_tile(q, K, V, b, g, skb, sks, skg, svb, svs, svg, j0, n_vis, qk_scale, DK, DKP, DV,
-                                     DVP, BLOCK_N, PREC)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            sc_h = sc_h * alpha[:, None] + tl.dot(p, _overlap(offs_n, j, L, D, SEL), input_precision="ieee")
-            m_i = m_new
-        _store_cmp(OC, LSE2, bg, offs_h, m_i, l_i, acc, HP, DVP)
-        sc = tl.sum(tl.where(hmask & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None] * sc_h, 0)
+            offs_n, summed = _tile_probs(q, K, b, g, skb, sks, skg, lse2, hmask, j0, n_vis, qk_scale, DK, DKP,
+                                         BLOCK_N, PREC)
+            sc += tl.sum(summed[:, None] * _overlap(offs_n, j, L, D, SEL), 0)
         chosen = _ranked(_keys(tl.reshape(sc, [1, NBP]), j, pos // SEL, NB), NBP, NSEL)
         _store_chosen(IDX, tl.zeros([1], tl.int64) + b * sib + g * sig, chosen, j, tl.full([1], 1, tl.int1), 1,
                       NSEL, NSP)
@@ -307,10 +295,9 @@ def supported(heads: int, groups: int, d_k: int, d_v: int, block_len: int, block
 def kernel_warps(dkp: int) -> dict:
     """Warps per group kernel for ``d_k`` padded to ``dkp``, from sm_90 builds
     (``test_decode_kernels_build_for_sm90_without_spilling``): at 4 warps the selected-block kernel
-    spills at d_k >= 128 (192 bytes at 128, 696 at 192), at 8 none does; the short contexts' one kernel
-    (``_dec_front``, 64 blocks) spills 240-360 bytes at 4 warps for every d_k, none at 8. The merges
-    (one program per head) take :func:`merge_launch`'s."""
-    return {"cmp": 4, "front": 8, "scores": 4, "sparse": 8 if dkp > 64 else 4}
+    spills at d_k >= 128 (192 bytes at 128, 696 at 192), at 8 none does. The merges (one program per
+    head) take :func:`merge_launch`'s."""
+    return {"cmp": 4, "front": 8 if dkp > 128 else 4, "scores": 4, "sparse": 8 if dkp > 64 else 4}
 
 
 def merge_launch(counts: tuple[int, ...], dvp: int, device: torch.device) -> dict:
@@ -329,7 +316,7 @@ def merge_launch(counts: tuple[int, ...], dvp: int, device: torch.device) -> dic
 def front_blocks(device: torch.device) -> int:
     """Selection blocks (padded to a power of two) up to which a one-pass compressed branch also
     scores and picks them in the same program (:func:`_dec_front`): its top-n compares every pair
-    of blocks, ``[64, 64]`` at most, and its per-head scores take ``[heads, 64]`` registers."""
+    of blocks, ``[64, 64]`` on 4 warps at most."""
     return 64
 
 
