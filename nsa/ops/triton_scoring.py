@@ -139,8 +139,9 @@ if triton is not None:
         """One row's top-n from its keys ``[1, NBP]`` (:func:`_keys`) in one pass: block ``j`` is
         chosen when fewer than ``NSEL`` blocks rank before it (a higher key, or an equal key and a
         lower index) and its key is not ``-inf``: the blocks :func:`_topn`'s rounds pick. One
-        ``[NBP, NBP]`` comparison and one sum, where the rounds take ``NSEL`` dependent reductions:
-        for the decode step's short rows (``NBP <= 64``), inside a kernel that runs on 4 warps."""
+        ``[NBP, NBP]`` comparison and one sum, where the rounds take ``NSEL`` dependent reductions
+        (with barriers between warps): for the decode step's short rows (``NBP <= 64``), inside the
+        short-context kernel (``nsa.ops.triton_decode._dec_front``), which runs on 4 or 8 warps."""
         kv = tl.reshape(key, [NBP])
         i = tl.arange(0, NBP)
         before = (kv[:, None] > kv[None, :]) | ((kv[:, None] == kv[None, :]) & (i[:, None] < i[None, :]))
