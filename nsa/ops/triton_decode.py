@@ -73,13 +73,19 @@ if triton is not None:
         tl.store(PACC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc)
 
     @triton.jit
+    def _finish(m, l_sum):
+        """A softmax's divisor (1 where nothing was seen) and log-sum-exp (log2 units, ``-inf`` there)."""
+        has = l_sum > 0
+        div = tl.where(has, l_sum, 1.0)
+        return div, tl.where(has, m + tl.log2(div), float("-inf"))
+
+    @triton.jit
     def _store_cmp(OC, LSE2, bg, offs_h, m, l_sum, acc, HP: tl.constexpr, DVP: tl.constexpr):
         """The compressed branch's output ``[HP, DVP]`` and log-sum-exp (log2 units) of a group; returns
         the latter."""
-        has = l_sum > 0
         row = bg * HP + offs_h
-        lse2 = tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
-        tl.store(OC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc / tl.where(has, l_sum, 1.0)[:, None])
+        div, lse2 = _finish(m, l_sum)
+        tl.store(OC + row[:, None] * DVP + tl.arange(0, DVP)[None, :], acc / div[:, None])
         tl.store(LSE2 + row, lse2)
         return lse2
 
@@ -158,10 +164,10 @@ if triton is not None:
                         PC: tl.constexpr, UNROLL: tl.constexpr):
         bg, h = tl.program_id(0), tl.program_id(1)
         m, l_sum, acc = _merge(PM, PL, PACC, bg * NSPLIT, h, NSPLIT, HP, DVP, PC, UNROLL)
-        has = l_sum > 0
-        row = bg * HP + h
-        tl.store(OC + row * DVP + tl.arange(0, DVP), acc / tl.where(has, l_sum, 1.0))
-        tl.store(LSE2 + row, tl.where(has, m + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf")))
+        row = bg * HP + h  # head h's row of _store_cmp's layout
+        div, lse2 = _finish(m, l_sum)
+        tl.store(OC + row * DVP + tl.arange(0, DVP), acc / div)
+        tl.store(LSE2 + row, lse2)
 
     @triton.jit
     def _tile_probs(q, K, b, g, skb, sks, skg, lse2, hmask, j0, n_vis, qk_scale, DK: tl.constexpr,
@@ -344,7 +350,7 @@ def _tiles_per_program(tiles: int, B: int, G: int, device: torch.device) -> int:
 
 
 def _compressed_and_selection(q, k_cmp, v_cmp, pos, o_cmp, lse2, idx, tiles, block_n, block_len, block_stride,
-                              sel_block_len, n_sel, num_blocks, qk_scale, common, warps):
+                              sel_block_len, n_sel, num_blocks, nbp, qk_scale, common, warps):
     """Kernels 1-4 apart (longer contexts): the compressed branch in splits (and their reduce where
     there are several), the scores in tiles, the top-n."""
     B, G, N = q.shape[0], k_cmp.shape[2], k_cmp.shape[1]
@@ -375,8 +381,8 @@ def _compressed_and_selection(q, k_cmp, v_cmp, pos, o_cmp, lse2, idx, tiles, blo
     # One row (b, g) per program: measured on an H200 (1024 blocks, 50 launches in a CUDA graph),
     # 6.8 us against 13.5 with prefill's four rows per program; 4 warps beat 1, 2 and 8 there. Up to
     # 256 blocks one warp: its n_sel rounds of reductions then need no shared memory or barriers (the
-    # seed layer at 2K context, 34 blocks at 4 warps: 4.8 us of a 45 us step on the H100).
-    nbp = triton.next_power_of_2(max(num_blocks, 16))
+    # seed layer at 2K context, 34 blocks at 4 warps: 4.8 us of a 45 us step on the H100). ``nbp``:
+    # the blocks padded to a power of two (>= 16).
     _topn[(B * G,)](
         scores, idx, pos, G * num_blocks, 0, num_blocks, *idx.stride()[:3], B * G, 1, 0, num_blocks,
         G=G, SEL=sel_block_len, NSEL=n_sel, NSP=triton.next_power_of_2(n_sel), NBP=nbp, BLOCK_R=1, POS_PTR=True,
@@ -413,7 +419,7 @@ def _decode_attention(q: torch.Tensor, q_rope: torch.Tensor, gates: torch.Tensor
                                NSP=triton.next_power_of_2(n_sel), NBP=nbp, BLOCK_N=block_n, num_warps=warps["front"])
     else:
         _compressed_and_selection(q, k_cmp, v_cmp, pos, o_cmp, lse2, idx, tiles, block_n, block_len, block_stride,
-                                  sel_block_len, n_sel, num_blocks, qk_scale, common, warps)
+                                  sel_block_len, n_sel, num_blocks, nbp, qk_scale, common, warps)
     # 5-6: selected blocks and window ring, then the gated sum of the three branches
     nparts = n_sel + triton.cdiv(W, sel_block_len)
     pm, pl = torch.empty(B * G * nparts * hp, **f32), torch.empty(B * G * nparts * hp, **f32)
