@@ -19,7 +19,7 @@ from .config import NSAConfig
 from .ops import naive
 from .ops.common import acc_dtype, gated_combine, masked_softmax, scores_einsum, values_einsum
 from .ops.compressed import compress_tokens, compressed_attention
-from .ops.rope import apply_rope
+from .ops.rope import apply_rope, rope_inv_freq
 from .ops.selection import overlap_matrix, select_blocks, selection_scores
 
 
@@ -41,6 +41,7 @@ class NSACache:
     pos: torch.Tensor  # [1] long: tokens held
     overlap: torch.Tensor  # [N, nb] selection-score overlap matrix for max_len, in the scores' dtype
     max_len: int
+    inv_freq: torch.Tensor | None = None  # [d_k/2] float32 RoPE frequencies (the Triton token step's)
     prefilled: bool = False
     steps: int = 0  # decode steps issued from Python (graph replays do not count)
 
@@ -289,7 +290,7 @@ class NSAAttention(nn.Module):
         return NSACache(buffers, rows, torch.zeros(1, dtype=torch.long, device=device),
                         overlap_matrix(n_cmp, cfg.num_sel_blocks(max_len), cfg.block_len, cfg.block_stride,
                                        cfg.sel_block_len, device, acc_dtype(dtype)),
-                        max_len)
+                        max_len, rope_inv_freq(dk, cfg.rope_theta, device))
 
     def prefill(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """Prefill output for ``x [B, T, dim]`` (as ``forward``), and fill ``cache`` with its tokens."""
@@ -343,24 +344,23 @@ class NSAAttention(nn.Module):
     def _decode(self, x_t: torch.Tensor, cache: NSACache) -> torch.Tensor:
         cfg = self.cfg
         pos = cache.pos
-        l, d, W = cfg.block_len, cfg.block_stride, cache.rows["k_win"][2]
-        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x_t, pos)
-        cache.write([("k_slc", pos, ks), ("v_slc", pos, vs), ("k_win", pos % W, kw), ("v_win", pos % W, vw),
-                     ("k_raw", pos % l, kc), ("v_raw", pos % l, vc)])
-
-        # Every d tokens (once a whole block exists) phi emits a compressed token; otherwise the
-        # new token goes to the scratch slot, so the step has the same shape either way.
-        n_cmp = cache.rows["k_cmp"][2] - 1
-        emit = (pos + 1 >= l) & ((pos + 1 - l) % d == 0)
-        slot = torch.where(emit, (pos + 1 - l).div(d, rounding_mode="floor"), torch.full_like(pos, n_cmp))
-        ring = (pos + 1 + torch.arange(l, device=pos.device)) % l  # raw ring slots, oldest first
-        k_new, v_new = self._compress_ring(*cache.read([("k_raw", ring), ("v_raw", ring)]))
-        cache.write([("k_cmp", slot, k_new), ("v_cmp", slot, v_new)])
-
-        k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
-        num_blocks = cfg.num_sel_blocks(cache.max_len)
+        l, d = cfg.block_len, cfg.block_stride
         fused = routes.route_decode(x_t.device, x_t.dtype, cfg.num_heads, cfg.groups, cfg.d_k, cfg.d_v, l, d,
                                     cfg.sel_block_len)
+        if fused.prologue is None:
+            q, q_rope, gates = self._append(x_t, cache)
+        else:  # the same work in one kernel
+            y = self.proj(x_t)
+            gate_logits = y[..., sum(self.split):] if self.gate_mlp is None else self.gate_mlp(x_t)
+            phi = (self.pos_k, self.pos_v, self.phi_k, self.phi_v, self.phi_k_bias, self.phi_v_bias)
+            q_rope, gates = fused.prologue(y, gate_logits, cache.buffers, cache.rows, pos, cache.inv_freq, phi,
+                                           heads=cfg.num_heads, d_k=cfg.d_k, d_v=cfg.d_v, block_len=l,
+                                           block_stride=d, compress=cfg.compress)
+            q = y[..., : cfg.num_heads * cfg.d_k].view(x_t.shape[0], 1, cfg.num_heads, cfg.d_k)
+
+        n_cmp = cache.rows["k_cmp"][2] - 1
+        k_cmp, v_cmp = cache.k_cmp[:, :n_cmp], cache.v_cmp[:, :n_cmp]
+        num_blocks = cfg.num_sel_blocks(cache.max_len)
         if fused.fn is not None:
             o, _ = fused.fn(q, q_rope, gates, k_cmp, v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, pos,
                             block_len=l, block_stride=d, sel_block_len=cfg.sel_block_len, n_sel=cfg.n_sel,
@@ -378,6 +378,27 @@ class NSAAttention(nn.Module):
         o_win = _ring_attention(q_rope, cache.k_win, cache.v_win, pos)
         cache.pos.add_(1)
         return self._combine(gates, o_cmp, o_slc, o_win)
+
+    def _append(self, x_t: torch.Tensor, cache: NSACache):
+        """The new token's work before the attention: projections, RoPE and gates (returns ``q, q_rope,
+        gates``); appends to the caches, and phi's compressed token once a block completes. The plain
+        reference of ``triton_decode_token.prepare_token``."""
+        cfg = self.cfg
+        pos = cache.pos
+        l, d, W = cfg.block_len, cfg.block_stride, cache.rows["k_win"][2]
+        q, q_rope, kc, vc, ks, vs, kw, vw, gates = self._project(x_t, pos)
+        cache.write([("k_slc", pos, ks), ("v_slc", pos, vs), ("k_win", pos % W, kw), ("v_win", pos % W, vw),
+                     ("k_raw", pos % l, kc), ("v_raw", pos % l, vc)])
+
+        # Every d tokens (once a whole block exists) phi emits a compressed token; otherwise the
+        # new token goes to the scratch slot, so the step has the same shape either way.
+        n_cmp = cache.rows["k_cmp"][2] - 1
+        emit = (pos + 1 >= l) & ((pos + 1 - l) % d == 0)
+        slot = torch.where(emit, (pos + 1 - l).div(d, rounding_mode="floor"), torch.full_like(pos, n_cmp))
+        ring = (pos + 1 + torch.arange(l, device=pos.device)) % l  # raw ring slots, oldest first
+        k_new, v_new = self._compress_ring(*cache.read([("k_raw", ring), ("v_raw", ring)]))
+        cache.write([("k_cmp", slot, k_new), ("v_cmp", slot, v_new)])
+        return q, q_rope, gates
 
 
 def _ring_attention(q, k_ring, v_ring, pos):

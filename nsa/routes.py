@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import (compressed, flex, selection, triton_attention, triton_decode, triton_elementwise, triton_scoring,
-                  triton_selection, window)
+from .ops import (compressed, flex, selection, triton_attention, triton_decode, triton_decode_token,
+                  triton_elementwise, triton_scoring, triton_selection, window)
 from .ops.common import gated_combine
 from .ops.rope import apply_rope
 from .flags import settings
@@ -30,6 +30,7 @@ class Route:
     reason: str
     fn: Callable | None = None  # None only for the compressed branch's matmul route (see route_cmp)
     lse: bool = False  # fn(..., return_lse=True) also gives the softmax's log-sum-exp (for route_select)
+    prologue: Callable | None = None  # route_decode: the new token's work before fn (None: the torch ops)
 
 
 # The selection where the compressed branch's route is the matmul one (Route.fn None): scored from
@@ -321,14 +322,17 @@ def route_decode(device, dtype, heads: int, groups: int, d_k: int, d_v: int, blo
                  sel_block_len: int) -> Route:
     """The decode step's attention: ``fn(q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, pos, *,
     block_len, block_stride, sel_block_len, n_sel, num_blocks) -> (gated output, blocks)``, or None:
-    the module's own torch step (cached masked matmul, selection by ``route_slc_decode``). Asked on
-    every decode step: the torch route's selection is named by :func:`backends`, not built here."""
+    the module's own torch step (cached masked matmul, selection by ``route_slc_decode``); and the
+    token's work before it, ``prologue`` (``triton_decode_token.prepare_token``), or None: the torch
+    ops (``NSAAttention._append``). Asked on every decode step: the torch route's selection is named
+    by :func:`backends`, not built here."""
     blocker = _triton_blocker(device, dtype) or triton_decode.supported(heads, groups, d_k, d_v, block_len,
                                                                          block_stride, sel_block_len)
     if blocker is None:
-        return Route("triton-fused", "NSA_USE_TRITON=1: six Triton kernels read the caches in place (split "
-                     "compressed attention, block scores, top-n, selected blocks and window ring, gated sum)",
-                     triton_decode.decode_attention)
+        return Route("triton-fused", "NSA_USE_TRITON=1: one Triton kernel for the token (RoPE, gates, cache "
+                     "appends, phi), then up to six read the caches in place (compressed attention, block scores, "
+                     "top-n, selected blocks and window ring, gated sum)",
+                     triton_decode.decode_attention, prologue=triton_decode_token.prepare_token)
     return Route("cached-masked-matmul", f"static shapes, device-side positions: CUDA-graph capturable "
                  f"(Triton not taken: {blocker})")
 

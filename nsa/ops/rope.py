@@ -9,11 +9,16 @@ import torch
 from . import checks
 
 
+def rope_inv_freq(d: int, theta: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``theta^(-2i/d)`` for ``i < d/2``, in ``dtype``: each pair's angle per position (the decode
+    cache keeps it, for the Triton step that rotates in registers)."""
+    return theta ** (-torch.arange(0, d, 2, device=device, dtype=dtype) / d)
+
+
 def rope_tables(positions: torch.Tensor, d: int, theta: float, dtype: torch.dtype = torch.float32):
     """``cos, sin [T, d/2]`` of the angles ``positions [T]`` x ``theta^(-2i/d)``, in ``dtype``: the one
     place both :func:`apply_rope` and the Triton pass (``triton_elementwise.rope_triton``) take them from."""
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=positions.device, dtype=dtype) / d)
-    angle = positions.to(dtype)[:, None] * inv_freq
+    angle = positions.to(dtype)[:, None] * rope_inv_freq(d, theta, positions.device, dtype)
     return angle.cos(), angle.sin()
 
 

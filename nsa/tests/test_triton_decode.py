@@ -6,9 +6,10 @@
   ``selection_attention``, the window ring, the gates): output max error <= 1e-5 relative to the
   largest value, blocks equal, at positions before the first compressed token, on an emitting step,
   inside an unwrapped and a wrapped window ring, and across splits and score tiles;
-- the layer's decode steps on the fused route against the same steps on the torch route, from one
-  prefill, with a control (negated compressed-branch queries) that must differ, and compiled
-  (``compile_decode``, fullgraph) against eager.
+- the layer's decode steps on the fused route (the token's work by the torch ops, and by its kernel,
+  ``triton_decode_token``) against the same steps on the torch route, from one prefill, with a
+  control (negated compressed-branch queries) that must differ, and compiled (``compile_decode``,
+  fullgraph) against eager.
 The kernels also build for sm_90 without register spills; on a GPU, bf16 steps against the torch step.
 """
 
@@ -25,6 +26,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 
 from nsa.ops import compressed_attention, select_blocks, selection_attention, selection_scores  # noqa: E402
 from nsa.ops import triton_decode as td  # noqa: E402
+from nsa.ops import triton_decode_token as tt  # noqa: E402
 from nsa.ops.selection import overlap_matrix  # noqa: E402
 from nsa.tests import triton_build  # noqa: E402
 from nsa.tests.triton_build import H100_SHARED_BYTES, build_sm90, run_cases, usage  # noqa: E402
@@ -104,8 +106,8 @@ def _layer_case() -> dict:
     x = torch.randn(2, prefix + steps, 32, generator=gen)
     real = routes.route_decode
 
-    def run(fn):
-        routes.route_decode = lambda *a, **k: routes.Route("test", "test", fn)
+    def run(fn, prologue=None):
+        routes.route_decode = lambda *a, **k: routes.Route("test", "test", fn, prologue=prologue)
         try:
             cache = layer.new_cache(2, 200)
             layer.prefill(x[:, :prefix], cache)
@@ -115,16 +117,19 @@ def _layer_case() -> dict:
 
     ref = run(None)
     got = run(td.decode_attention)
+    # and with the token's work in its kernel too (the route's prologue), as on a GPU
+    token = run(td.decode_attention, tt.prepare_token)
 
     # The control: negated compressed-branch queries (other scores, other blocks) must show.
     control = run(lambda q, *rest, **kw: td.decode_attention(-q, *rest, **kw))
-    # torch.compile (compile_decode) keeps the op whole: one graph, the same outputs.
+    # torch.compile (compile_decode) keeps the ops whole: one graph, the same outputs.
     layer.compile_decode(backend="eager", fullgraph=True)
     try:
-        compiled = run(td.decode_attention)
+        compiled = run(td.decode_attention, tt.prepare_token)
     finally:
         layer._compiled_decode = None
-    return {"o": _rel(got, ref), "control": _rel(control, ref), "compiled": _rel(compiled, got)}
+    return {"o": _rel(got, ref), "token": _rel(token, ref), "control": _rel(control, ref),
+            "compiled": _rel(compiled, token)}
 
 
 def compute_all() -> dict:
@@ -155,7 +160,7 @@ def test_cases_make_the_selection_choose():
 @pytest.mark.ops
 def test_layer_decode_on_the_fused_route_matches_the_torch_route_in_interpreter(interpreter_results):
     r = triton_build.case(interpreter_results, "layer")
-    assert r["o"] <= 1e-5, r
+    assert r["o"] <= 1e-5 and r["token"] <= 1e-5, r
     assert r["control"] > 1e-3, r  # the comparison sees wrong queries
     assert r["compiled"] <= 1e-6, r
 
@@ -165,8 +170,10 @@ def test_route_decode_takes_triton_on_a_gpu_for_half_dtypes(monkeypatch):
 
     monkeypatch.setattr(routes.triton_attention, "available", lambda: True)
     args = (64, 4, 128, 128, 32, 16, 64)
-    assert routes.route_decode("cuda", torch.bfloat16, *args).fn is td.decode_attention
+    fused = routes.route_decode("cuda", torch.bfloat16, *args)
+    assert fused.fn is td.decode_attention and fused.prologue is tt.prepare_token
     assert routes.route_decode("cuda", torch.float32, *args).fn is None
+    assert routes.route_decode("cuda", torch.float32, *args).prologue is None
     assert routes.route_decode("cpu", torch.bfloat16, *args).fn is None
     assert "power of two" in routes.route_decode("cuda", torch.bfloat16, 12, 4, 128, 128, 32, 16, 64).reason
     with override_settings(use_triton=False):
