@@ -26,7 +26,8 @@ all ``h`` heads of it:
 
 At short contexts (one pass of the compressed branch, at most :func:`front_blocks` blocks) 1, 3
 and 4 are one kernel, ``_dec_front`` (B*G): the compressed pass, a second pass over the same keys
-for the block scores, the top-n by rank. Three launches a step in all.
+for the block scores, the top-n by rank. Three launches a step in all. Before them, the token's
+RoPE, gates, cache appends and phi are one kernel of :mod:`nsa.ops.triton_decode_token`.
 
 Partials and scores are float32 scratch of a few KB per group. The plain reference is the torch
 step itself; the tests compare the two under Triton's interpreter (CPU) and on a GPU.
