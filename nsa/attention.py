@@ -41,7 +41,7 @@ class NSACache:
     pos: torch.Tensor  # [1] long: tokens held
     overlap: torch.Tensor  # [N, nb] selection-score overlap matrix for max_len, in the scores' dtype
     max_len: int
-    inv_freq: torch.Tensor | None = None  # [d_k/2] float32 RoPE frequencies (the Triton token step's)
+    inv_freq: torch.Tensor  # [d_k/2] float32 RoPE frequencies (the Triton token step's)
     prefilled: bool = False
     steps: int = 0  # decode steps issued from Python (graph replays do not count)
 

@@ -146,14 +146,12 @@ def _prepare_token(y, gate_logits, buffers, rows, pos, inv_freq, pos_k, pos_v, p
     block_k, block_v = phi_tile(d_k), phi_tile(d_v)
     ctk, ctv = triton.cdiv(d_k, block_k), triton.cdiv(d_v, block_v)
     p = triton.next_power_of_2
-    mean = compress == "mean"
-    phi_k, phi_v = (w.contiguous() if not mean else w for w in (phi_k, phi_v))
     _dec_token[(B * groups, 1 + ctk + ctv)](
-        y, gate_logits, inv_freq, pos, q_rope, gates, kb, vb, pos_k.contiguous(), pos_v.contiguous(), phi_k, phi_v,
-        bias_k, bias_v, y.stride(0), gate_logits.stride(0), q_rope.stride(0), q_rope.stride(2), gates.stride(0),
-        gates.stride(2), *kb.stride()[:3], *vb.stride()[:3], *rows,
+        y, gate_logits, inv_freq, pos, q_rope, gates, kb, vb, pos_k.contiguous(), pos_v.contiguous(),
+        phi_k.contiguous(), phi_v.contiguous(), bias_k, bias_v, y.stride(0), gate_logits.stride(0),
+        q_rope.stride(0), q_rope.stride(2), gates.stride(0), gates.stride(2), *kb.stride()[:3], *vb.stride()[:3], *rows,
         G=groups, HPG=heads // groups, HPP=p(heads // groups), DK=d_k, DKP=p(d_k), HALFP=p(d_k // 2), DV=d_v,
-        DVP=p(d_v), L=block_len, D=block_stride, MEAN=mean, BLOCK_K=block_k, BLOCK_V=block_v, CTK=ctk,
+        DVP=p(d_v), L=block_len, D=block_stride, MEAN=compress == "mean", BLOCK_K=block_k, BLOCK_V=block_v, CTK=ctk,
         num_warps=4)
     return q_rope, gates
 
