@@ -18,6 +18,7 @@
 #   bash tools/gpu_session.sh sweep      tools/tile_sweep.py: the Triton kernels' launch options timed
 #                                        against the library's choice at 64K (GPU_SESSION_SWEEP_ONLY: families;
 #                                        GPU_SESSION_SWEEP_CANDIDATES: name prefixes, e.g. "fwd dq")
+# GPU_SESSION_REF: the branch, tag or commit to run (default main); its files then go to $OUT/<ref>/.
 # Beforehand, here: bash ../shared/tools/gpu-wheels.sh .whl && git bundle create .whl/repo.bundle --all
 # (the device's copy of the tree has no git history, and the workflow checks out commits); for
 # vibe also the wheels of nsa-vibe's dependencies (hydra-core, omegaconf, antlr4-python3-runtime)
@@ -36,6 +37,8 @@ else
   git clone -q .whl/repo.bundle /tmp/repo || exit 1
 fi
 cd /tmp/repo && git checkout -q -f "${GPU_SESSION_REF:-main}" || exit 1
+# A named ref writes under $OUT/<ref>/, so two refs timed in one call keep both logs.
+if [ -n "${GPU_SESSION_REF:-}" ]; then OUT="$OUT/$(printf %s "$GPU_SESSION_REF" | tr -c 'A-Za-z0-9._-' '_')"; mkdir -p "$OUT"; fi
 export PYTHONPATH=/tmp/repo:/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "${1:-tests}" in
