@@ -432,6 +432,24 @@ def test_selected_blocks_that_differ_fail_equivalence_even_when_outputs_match(tm
     assert "selected blocks differ" in s["overview"][2]["equivalence"]
 
 
+def test_equivalence_says_what_its_float32_leaves_out_where_the_benchmarks_run_in_half_precision(tmp_path):
+    res = build(tmp_path, device="cuda")
+    s, _, md = run_pipeline(res)
+    assert s["bench_dtype"] is None and "not compared across commits" not in md
+    assert s["overview"][2]["equivalence"].startswith("float32 matches (max diff")
+    decode = json.loads((res / "decode" / "decode.json").read_text())
+    decode["sizes"]["dtype"] = "bfloat16"
+    _dump(res / "decode" / "decode.json", decode)
+    for f in (res / "consistency").glob("*/*.json"):
+        _dump(f, {**json.loads(f.read_text()), "dtype": "bfloat16"})
+    s, _, md = run_pipeline(res)
+    assert s["bench_dtype"] == "bfloat16"
+    section = md.split("## Equivalence", 1)[1].split("\n## ", 1)[0]
+    assert "in float32 (TF32 off)" in section
+    assert ("On cuda the benchmarks run in bfloat16" in section and "not compared across commits" in section
+            and "with its forward pass in bfloat16." in section), section
+
+
 def test_failed_jobs_hostile_names_and_each_log_tail_once(tmp_path):
     s, html, md = run_pipeline(build(tmp_path, evil=True))
     assert s["verdict"] == "INCOMPLETE"

@@ -227,10 +227,16 @@ def sections(s: dict) -> list[dict]:
                            ("A/A", t["training_aa"]), ("Spread within and between processes", t["training_cells"])],
                 "plots": PLOTS["training"]})
     out.append({"id": "equivalence", "title": "Equivalence",
-                "paras": [f"Identical weights and inputs through every commit × reserve config, compared with "
-                          f"{ref['variant']} / {ref['reserve']}: outputs within {acc.get('equiv_atol')}, selected "
-                          f"block indices identical where the implementation exposes them, and each reserve "
-                          f"config bit for bit equal to its commit's first config."],
+                "paras": [f"Identical weights and inputs through every commit × reserve config, in float32 (TF32 "
+                          f"off), compared with {ref['variant']} / {ref['reserve']}: outputs within "
+                          f"{acc.get('equiv_atol')}, selected block indices identical where the implementation "
+                          f"exposes them, and each reserve config bit for bit equal to its commit's first config."]
+                + ([f"On {s.get('device')} the benchmarks run in {s['bench_dtype']}, where an implementation may "
+                    "take other kernels than in float32 (this repository's Triton kernels take float16/bfloat16 "
+                    "only): those are not compared across commits here. Within each commit, \"Decode matches "
+                    f"forward\" compares its decode steps with its forward pass in "
+                    f"{'/'.join(sorted({r['dtype'] for r in s.get('consistency') or [] if r.get('dtype')})) or 'its dtype'}."]
+                   if s.get("bench_dtype") not in (None, "float32") else []),
                 "tables": [("", t["equivalence"])]})
     env_lines = " ".join(f"{k}={v}" for k, v in (s["memory"].get("recommended_env") or {}).items())
     out.append({"id": "memory", "title": "Memory",
