@@ -17,10 +17,11 @@ from torch import nn
 from . import routes
 from .config import NSAConfig
 from .ops import naive
-from .ops.common import acc_dtype, gated_combine, masked_softmax, scores_einsum, values_einsum
+from .ops.common import acc_dtype, gated_combine
 from .ops.compressed import compress_tokens, compressed_attention
 from .ops.rope import apply_rope, rope_inv_freq
 from .ops.selection import overlap_matrix, select_blocks, selection_scores
+from .ops.window import ring_window_attention
 
 
 _CACHE_ROWS = ("slc", "win", "raw", "cmp")  # the caches of each of K and V, in their buffer's row order
@@ -375,7 +376,7 @@ class NSAAttention(nn.Module):
                                   num_blocks=num_blocks, overlap=cache.overlap)
         idx = select_blocks(scores, **slc, n_sel=cfg.n_sel, validate=False)
         o_slc = routes.route_slc_decode().fn(q_rope, cache.k_slc, cache.v_slc, idx, **slc)
-        o_win = _ring_attention(q_rope, cache.k_win, cache.v_win, pos)
+        o_win = ring_window_attention(q_rope, cache.k_win, cache.v_win, pos)
         cache.pos.add_(1)
         return self._combine(gates, o_cmp, o_slc, o_win)
 
@@ -399,14 +400,3 @@ class NSAAttention(nn.Module):
         k_new, v_new = self._compress_ring(*cache.read([("k_raw", ring), ("v_raw", ring)]))
         cache.write([("k_cmp", slot, k_new), ("v_cmp", slot, v_new)])
         return q, q_rope, gates
-
-
-def _ring_attention(q, k_ring, v_ring, pos):
-    """Window attention of one query over a ring of the last ``W`` keys (slots ``> pos`` unused)."""
-    B, _, H, Dk = q.shape
-    W, G = k_ring.shape[1], k_ring.shape[2]
-    s = scores_einsum("bghd,bwgd->bghw", q.reshape(B, G, H // G, Dk), k_ring) / math.sqrt(Dk)
-    keep = torch.arange(W, device=q.device) <= pos
-    o = values_einsum("bghw,bwgd->bghd", masked_softmax(s, keep), v_ring)
-    return o.reshape(B, 1, H, -1)
-

@@ -51,6 +51,22 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def ring_window_attention(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+                          position: torch.Tensor) -> torch.Tensor:
+    """The decode step's window branch: one query per sequence ``q [B, 1, H, d_k]`` at ``position``
+    (``[1]`` integer tensor, on the device: no host synchronisation) over the ring of the last ``W``
+    keys and values ``[B, W, G, d]``, token ``t`` in slot ``t % W`` (:class:`nsa.NSACache`'s
+    ``k_win``/``v_win``); slots past ``position`` hold no token yet. With ``W = min(w, max_len)`` it is
+    :func:`sliding_window_attention` of that query over the unrolled keys (the test compares them).
+    Reached through the layer with its own tensors: no checks."""
+    B, _, H, Dk = q.shape
+    W, G = k_ring.shape[1], k_ring.shape[2]
+    s = scores_einsum("bghd,bwgd->bghw", q.reshape(B, G, H // G, Dk), k_ring) / math.sqrt(Dk)
+    keep = torch.arange(W, device=q.device) <= position
+    o = values_einsum("bghw,bwgd->bghd", masked_softmax(s, keep), v_ring)
+    return o.reshape(B, 1, H, -1)
+
+
 def _banded(q, k, v, window, scale, chunk):
     """Positions ``0..T-1`` over ``T`` keys: each chunk reads only the band its queries can see."""
     B, T, H, Dk = q.shape

@@ -221,3 +221,22 @@ def test_fa2_module_finite(dtype, T, w, cuda, override, gen):
         with override(use_fa2=True, use_flex=False):
             got = attn(x)
     _check_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("pos,W", [(0, 4), (2, 4), (3, 4), (4, 4), (10, 4), (17, 5), (6, 1)])
+def test_decode_ring_window_is_the_window_over_the_unrolled_keys(pos, W, gen):
+    """The decode step's window branch over its ring (token t in slot t % W, slots past pos empty)
+    against the per-token reference over the whole sequence, float64, before and after the ring wraps."""
+    from nsa.ops.window import ring_window_attention
+
+    B, G, h, dk, dv = 2, 2, 3, 8, 6
+    q = torch.randn(B, 1, G * h, dk, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, pos + 1, G, dk, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, pos + 1, G, dv, generator=gen, dtype=torch.float64)
+    k_ring = torch.randn(B, W, G, dk, generator=gen, dtype=torch.float64)  # never-written slots: noise
+    v_ring = torch.randn(B, W, G, dv, generator=gen, dtype=torch.float64)
+    for t in range(max(0, pos - W + 1), pos + 1):
+        k_ring[:, t % W], v_ring[:, t % W] = k[:, t], v[:, t]
+    got = ring_window_attention(q, k_ring, v_ring, torch.tensor([pos]))
+    ref = naive.sliding_window_attention(q, k, v, window=W, positions=torch.tensor([pos]))
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)

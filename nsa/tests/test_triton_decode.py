@@ -16,7 +16,6 @@ The kernels also build for sm_90 without register spills; on a GPU, bf16 steps a
 from __future__ import annotations
 
 import json
-import math
 import zlib
 
 import pytest
@@ -28,6 +27,7 @@ from nsa.ops import compressed_attention, select_blocks, selection_attention, se
 from nsa.ops import triton_decode as td  # noqa: E402
 from nsa.ops import triton_decode_token as tt  # noqa: E402
 from nsa.ops.selection import overlap_matrix  # noqa: E402
+from nsa.ops.window import ring_window_attention  # noqa: E402
 from nsa.tests import triton_build  # noqa: E402
 from nsa.tests.triton_build import H100_SHARED_BYTES, build_sm90, run_cases, usage  # noqa: E402
 
@@ -46,14 +46,6 @@ OP_CASES = {
 def _rel(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def _ring(q, k_ring, v_ring, pos):
-    B, _, H, dk = q.shape
-    W, G = k_ring.shape[1], k_ring.shape[2]
-    s = torch.einsum("bghd,bwgd->bghw", q.reshape(B, G, H // G, dk), k_ring) / math.sqrt(dk)
-    s = s.masked_fill(~(torch.arange(W) <= pos), float("-inf"))
-    return torch.einsum("bghw,bwgd->bghd", s.softmax(-1), v_ring).reshape(B, 1, H, -1)
 
 
 def _op_case(name: str, pos: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
@@ -79,7 +71,7 @@ def _op_case(name: str, pos: int, device: str = "cpu", dtype: torch.dtype = torc
                               overlap=overlap_matrix(N, nb, l, d, sel, torch.device("cpu"), torch.float64))
     ref_idx = select_blocks(scores, sel_block_len=sel, n_sel=n, positions=p_t)
     o_slc = selection_attention(q_rope, k_slc, v_slc, ref_idx, sel_block_len=sel, positions=p_t)
-    o_win = _ring(q_rope, k_win, v_win, pos)
+    o_win = ring_window_attention(q_rope, k_win, v_win, p_t)  # tested against the per-token window
     ref = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win
     x = [t.to(device, dtype) for t in (q, q_rope, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)]
     o, idx = td.decode_attention(*x, p_t.to(device), block_len=l, block_stride=d, sel_block_len=sel, n_sel=n, num_blocks=nb)
