@@ -64,12 +64,28 @@ def usage(compiled) -> dict:
 # --- Triton's interpreter -------------------------------------------------------------------------
 
 
+# "i/n": run_cases runs every n-th case from the i-th (interpreter_results' parallel subprocesses).
+SHARD_VAR = "TRITON_CASES_SHARD"
+
+
+def interpreter_processes() -> int:
+    """Interpreter subprocesses per test module: one per core, at most 2 (a case runs on one thread;
+    the test process waits meanwhile). On the 2-core CI machine the interpreted cases took about 130
+    s of a ten-minute suite in one process each."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def run_cases(jobs: dict) -> dict:
-    """``{name: job()}`` for every case; an exception becomes that case's ``error`` (the others still
-    run). A Triton whose interpreter cannot run these kernels at all gives ``{"skip": reason}``."""
+    """``{name: job()}`` for every case (with ``TRITON_CASES_SHARD=i/n``, every n-th from the i-th);
+    an exception becomes that case's ``error`` (the others still run). A Triton whose interpreter
+    cannot run these kernels at all gives ``{"skip": reason}``."""
     import torch
     import triton
 
+    shard = os.environ.get(SHARD_VAR)
+    if shard:
+        i, n = (int(x) for x in shard.split("/"))
+        jobs = {name: job for k, (name, job) in enumerate(jobs.items()) if k % n == i}
     torch.set_num_threads(1)
     results = {}
     for name, job in jobs.items():
@@ -85,19 +101,36 @@ def run_cases(jobs: dict) -> dict:
 
 def interpreter_results(module: str, compute_all) -> dict:
     """``compute_all()`` under Triton's interpreter. It must be on before Triton is first imported, and
-    ``import nsa`` imports it, so unless this process already interprets the cases run in one
-    subprocess, ``python -m <module>``, which prints ``compute_all()`` as its last line of JSON."""
+    ``import nsa`` imports it, so unless this process already interprets the cases run in
+    subprocesses, ``python -m <module>``, each printing its share of ``compute_all()`` (see
+    :func:`interpreter_processes`) as its last line of JSON."""
     from nsa.ops.triton_attention import _interpreting
 
     pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
     if _interpreting():
         results = compute_all()
     else:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}): {proc.stderr[-3000:]}")
-        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        n = interpreter_processes()
+        procs = [subprocess.Popen([sys.executable, "-m", module], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(os.environ, TRITON_INTERPRET="1", **{SHARD_VAR: f"{i}/{n}"}))
+                 for i in range(n)]
+        finished = []
+        try:
+            for proc in procs:
+                finished.append((proc, *proc.communicate(timeout=600)))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"interpreter subprocess of {module} ran past 600 s")
+        finally:
+            for proc in procs:
+                proc.kill()  # a no-op on the ones that ended
+        results = {}
+        for proc, out, err in finished:
+            if proc.returncode != 0 or not out.strip():
+                pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}): {err[-3000:]}")
+            part = json.loads(out.strip().splitlines()[-1])
+            if "skip" in part:
+                pytest.skip(part["skip"])
+            results.update(part)
     if "skip" in results:
         pytest.skip(results["skip"])
     return results
