@@ -30,13 +30,7 @@ from .triton_attention import _interpreting, _on, triton
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
-    def _rotate(X, OUT, mask, cos, sin, HALF: tl.constexpr):
-        # rotate-half RoPE of the pairs (i, i + HALF) at the pointers X (first halves) into OUT
-        x1 = tl.load(X, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+    from .triton_elementwise import _rotate
 
     @triton.jit
     def _copy(X, OUT, D: tl.constexpr, DP: tl.constexpr):

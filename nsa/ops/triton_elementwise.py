@@ -26,6 +26,15 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _rotate(X, OUT, mask, cos, sin, HALF: tl.constexpr):
+        """Rotate-half RoPE of the pairs ``(i, i + HALF)`` whose first halves are at the pointers ``X``,
+        in float32, into ``OUT`` (its dtype): the prefill pass's and the decode token kernel's."""
+        x1 = tl.load(X, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rope(X, COS, SIN, Y, sxb, sxt, sxh, syb, syt, syh, T, NH, sign,
               HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         # One program: BLOCK_T positions x BLOCK_H heads of one batch row, both halves of d.
@@ -39,11 +48,8 @@ if triton is not None:
         cos = tl.load(COS + tab, mask=mask, other=0.0)
         sin = tl.load(SIN + tab, mask=mask, other=0.0) * sign
         x_off = b * sxb + t64[:, None, None] * sxt + h[None, :, None] * sxh + i[None, None, :]
-        x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
         y_off = b * syb + t64[:, None, None] * syt + h[None, :, None] * syh + i[None, None, :]
-        tl.store(Y + y_off, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
-        tl.store(Y + y_off + HALF, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
+        _rotate(X + x_off, Y + y_off, mask, cos, sin, HALF)
 
     @triton.jit
     def _combine_fwd(G_, A, B_, C, O, R, D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr):
